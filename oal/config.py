@@ -1,0 +1,232 @@
+"""Typed configuration: dataclass defaults <- YAML preset <- dotted command-line overrides.
+
+Every field carries a one-line docstring-style comment; `oal config --help-keys` prints them.
+Library functions take the narrowest piece (e.g. `LossConfig`), never the whole tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key named in the message."""
+
+
+@dataclass
+class DataConfig:
+    benchmark: str = "digits"  # registry name: digits | cifar10 | cifar100
+    root: Optional[str] = None  # dataset folder (torchvision CIFAR layout); unused by digits
+    openood_root: Optional[str] = None  # OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/)
+    image_size: int = 32  # side of the square input the student sees (32 or 224 for CIFAR)
+    batch_size: int = 64  # ID images per step (reference 128)
+    eval_batch_size: int = 256  # images per forward pass during evaluation
+    num_workers: int = 0  # DataLoader worker processes
+    split_seed: int = 0  # seed of the digits benchmark's stratified splits
+
+
+@dataclass
+class ModelConfig:
+    student: str = "resnet_tiny"  # registry name: resnet18_32 | resnet18_224 | resnet_tiny
+    teacher: str = "vit_tiny"  # registry name: vit_b16 | vit_tiny | resnet_tiny
+    teacher_pretrained: Optional[str] = None  # local weights file for the teacher's backbone (e.g. ViT-B/16 IN-21k)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5  # passes over the ID training set
+    optimizer: str = "sgd"  # sgd (reference: Nesterov SGD) | adamw (for ViT teachers trained from scratch)
+    lr: float = 0.005  # learning rate of the network being trained (reference 0.005)
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 5e-4  # L2 penalty on the network's weights
+    dt_lr: float = 0.01  # learning rate of the DT projector (reference 0.01)
+    club_lr: float = 1e-4  # learning rate of the CLUB q-networks (reference 1e-4)
+    grad_accum_steps: int = 1  # optimizer step every N batches
+    mixed_precision: str = "no"  # no | fp16 | bf16 (fp16 only on GPU)
+    checkpoint_every: int = 1  # save a resumable checkpoint every N epochs
+
+
+@dataclass
+class LossConfig:
+    w_logit_kd: float = 4.0  # weight of KL(teacher logits || student logits) (reference 4)
+    w_feat_kd: float = 8.0  # weight of KL(DT(teacher features) || student features) (reference 8)
+    w_micl_knn: float = 0.1  # weight of CLUB(k-NN outliers -> student features) (reference 0.1)
+    w_micl_lat: float = 0.2  # weight of deep CLUB(latent outliers -> student features) (reference 0.2)
+    kd_temperature: float = 1.0  # softmax temperature of both KD terms
+    club_training: str = "reference"  # reference: q-nets minimise the OAL loss | loglik: q-nets fit log q(y|x)
+    outlier_batch_size: int = 128  # outliers drawn per step (capped by the ID batch's size)
+
+
+@dataclass
+class OutlierConfig:
+    knn_path: Optional[str] = None  # .pt file [N, D] (or [C, M, D]) of k-NN outlier embeddings
+    latent_path: Optional[str] = None  # .pt file [N, 64] of latent outlier vectors
+
+
+@dataclass
+class KNNConfig:
+    k: int = 300  # K of the K-th nearest-neighbour distance (reference 300)
+    select: int = 50  # boundary points per class: those with the largest K-th NN distance
+    sigma: float = 0.07  # std of the Gaussian perturbation of boundary points
+    rounds: int = 100  # sampling rounds per class
+    pic_nums: int = 5  # boundary points perturbed per round
+    candidates: int = 1500  # Gaussian candidates per perturbed boundary point
+    keep_per_point: int = 2  # farthest candidates kept per perturbed boundary point
+    per_class_cap: int = 500  # ID embeddings kept per class (reference 500 for CIFAR-100)
+    use_gpu: bool = True  # put faiss indexes on a GPU when faiss-gpu and a GPU are present
+
+
+@dataclass
+class EvalConfig:
+    postprocessors: list[str] = field(default_factory=lambda: ["ebo", "msp", "mls", "knn"])  # scores to report
+    primary: str = "ebo"  # postprocessor whose numbers head the results table
+    ebo_temperature: float = 1.0  # T in T * logsumexp(logits / T)
+    knn_k: int = 10  # K of the KNN feature-space score
+    plots: bool = True  # write ROC curves and score histograms as PNG
+
+
+@dataclass
+class OALConfig:
+    name: str = "digits"  # run name; outputs go to <output_dir>/<name>/
+    output_dir: str = "runs"  # root of all outputs (local path)
+    seed: int = 0  # seed of weights, data order and outlier draws
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.05))
+    student: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, DictConfig):
+            keys.extend(_valid_keys(v, path + "."))
+        else:
+            keys.append(path)
+    return keys
+
+
+def _check_keys(base: DictConfig, other: Any, source: str, prefix: str = "") -> None:
+    """Reject unknown keys with a message naming the key and listing the valid ones."""
+    for k, v in other.items():
+        path = f"{prefix}{k}"
+        if k not in base:
+            siblings = ", ".join(_valid_keys(base, prefix)) if prefix else ", ".join(base.keys())
+            raise ConfigError(f"unknown config key '{path}' (from {source}); valid keys here: {siblings}")
+        if isinstance(v, (dict, DictConfig)) and isinstance(base[k], DictConfig):
+            _check_keys(base[k], v, source, path + ".")
+
+
+def preset_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        return p
+    p = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        names = ", ".join(sorted(x.stem for x in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset '{name_or_path}'; shipped presets: {names} (or give a .yaml path)")
+    return p
+
+
+def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> OALConfig:
+    """Merge defaults, a preset (name or .yaml path) and `key=value` overrides into an `OALConfig`."""
+    cfg = OmegaConf.structured(OALConfig)
+    layers: list[tuple[str, Any]] = []
+    if preset:
+        path = preset_path(preset)
+        layers.append((str(path), OmegaConf.load(path)))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. student.epochs=3)")
+    if overrides:
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for source, layer in layers:
+        _check_keys(cfg, layer, source)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except ValidationError as e:
+            raise ConfigError(f"bad value for '{e.full_key}' (from {source}): {e.msg}") from None
+        except (ConfigKeyError, OmegaConfBaseException) as e:
+            raise ConfigError(f"config error (from {source}): {e}") from None
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, OALConfig)
+    validate(obj)
+    return obj
+
+
+_CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "loss.club_training": ("reference", "loglik"),
+    "teacher.mixed_precision": ("no", "fp16", "bf16"),
+    "student.mixed_precision": ("no", "fp16", "bf16"),
+    "teacher.optimizer": ("sgd", "adamw"),
+    "student.optimizer": ("sgd", "adamw"),
+}
+
+
+def validate(cfg: OALConfig) -> None:
+    """Checks that need more than a type: ranges and choices, each naming its key."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value not in choices:
+            raise ConfigError(f"'{key}' is {value!r}; expected one of {', '.join(choices)}")
+    for key in ("data.batch_size", "data.image_size", "teacher.epochs", "student.epochs", "eval.knn_k",
+                "teacher.grad_accum_steps", "student.grad_accum_steps", "loss.outlier_batch_size"):
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value < 1:
+            raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")
+    for w in ("w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat"):
+        if getattr(cfg.loss, w) < 0:
+            raise ConfigError(f"'loss.{w}' is {getattr(cfg.loss, w)}; loss weights must be >= 0")
+    if cfg.eval.primary not in cfg.eval.postprocessors:
+        raise ConfigError(f"'eval.primary' is {cfg.eval.primary!r}; it must be one of eval.postprocessors "
+                          f"{cfg.eval.postprocessors}")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(out, dict)
+    return out
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of config pieces and other inputs (for skip-if-done)."""
+    blob = json.dumps([to_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,269 @@
+"""OOD evaluation with OpenOOD v1.5's conventions: postprocessors, metrics, reports and plots.
+
+A postprocessor maps a network's `(logits, features)` to a confidence where higher means more ID.
+Metrics treat OOD as the positive class and negate the confidence, as OpenOOD v1.5 does (after its
+fix of swapped AUPR-In / AUPR-Out, OpenOOD issue #211).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from sklearn import metrics as skm
+from torch.utils.data import DataLoader, Dataset
+
+from oal.config import EvalConfig
+from oal.storage import atomic_path, write_json, write_text
+
+
+@dataclass
+class Outputs:
+    logits: torch.Tensor  # (N, K)
+    features: torch.Tensor  # (N, D)
+    labels: torch.Tensor  # (N,), -1 for OOD
+
+
+@torch.no_grad()
+def collect(net: nn.Module, dataset: Dataset, batch_size: int, device: str | torch.device,
+            num_workers: int = 0) -> Outputs:
+    net.eval()
+    logits, feats, labels = [], [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        lo, fe = net(x.to(device))
+        logits.append(lo.float().cpu())
+        feats.append(fe.float().cpu())
+        labels.append(torch.as_tensor(y))
+    return Outputs(torch.cat(logits), torch.cat(feats), torch.cat(labels))
+
+
+# ---- postprocessors: setup on ID training outputs (if needed), then score --------------------------
+
+def msp_score(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1).amax(dim=-1)  # (N,)
+
+
+def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """EBO: T * logsumexp(logits / T), the negative free energy; higher = more ID."""
+    return temperature * torch.logsumexp(logits / temperature, dim=-1)  # (N,)
+
+
+def max_logit_score(logits: torch.Tensor) -> torch.Tensor:
+    return logits.amax(dim=-1)  # (N,)
+
+
+class KNNScore:
+    """Negative distance to the K-th nearest L2-normalised ID training feature (Sun et al., 2022)."""
+
+    def __init__(self, train_features: torch.Tensor, k: int):
+        import faiss
+
+        bank = torch.nn.functional.normalize(train_features.float(), dim=-1).numpy()  # (N_train, D)
+        self.k = min(k, len(bank))
+        self.index = faiss.IndexFlatL2(bank.shape[1])
+        self.index.add(np.ascontiguousarray(bank))
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        q = torch.nn.functional.normalize(features.float(), dim=-1).numpy()  # (N, D)
+        dist, _ = self.index.search(np.ascontiguousarray(q), self.k)  # (N, k) squared L2
+        return -torch.from_numpy(np.sqrt(np.maximum(dist[:, -1], 0.0)))  # (N,)
+
+
+Scorer = Callable[[Outputs], torch.Tensor]
+
+
+def build_postprocessor(name: str, cfg: EvalConfig, train: Optional[Outputs]) -> Scorer:
+    if name == "msp":
+        return lambda o: msp_score(o.logits)
+    if name == "ebo":
+        return lambda o: energy_score(o.logits, cfg.ebo_temperature)
+    if name == "mls":
+        return lambda o: max_logit_score(o.logits)
+    if name == "knn":
+        if train is None:
+            raise ValueError("the knn postprocessor needs the ID training set's features")
+        knn = KNNScore(train.features, cfg.knn_k)
+        return lambda o: knn(o.features)
+    raise ValueError(f"unknown postprocessor '{name}' (eval.postprocessors); registered: {', '.join(POSTPROCESSORS)}")
+
+
+POSTPROCESSORS = ("msp", "ebo", "mls", "knn")
+NEEDS_TRAIN = {"knn"}
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+@dataclass
+class OODMetrics:
+    auroc: float  # OOD positive, score negated (symmetric in the choice of positive class)
+    fpr95: float  # OpenOOD v1.5: fraction of ID flagged OOD at the threshold that catches 95% of OOD
+    fpr95_classic: float  # VOS/NPOS/Dream-OOD: fraction of OOD accepted when 95% of ID is accepted
+    aupr_in: float  # ID positive, score as is
+    aupr_out: float  # OOD positive, score negated
+    n_id: int
+    n_ood: int
+
+
+def ood_metrics(id_conf: np.ndarray, ood_conf: np.ndarray, recall: float = 0.95) -> OODMetrics:
+    conf = np.concatenate([id_conf, ood_conf]).astype(np.float64)
+    # Following convention in ML we treat OOD as positive; higher conf means ID, so negate it.
+    is_ood = np.concatenate([np.zeros(len(id_conf)), np.ones(len(ood_conf))])
+    fpr, tpr, _ = skm.roc_curve(is_ood, -conf)
+    fpr95 = float(fpr[np.argmax(tpr >= recall)])
+    fpr_c, tpr_c, _ = skm.roc_curve(1 - is_ood, conf)  # ID positive: "tpr" = ID accepted
+    fpr95_classic = float(fpr_c[np.argmax(tpr_c >= recall)])
+    p_in, r_in, _ = skm.precision_recall_curve(1 - is_ood, conf)
+    p_out, r_out, _ = skm.precision_recall_curve(is_ood, -conf)
+    return OODMetrics(auroc=float(skm.auc(fpr, tpr)), fpr95=fpr95, fpr95_classic=fpr95_classic,
+                      aupr_in=float(skm.auc(r_in, p_in)), aupr_out=float(skm.auc(r_out, p_out)),
+                      n_id=len(id_conf), n_ood=len(ood_conf))
+
+
+def accuracy(out: Outputs) -> float:
+    return float((out.logits.argmax(-1) == out.labels).float().mean())
+
+
+@dataclass
+class PostprocessorResult:
+    per_set: dict[str, OODMetrics]  # by OOD set name (near and far)
+    near: dict[str, float]  # average of each metric over the near-OOD sets
+    far: dict[str, float]  # average over the far-OOD sets
+
+
+@dataclass
+class EvalReport:
+    benchmark: str
+    id_accuracy: float
+    near_sets: list[str]
+    far_sets: list[str]
+    results: dict[str, PostprocessorResult] = field(default_factory=dict)  # by postprocessor name
+    scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)  # for plots
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "scores"}
+        return d
+
+
+def _average(ms: list[OODMetrics]) -> dict[str, float]:
+    keys = ("auroc", "fpr95", "fpr95_classic", "aupr_in", "aupr_out")
+    return {k: float(np.mean([getattr(m, k) for m in ms])) if ms else float("nan") for k in keys}
+
+
+def evaluate(net: nn.Module, bench, cfg: EvalConfig, device: str | torch.device, batch_size: int,
+             num_workers: int = 0) -> EvalReport:
+    """Score the ID test set and every near/far OOD test set with each configured postprocessor."""
+    net = net.to(device).eval()
+    id_out = collect(net, bench.test, batch_size, device, num_workers)
+    train_out = None
+    if NEEDS_TRAIN & set(cfg.postprocessors):
+        train_out = collect(net, bench.train_plain, batch_size, device, num_workers)
+    ood_outs = {name: collect(net, ds, batch_size, device, num_workers)
+                for name, ds in {**bench.near, **bench.far}.items()}
+    report = EvalReport(benchmark=bench.name, id_accuracy=accuracy(id_out), near_sets=list(bench.near),
+                        far_sets=list(bench.far))
+    for pp in cfg.postprocessors:
+        score = build_postprocessor(pp, cfg, train_out)
+        id_conf = score(id_out).numpy()
+        per_set, scores = {}, {"id": id_conf}
+        for name, o in ood_outs.items():
+            conf = score(o).numpy()
+            scores[name] = conf
+            per_set[name] = ood_metrics(id_conf, conf)
+        report.results[pp] = PostprocessorResult(
+            per_set=per_set, near=_average([per_set[n] for n in bench.near]),
+            far=_average([per_set[n] for n in bench.far]))
+        report.scores[pp] = scores
+    return report
+
+
+def validation_metrics(net: nn.Module, bench, cfg: EvalConfig, device: str | torch.device,
+                       batch_size: int) -> dict[str, float]:
+    """ID validation accuracy and validation-OOD AUROC (EBO): for model selection and tuning, never test."""
+    training = net.training
+    val = collect(net, bench.val, batch_size, device)
+    out = {"val/id_accuracy": accuracy(val)}
+    id_conf = energy_score(val.logits, cfg.ebo_temperature).numpy()
+    aurocs = []
+    for name, ds in bench.ood_val.items():
+        o = collect(net, ds, batch_size, device)
+        aurocs.append(ood_metrics(id_conf, energy_score(o.logits, cfg.ebo_temperature).numpy()).auroc)
+    if aurocs:
+        out["val/ood_auroc"] = float(np.mean(aurocs))
+    net.train(training)
+    return out
+
+
+# ---- reports ---------------------------------------------------------------------------------------
+
+def markdown_table(report: EvalReport, primary: str) -> str:
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    lines = [f"# OOD evaluation on `{report.benchmark}`", "",
+             f"ID accuracy: **{pct(report.id_accuracy)}%**. Metrics in %; FPR@95 is OpenOOD v1.5's "
+             "(ID flagged OOD at 95% OOD recall); FPR95-classic is VOS/NPOS's (OOD accepted at 95% ID recall).", "",
+             "| postprocessor | near AUROC | far AUROC | near FPR@95 | far FPR@95 | near FPR95-classic "
+             "| far FPR95-classic |",
+             "|---|---|---|---|---|---|---|"]
+    order = [primary] + [p for p in report.results if p != primary]
+    for pp in order:
+        r = report.results[pp]
+        lines.append(f"| {pp} | {pct(r.near['auroc'])} | {pct(r.far['auroc'])} | {pct(r.near['fpr95'])} | "
+                     f"{pct(r.far['fpr95'])} | {pct(r.near['fpr95_classic'])} | {pct(r.far['fpr95_classic'])} |")
+    lines += ["", f"## Per OOD set ({primary})", "",
+              "| set | kind | AUROC | FPR@95 | FPR95-classic | AUPR-In | AUPR-Out | n OOD |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in report.results[primary].per_set.items():
+        kind = "near" if name in report.near_sets else "far"
+        lines.append(f"| {name} | {kind} | {pct(m.auroc)} | {pct(m.fpr95)} | {pct(m.fpr95_classic)} | "
+                     f"{pct(m.aupr_in)} | {pct(m.aupr_out)} | {m.n_ood} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: EvalReport, out_dir: str | Path, primary: str, plots: bool = True) -> list[Path]:
+    out = Path(out_dir)
+    write_json(report.to_dict(), out / "results.json")
+    write_text(markdown_table(report, primary), out / "results.md")
+    files = [out / "results.json", out / "results.md"]
+    if plots:
+        files += _plots(report, out / "plots")
+    return files
+
+
+def _plots(report: EvalReport, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for pp, scores in report.scores.items():
+        id_conf = scores["id"]
+        for name, conf in scores.items():
+            if name == "id":
+                continue
+            is_ood = np.concatenate([np.zeros(len(id_conf)), np.ones(len(conf))])
+            fpr, tpr, _ = skm.roc_curve(is_ood, -np.concatenate([id_conf, conf]))
+            fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+            a.plot(fpr, tpr, label=f"AUROC {100 * report.results[pp].per_set[name].auroc:.1f}")
+            a.plot([0, 1], [0, 1], "k:", lw=0.8)
+            a.set(xlabel="ID flagged OOD (FPR)", ylabel="OOD caught (TPR)", title=f"ROC {pp}: {name}")
+            a.legend(loc="lower right")
+            bins = np.linspace(min(id_conf.min(), conf.min()), max(id_conf.max(), conf.max()), 40)
+            b.hist(id_conf, bins=bins, alpha=0.6, density=True, label="ID test")
+            b.hist(conf, bins=bins, alpha=0.6, density=True, label=name)
+            b.set(xlabel=f"{pp} score (higher = more ID)", title="score histogram")
+            b.legend()
+            fig.tight_layout()
+            path = out / f"{pp}_{name}.png"
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png", dpi=80)
+            plt.close(fig)
+            files.append(path)
+    return files
+
+
+def load_report(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,265 @@
+"""One Accelerate training loop for both the teacher fine-tune (cross-entropy) and the OAL student.
+
+Runs as one process here, or as one rank of a distributed group (Ray Train sets up the process group;
+Accelerate picks it up). Checkpoints hold everything needed to resume to the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from oal.config import TrainConfig
+from oal.losses import OALLoss
+from oal.storage import load_torch, save_torch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss term becomes NaN or infinite; the last good checkpoint is left in place."""
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but no CUDA device is visible; use device=cpu or device=auto")
+    return device
+
+
+def make_accelerator(device: str, cfg: TrainConfig) -> Accelerator:
+    device = resolve_device(device)
+    if device == "cpu" and cfg.mixed_precision == "fp16":
+        raise ValueError("mixed_precision=fp16 needs a GPU; use 'no' or 'bf16' on CPU")
+    # cpu=True matters inside Ray Train: without it Accelerate on CPU ignores the gloo group and every
+    # rank trains alone (see STACK-NOTES).
+    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.grad_accum_steps)
+
+
+def load_outliers(path: Optional[str], what: str) -> Optional[torch.Tensor]:
+    """Read an outlier file: a tensor [N, D] (or [C, M, D], flattened), finite, float32."""
+    if path is None:
+        return None
+    obj = load_torch(path, f"{what} file")
+    x = obj["outliers"] if isinstance(obj, dict) and "outliers" in obj else obj
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what} file '{path}' holds a {type(x).__name__}; expected a tensor [N, D] or [C, M, D]")
+    if x.dim() == 3:
+        x = x.reshape(-1, x.shape[-1])  # (C*M, D)
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{what} file '{path}' has shape {tuple(x.shape)}; expected [N, D] or [C, M, D], N > 0")
+    bad = (~torch.isfinite(x)).any(dim=1).sum().item()
+    if bad:
+        raise ValueError(f"{what} file '{path}' has {bad} rows with NaN or infinite values")
+    return x.float()
+
+
+class _Step(nn.Module):
+    """Network + loss in one module, so that the forward goes through DDP's wrapper (gradient sync)."""
+
+    def __init__(self, net: nn.Module, loss: Optional[OALLoss]):
+        super().__init__()
+        self.net = net
+        self.loss = loss
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t_logits: Optional[torch.Tensor],
+                t_feat: Optional[torch.Tensor], knn: Optional[torch.Tensor],
+                latent: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, feat = self.net(x)  # (B, K), (B, D_s)
+        if self.loss is None:
+            ce = nn.functional.cross_entropy(logits, y)
+            return ce, {"ce": ce}
+        res = self.loss(logits.float(), feat.float(), y, t_logits, t_feat, knn, latent)
+        return res.total, res.terms
+
+
+@dataclass
+class FitResult:
+    checkpoint: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _param_groups(net: nn.Module, loss: Optional[OALLoss], cfg: TrainConfig) -> list[dict]:
+    groups = [{"params": list(net.parameters()), "lr": cfg.lr, "name": "net"}]
+    if loss is not None:
+        if loss.dt is not None:
+            groups.append({"params": list(loss.dt.parameters()), "lr": cfg.dt_lr, "name": "dt"})
+        clubs = [p for m in (loss.club_knn, loss.club_lat) if m is not None for p in m.parameters()]
+        if clubs:
+            groups.append({"params": clubs, "lr": cfg.club_lr, "name": "club"})
+    return groups
+
+
+def fit(
+    net: nn.Module,
+    train_set: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    batch_size: int,
+    seed: int,
+    device: str = "auto",
+    loss: Optional[OALLoss] = None,
+    teacher: Optional[nn.Module] = None,
+    knn_outliers: Optional[torch.Tensor] = None,
+    latent_outliers: Optional[torch.Tensor] = None,
+    outlier_batch_size: int = 128,
+    eval_fn: Optional[Callable[[nn.Module], dict[str, float]]] = None,
+    on_epoch_end: Optional[Callable[[int, dict[str, float], Path], None]] = None,
+    meta: Optional[dict[str, Any]] = None,
+    resume: bool = True,
+    progress: bool = True,
+    num_workers: int = 0,
+    accelerator: Optional[Accelerator] = None,
+) -> FitResult:
+    """Train `net` on `train_set`; with `loss=None` this is plain cross-entropy (the teacher fine-tune).
+
+    `on_epoch_end(epoch, metrics, checkpoint_path)` is called on every rank after each epoch (Ray Train
+    uses it to report); `eval_fn(net)` adds validation metrics. A checkpoint `out_dir/checkpoint.pt`
+    is written atomically every `cfg.checkpoint_every` epochs and at the end; with `resume=True` an
+    existing one is continued from.
+    """
+    acc = accelerator or make_accelerator(device, cfg)
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    torch.manual_seed(seed)
+    sampler = DistributedSampler(train_set, num_replicas=acc.num_processes, rank=acc.process_index,
+                                 shuffle=True, seed=seed)
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        drop_last=False)
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
+    modules = _Step(net, loss)
+    optimizer: torch.optim.Optimizer
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(_param_groups(net, loss, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(_param_groups(net, loss, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    # Cosine annealing to 0 over every optimizer step of the run (each group from its own lr).
+    # Not passed to `prepare`: Accelerate would step it once per process.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.epochs)
+    start_epoch = 0
+    if resume and ckpt_path.exists():
+        state = load_torch(ckpt_path, "checkpoint")
+        try:
+            modules.load_state_dict(state["modules"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"checkpoint '{ckpt_path}' does not match this model/loss configuration: "
+                             f"{str(e).splitlines()[0]}") from None
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch = state["epoch"]
+    model, optimizer = acc.prepare(modules, optimizer)
+    raw = acc.unwrap_model(model)
+    if teacher is not None:
+        teacher = teacher.to(acc.device).eval().requires_grad_(False)
+    knn = knn_outliers.to(acc.device) if knn_outliers is not None else None
+    lat = latent_outliers.to(acc.device) if latent_outliers is not None else None
+    history: list[dict[str, float]] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        # Outlier draws are seeded per (seed, epoch, rank) so that a resumed run draws the same ones.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + acc.process_index)
+        sums: dict[str, float] = {}
+        n_batches, t0 = 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and acc.is_main_process),
+                   leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+            with acc.accumulate(model):
+                t_logits = t_feat = kb = lb = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits, t_feat = teacher(x)  # (B, K), (B, D_t)
+                n_out = min(outlier_batch_size, len(x))
+                if knn is not None:
+                    kb = knn[torch.randperm(len(knn), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_k)
+                if lat is not None:
+                    lb = lat[torch.randperm(len(lat), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_l)
+                with acc.autocast():
+                    total, terms = model(x, y, t_logits, t_feat, kb, lb)
+                _check_finite(acc, total, terms, epoch, step, ckpt_path)
+                acc.backward(total)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    scheduler.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["total"] = sums.get("total", 0.0) + float(total.detach())
+            n_batches += 1
+            if step % 5 == 0:
+                bar.set_postfix(loss=f"{float(total.detach()):.3f}")
+        metrics = {f"loss/{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["epoch"] = epoch + 1
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        if eval_fn is not None:
+            metrics.update(eval_fn(raw.net))
+        done = epoch + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_torch({"modules": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": done,
+                            "meta": meta or {}}, ckpt_path)
+            acc.wait_for_everyone()
+        history.append(metrics)
+        if acc.is_main_process and progress:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
+            tqdm.write(f"epoch {done}/{cfg.epochs}: {shown}")
+        if on_epoch_end is not None:
+            on_epoch_end(done, metrics, ckpt_path)
+    return FitResult(checkpoint=ckpt_path, history=history, resumed_from_epoch=start_epoch)
+
+
+def _check_finite(acc: Accelerator, total: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int,
+                  ckpt: Path) -> None:
+    bad = torch.tensor(0.0 if torch.isfinite(total.detach()) else 1.0, device=acc.device)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")  # every rank stops together, none hangs in all-reduce
+    if bad.item() > 0:
+        names = [k for k, v in terms.items() if not torch.isfinite(v.detach())] or ["total (on another rank)"]
+        raise NonFiniteLossError(
+            f"non-finite loss term(s) {', '.join(names)} at epoch {epoch + 1}, step {step + 1}; training stopped. "
+            f"Last good checkpoint: '{ckpt}'" + ("" if ckpt.exists() else " (none written yet)"))
+
+
+def load_checkpoint_net(path: str | Path, net: nn.Module) -> dict[str, Any]:
+    """Load the network weights of a `fit` checkpoint into `net`; returns the checkpoint's meta."""
+    state = load_torch(path, "checkpoint")
+    if not isinstance(state, dict) or "modules" not in state:
+        raise ValueError(f"checkpoint '{path}' is not an OAL checkpoint (no 'modules' entry)")
+    weights = {k[len("net."):]: v for k, v in state["modules"].items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint '{path}' does not fit the network "
+                         f"{state.get('meta', {}).get('arch', '?')}: {str(e).splitlines()[0]}") from None
+    return state.get("meta", {})

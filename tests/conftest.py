@@ -1,0 +1,34 @@
+"""Shared fixtures. Tiers: plain unit tests (default), `ray`, `stack` and `slow` markers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(1)
+
+# A fast digits config: few epochs, small k-NN settings.
+QUICK = [
+    "teacher.epochs=3",
+    "student.epochs=2",
+    "knn.k=5",
+    "knn.select=5",
+    "knn.rounds=2",
+    "knn.pic_nums=2",
+    "knn.candidates=20",
+    "knn.per_class_cap=30",
+    "eval.plots=false",
+]
+
+
+@pytest.fixture
+def quick_cfg(tmp_path):
+    from oal.config import load_config
+
+    def make(*overrides: str):
+        return load_config("digits", [*QUICK, f"output_dir={tmp_path / 'runs'}", *overrides])
+
+    return make

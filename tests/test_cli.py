@@ -1,0 +1,75 @@
+"""Smoke tests through the real `oal` command line (a subprocess, as a user runs it)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUICK
+
+OAL = [sys.executable, "-m", "oal.cli"]
+
+
+def oal(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([*OAL, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_teacher_train_evaluate_then_skip(tmp_path):
+    common = ["--no-progress", *QUICK, "eval.plots=true", f"output_dir={tmp_path}"]
+    r = oal("teacher", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "digits"
+    teacher = json.loads((run / "teacher" / "stage.json").read_text())
+    assert len(teacher["history"]) == 3 and (run / "teacher" / "checkpoint.pt").exists()
+    assert (run / "teacher" / "config.yaml").read_text().count("epochs: 3") == 1
+
+    # without k-NN outliers yet, the MICL terms are switched off on the command line
+    r = oal("train", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    student = json.loads((run / "student" / "stage.json").read_text())
+    assert {"loss/ce", "loss/logit_kd", "loss/feat_kd", "val/id_accuracy", "val/ood_auroc"} <= set(student["history"][0])
+
+    r = oal("evaluate", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| ebo |" in r.stdout
+    res = json.loads((run / "eval" / "results.json").read_text())
+    assert set(res["results"]) == {"ebo", "msp", "mls", "knn"}
+    assert 0.3 < res["id_accuracy"] <= 1.0  # 6 classes: chance is 1/6
+    assert len(list((run / "eval" / "plots").glob("*.png"))) == 4 * 3
+    assert not list(run.rglob("*.tmp"))
+
+    # a second train is skipped: its inputs have not changed
+    r = oal("train", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    assert r.returncode == 0 and "skipped (up to date)" in r.stdout
+
+
+def test_pipeline_runs_knn_stage_and_resumes(tmp_path):
+    common = ["--no-progress", *QUICK, f"output_dir={tmp_path}"]
+    r = oal("pipeline", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "digits"
+    knn = json.loads((run / "knn" / "stage.json").read_text())
+    assert knn["shape"] == [6, 2 * 2 * 2, 64]  # rounds * pic_nums * keep per class, teacher width
+    student = json.loads((run / "student" / "stage.json").read_text())
+    assert "loss/micl_knn" in student["history"][0]
+    r = oal("pipeline", *common, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 5
+    # a changed student setting redoes the student and evaluation only
+    r = oal("pipeline", *common, "student.lr=0.01", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 3
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["train", "student.epoks=2"], 2, "unknown config key 'student.epoks'"),
+    (["train", "--config", "nope"], 2, "unknown preset 'nope'"),
+    (["train", "loss.w_micl_lat=0"], 1, "teacher checkpoint"),
+    (["evaluate"], 1, "student checkpoint"),
+])
+def test_clear_errors(tmp_path, args, code, needle):
+    r = oal(*args, f"output_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == code and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

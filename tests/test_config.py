@@ -1,0 +1,59 @@
+import pytest
+
+from oal.config import PRESETS_DIR, ConfigError, OALConfig, fingerprint, load_config, to_yaml
+
+
+def test_defaults_and_preset_merge():
+    cfg = load_config("digits", ["student.epochs=3", "loss.w_feat_kd=2.5"])
+    assert isinstance(cfg, OALConfig)
+    assert cfg.student.epochs == 3 and cfg.loss.w_feat_kd == 2.5
+    assert cfg.teacher.optimizer == "adamw"  # from the preset
+    assert cfg.loss.w_logit_kd == 4.0  # the reference's default survives
+
+
+@pytest.mark.parametrize("path", sorted(PRESETS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_preset_loads(path):
+    cfg = load_config(str(path))
+    assert cfg.name
+
+
+def test_unknown_key_names_key_and_lists_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", ["student.epoks=3"])
+    msg = str(e.value)
+    assert "student.epoks" in msg and "student.epochs" in msg and "student.lr" in msg
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match="'bogus'.*valid keys here: name, output_dir"):
+        load_config(None, ["bogus=1"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match="student.epochs"):
+        load_config("digits", ["student.epochs=many"])
+
+
+def test_bad_choice_and_range():
+    with pytest.raises(ConfigError, match="loss.club_training.*reference, loglik"):
+        load_config(None, ["loss.club_training=maybe"])
+    with pytest.raises(ConfigError, match="loss.w_micl_knn"):
+        load_config(None, ["loss.w_micl_knn=-1"])
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(None, ["data.batch_size=0"])
+
+
+def test_override_without_equals_and_unknown_preset():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["student.epochs"])
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*digits"):
+        load_config("nope")
+
+
+def test_fingerprint_tracks_values_and_yaml_roundtrip(tmp_path):
+    a, b = load_config("digits"), load_config("digits", ["seed=1"])
+    assert fingerprint(a) == fingerprint(load_config("digits"))
+    assert fingerprint(a) != fingerprint(b)
+    p = tmp_path / "c.yaml"
+    p.write_text(to_yaml(b))
+    assert load_config(str(p)) == b

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oal.config import DataConfig
+from oal.data import BENCHMARKS, build_benchmark
+from oal.data.cifar import ImageList
+
+
+def _rows(ds):
+    return {tuple(np.round(x[0, ::4, ::4].numpy(), 4).ravel()) for x, _ in ds}
+
+
+def test_digits_splits():
+    b = build_benchmark(DataConfig(image_size=16))
+    assert b.num_classes == 6 and b.class_names[0] == "zero"
+    x, y = b.train[0]
+    assert x.shape == (3, 16, 16) and -1.0 <= x.min() and x.max() <= 1.0
+    ytr = torch.stack([y for _, y in b.train])
+    yte = torch.stack([y for _, y in b.test])
+    assert set(ytr.tolist()) == set(range(6)) == set(yte.tolist())
+    # stratified: every class holds ~60% of its images in train (+-1 image)
+    counts_tr, counts_te = torch.bincount(ytr), torch.bincount(yte)
+    assert ((counts_tr.float() / (counts_tr + counts_te + torch.bincount(torch.stack([y for _, y in b.val]))))
+            .sub(0.6).abs() < 0.02).all()
+    assert len(b.train) + len(b.val) + len(b.test) == 178 + 182 + 177 + 183 + 181 + 182  # digits 0-5 in sklearn's set
+    # ID splits are disjoint
+    assert not (_rows(b.train) & _rows(b.test))
+    assert not (_rows(b.train) & _rows(b.val))
+    # OOD sets are labelled -1; validation OOD is disjoint from every test OOD set
+    for ds in [*b.near.values(), *b.far.values(), *b.ood_val.values()]:
+        assert all(int(y) == -1 for _, y in ds)
+    val_rows = _rows(b.ood_val["digit9"])
+    for ds in [*b.near.values(), *b.far.values()]:
+        assert not (val_rows & _rows(ds))
+    assert set(b.near) == {"digits678"} and set(b.far) == {"photo_patches", "noise"}
+
+
+def test_digits_is_seeded():
+    a, b = build_benchmark(DataConfig()), build_benchmark(DataConfig())
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0])
+    c = build_benchmark(DataConfig(split_seed=1))
+    assert not torch.equal(a.train.tensors[0], c.train.tensors[0])
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_missing_folder_names_expected_path(tmp_path, name):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)) as e:
+        build_benchmark(DataConfig(benchmark=name, root=str(tmp_path)))
+    assert "nothing is downloaded" in str(e.value)
+
+
+def test_unknown_benchmark():
+    with pytest.raises(ValueError, match="registered: cifar10, cifar100, digits"):
+        build_benchmark(DataConfig(benchmark="mnist"))
+
+
+def test_every_registered_benchmark_has_a_builder():
+    assert {"digits", "cifar10", "cifar100", "imagenet200"} <= set(BENCHMARKS)
+
+
+def test_openood_image_list(tmp_path):
+    (tmp_path / "images_classic" / "svhn").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "images_classic" / "svhn" / f"{i}.png")
+    lst = tmp_path / "test_svhn.txt"
+    lst.write_text("".join(f"svhn/{i}.png {i}\n" for i in range(3)))
+    import torchvision.transforms as T
+
+    ds = ImageList(lst, tmp_path / "images_classic", T.ToTensor(), ood=True)
+    assert len(ds) == 3
+    x, y = ds[2]
+    assert y == -1 and x.shape == (3, 8, 8) and abs(float(x.mean()) - 80 / 255) < 1e-6
+    bad = tmp_path / "bad.txt"
+    bad.write_text("svhn/0.png\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        ImageList(bad, tmp_path, T.ToTensor(), ood=True)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        ImageList(tmp_path / "missing.txt", tmp_path, T.ToTensor(), ood=True)

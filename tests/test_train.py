@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from oal.config import LossConfig, TrainConfig
+from oal.losses import OALLoss
+from oal.models import build_student
+from oal.train import CHECKPOINT, NonFiniteLossError, fit, load_checkpoint_net, load_outliers
+
+
+def _data(n=48, k=3, size=8):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % k
+    x = torch.randn(n, 3, size, size, generator=g) + y.view(-1, 1, 1, 1).float()
+    return TensorDataset(x, y)
+
+
+def _run(out, epochs, resume=True, outliers=True, **kw):
+    torch.manual_seed(123)
+    net = build_student("resnet_tiny", 3)
+    loss = OALLoss(LossConfig(w_logit_kd=0, w_feat_kd=0, w_micl_lat=0, outlier_batch_size=8), net.feature_dim,
+                   knn_dim=5) if outliers else None
+    knn = torch.randn(40, 5, generator=torch.Generator().manual_seed(9)) if outliers else None
+    cfg = TrainConfig(epochs=epochs, lr=0.05, **kw)
+    res = fit(net, _data(), cfg, out, batch_size=16, seed=7, device="cpu", loss=loss, knn_outliers=knn,
+              outlier_batch_size=8, resume=resume, progress=False)
+    return net, loss, res
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    full, full_loss, _ = _run(tmp_path / "full", epochs=3)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(epoch, metrics, ckpt):
+        if epoch == 2:
+            raise Stop
+
+    torch.manual_seed(123)
+    net = build_student("resnet_tiny", 3)
+    loss = OALLoss(LossConfig(w_logit_kd=0, w_feat_kd=0, w_micl_lat=0, outlier_batch_size=8), net.feature_dim,
+                   knn_dim=5)
+    knn = torch.randn(40, 5, generator=torch.Generator().manual_seed(9))
+    with pytest.raises(Stop):
+        fit(net, _data(), TrainConfig(epochs=3, lr=0.05), tmp_path / "cut", batch_size=16, seed=7, device="cpu",
+            loss=loss, knn_outliers=knn, outlier_batch_size=8, progress=False, on_epoch_end=stop_after_2)
+    ck = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)
+    assert ck["epoch"] == 2 and {"modules", "optimizer", "scheduler", "rng", "meta"} <= set(ck)
+    # a fresh process would rebuild everything from scratch (other random init) and resume
+    torch.manual_seed(999)
+    resumed, resumed_loss, res = _run(tmp_path / "cut", epochs=3)
+    assert res.resumed_from_epoch == 2 and len(res.history) == 1
+    assert res.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine schedule ran to its end
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full_loss.state_dict().values(), resumed_loss.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_training_learns(tmp_path):
+    _, _, res = _run(tmp_path, epochs=4, outliers=False)
+    assert res.history[-1]["loss/ce"] < 0.5 * res.history[0]["loss/ce"]
+
+
+def test_nonfinite_loss_names_term_and_keeps_checkpoint(tmp_path):
+    _run(tmp_path, epochs=1)
+    before = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    net = build_student("resnet_tiny", 3)
+    loss = OALLoss(LossConfig(w_logit_kd=0, w_feat_kd=0, w_micl_lat=0), net.feature_dim, knn_dim=5)
+    bad = torch.randn(40, 5)
+    bad[:] = 1e30  # finite input that overflows q's variance net into inf/nan
+    with torch.no_grad():
+        loss.club_knn.mu[0].weight.fill_(1e30)
+    with pytest.raises(NonFiniteLossError, match="micl_knn.*Last good checkpoint"):
+        fit(net, _data(), TrainConfig(epochs=3), tmp_path, batch_size=16, seed=7, device="cpu", loss=loss,
+            knn_outliers=bad, resume=False, progress=False)
+    after = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert after["epoch"] == before["epoch"] == 1
+    for a, b in zip(before["modules"].values(), after["modules"].values()):
+        assert torch.equal(a, b)
+
+
+def test_outlier_file_validation(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"outliers": torch.randn(2, 4, 3)}, good)
+    assert load_outliers(str(good), "k-NN outlier").shape == (8, 3)
+    torch.save(torch.randn(5), tmp_path / "flat.pt")
+    with pytest.raises(ValueError, match="flat.pt.*expected \\[N, D\\]"):
+        load_outliers(str(tmp_path / "flat.pt"), "k-NN outlier")
+    x = torch.randn(6, 3)
+    x[2, 1] = float("nan")
+    torch.save(x, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="nan.pt.*1 rows with NaN"):
+        load_outliers(str(tmp_path / "nan.pt"), "latent outlier")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="junk.pt.*corrupt"):
+        load_outliers(str(tmp_path / "junk.pt"), "latent outlier")
+    with pytest.raises(FileNotFoundError, match="none.pt"):
+        load_outliers(str(tmp_path / "none.pt"), "latent outlier")
+
+
+def test_mismatched_checkpoint(tmp_path):
+    _run(tmp_path, epochs=1, outliers=False)
+    with pytest.raises(ValueError, match="does not fit the network"):
+        load_checkpoint_net(tmp_path / CHECKPOINT, build_student("resnet18_32", 3))
+    # resuming with another loss configuration is refused with the file named
+    net = build_student("resnet_tiny", 3)
+    loss = OALLoss(LossConfig(w_logit_kd=0, w_feat_kd=0, w_micl_lat=0), net.feature_dim, knn_dim=5)
+    with pytest.raises(ValueError, match="checkpoint.pt.*does not match"):
+        fit(net, _data(), TrainConfig(epochs=2), tmp_path, batch_size=16, seed=7, device="cpu", loss=loss,
+            knn_outliers=torch.randn(10, 5), progress=False)
