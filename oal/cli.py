@@ -16,7 +16,9 @@ def _parser() -> argparse.ArgumentParser:
     helps = {
         "teacher": "fine-tune the teacher on the ID training set",
         "embed": "teacher features of the ID training set, by class [C, N, D]",
-        "knn": "k-NN boundary outlier embeddings [C, M, D]",
+        "anchors": "class anchors from the diffusion text encoder, and the teacher->conditioning projection",
+        "knn": "k-NN boundary outlier embeddings [C, M, E]",
+        "synthesize": "latent outliers from the diffusion model (never decoded for training)",
         "train": "train the OAL student (needs a teacher checkpoint for KD and outlier files for MICL)",
         "evaluate": "score a student checkpoint on the ID and OOD test sets",
         "pipeline": "all stages in order, skipping those already done",
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             _show(stages.run_teacher(cfg, progress=progress, force=args.force))
         elif args.command == "embed":
             _show(stages.run_embeddings(cfg, force=args.force))
+        elif args.command == "anchors":
+            _show(stages.run_anchors(cfg, force=args.force))
+        elif args.command == "synthesize":
+            _show(stages.run_latents(cfg, force=args.force, progress=progress))
         elif args.command == "knn":
             _show(stages.run_knn(cfg, force=args.force))
         elif args.command == "train":

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     benchmark: str = "digits"  # registry name: digits | cifar10 | cifar100
-    root: Optional[str] = None  # dataset folder (torchvision CIFAR layout); unused by digits
-    openood_root: Optional[str] = None  # OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/)
+    root: str | None = None  # dataset folder (torchvision CIFAR layout); unused by digits
+    openood_root: str | None = None  # OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/)
     image_size: int = 32  # side of the square input the student sees (32 or 224 for CIFAR)
     batch_size: int = 64  # ID images per step (reference 128)
     eval_batch_size: int = 256  # images per forward pass during evaluation
@@ -38,7 +38,7 @@ class DataConfig:
 class ModelConfig:
     student: str = "resnet_tiny"  # registry name: resnet18_32 | resnet18_224 | resnet_tiny
     teacher: str = "vit_tiny"  # registry name: vit_b16 | vit_tiny | resnet_tiny
-    teacher_pretrained: Optional[str] = None  # local weights file for the teacher's backbone (e.g. ViT-B/16 IN-21k)
+    teacher_pretrained: str | None = None  # local weights file for the teacher's backbone (e.g. ViT-B/16 IN-21k)
 
 
 @dataclass
@@ -69,8 +69,8 @@ class LossConfig:
 
 @dataclass
 class OutlierConfig:
-    knn_path: Optional[str] = None  # .pt file [N, D] (or [C, M, D]) of k-NN outlier embeddings
-    latent_path: Optional[str] = None  # .pt file [N, 64] of latent outlier vectors
+    knn_path: str | None = None  # .pt file [N, D] (or [C, M, D]) of k-NN outlier embeddings
+    latent_path: str | None = None  # .pt file [N, 64] of latent outlier vectors
 
 
 @dataclass
@@ -84,6 +84,25 @@ class KNNConfig:
     keep_per_point: int = 2  # farthest candidates kept per perturbed boundary point
     per_class_cap: int = 500  # ID embeddings kept per class (reference 500 for CIFAR-100)
     use_gpu: bool = True  # put faiss indexes on a GPU when faiss-gpu and a GPU are present
+
+
+@dataclass
+class DiffusionConfig:
+    model: str = "builtin-tiny"  # builtin-tiny (untrained, offline) | a local diffusers folder | a hub id
+    prompt: str = "A high-quality image of the {}"  # {} is replaced by the class name
+    scheduler: str = "ddim"  # ddim | pndm (PLMS, the reference's) | dpm (DPM-Solver++)
+    steps: int = 50  # denoising steps (reference 50)
+    guidance_scale: float = 7.5  # classifier-free guidance (reference 7.5)
+    num_outliers: int = 300  # latent outliers to synthesise (reference 300 per run)
+    batch_size: int = 3  # samples per sampler call (reference 3)
+    shard_size: int = 30  # outliers per output shard (the unit of resume and of Ray work)
+    resolution: int | None = None  # image side in pixels; default: the model's own (512 for SD v1)
+    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    reduction: str = "channel_row_mean"  # latent -> vector: channel_row_mean (reference) | channel_mean | flatten
+    mode: str = "latent"  # latent (never decoded) | pixel (also decode, for the pixel-space comparison)
+    max_nonfinite_fraction: float = 0.1  # fail if more than this fraction of latents is NaN/inf
+    projection_steps: int = 300  # steps to learn the teacher->conditioning projection (widths differ)
+    grid_samples: int = 16  # latent outliers decoded into a grid image, for looking only (0: none)
 
 
 @dataclass
@@ -107,6 +126,7 @@ class OALConfig:
     student: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -131,7 +151,7 @@ def _check_keys(base: DictConfig, other: Any, source: str, prefix: str = "") -> 
     for k, v in other.items():
         path = f"{prefix}{k}"
         if k not in base:
-            siblings = ", ".join(_valid_keys(base, prefix)) if prefix else ", ".join(base.keys())
+            siblings = ", ".join(_valid_keys(base, prefix)) if prefix else ", ".join(str(k) for k in base.keys())
             raise ConfigError(f"unknown config key '{path}' (from {source}); valid keys here: {siblings}")
         if isinstance(v, (dict, DictConfig)) and isinstance(base[k], DictConfig):
             _check_keys(base[k], v, source, path + ".")
@@ -150,7 +170,7 @@ def preset_path(name_or_path: str) -> Path:
     return p
 
 
-def load_config(preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> OALConfig:
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> OALConfig:
     """Merge defaults, a preset (name or .yaml path) and `key=value` overrides into an `OALConfig`."""
     cfg = OmegaConf.structured(OALConfig)
     layers: list[tuple[str, Any]] = []
@@ -182,6 +202,10 @@ _CHOICES = {
     "teacher.mixed_precision": ("no", "fp16", "bf16"),
     "student.mixed_precision": ("no", "fp16", "bf16"),
     "teacher.optimizer": ("sgd", "adamw"),
+    "diffusion.scheduler": ("ddim", "pndm", "dpm"),
+    "diffusion.dtype": ("auto", "fp32", "fp16", "bf16"),
+    "diffusion.reduction": ("channel_row_mean", "channel_mean", "flatten"),
+    "diffusion.mode": ("latent", "pixel"),
     "student.optimizer": ("sgd", "adamw"),
 }
 
@@ -193,13 +217,16 @@ def validate(cfg: OALConfig) -> None:
         if value not in choices:
             raise ConfigError(f"'{key}' is {value!r}; expected one of {', '.join(choices)}")
     for key in ("data.batch_size", "data.image_size", "teacher.epochs", "student.epochs", "eval.knn_k",
-                "teacher.grad_accum_steps", "student.grad_accum_steps", "loss.outlier_batch_size"):
+                "teacher.grad_accum_steps", "student.grad_accum_steps", "loss.outlier_batch_size",
+                "diffusion.steps", "diffusion.num_outliers", "diffusion.batch_size", "diffusion.shard_size"):
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 1:
             raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")
     for w in ("w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat"):
         if getattr(cfg.loss, w) < 0:
             raise ConfigError(f"'loss.{w}' is {getattr(cfg.loss, w)}; loss weights must be >= 0")
+    if "{}" not in cfg.diffusion.prompt:
+        raise ConfigError(f"'diffusion.prompt' is {cfg.diffusion.prompt!r}; it must contain {{}} for the class name")
     if cfg.eval.primary not in cfg.eval.postprocessors:
         raise ConfigError(f"'eval.primary' is {cfg.eval.primary!r}; it must be one of eval.postprocessors "
                           f"{cfg.eval.postprocessors}")

@@ -8,9 +8,9 @@ fix of swapped AUPR-In / AUPR-Out, OpenOOD issue #211).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class KNNScore:
 Scorer = Callable[[Outputs], torch.Tensor]
 
 
-def build_postprocessor(name: str, cfg: EvalConfig, train: Optional[Outputs]) -> Scorer:
+def build_postprocessor(name: str, cfg: EvalConfig, train: Outputs | None) -> Scorer:
     if name == "msp":
         return lambda o: msp_score(o.logits)
     if name == "ebo":
@@ -189,7 +189,7 @@ def validation_metrics(net: nn.Module, bench, cfg: EvalConfig, device: str | tor
     out = {"val/id_accuracy": accuracy(val)}
     id_conf = energy_score(val.logits, cfg.ebo_temperature).numpy()
     aurocs = []
-    for name, ds in bench.ood_val.items():
+    for ds in bench.ood_val.values():
         o = collect(net, ds, batch_size, device)
         aurocs.append(ood_metrics(id_conf, energy_score(o.logits, cfg.ebo_temperature).numpy()).auroc)
     if aurocs:

@@ -9,7 +9,7 @@ norm so that they live at the scale of the text encoder's token embeddings.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from oal.config import KNNConfig
 
 
-def _index(x: np.ndarray, use_gpu: bool):
+def _index(x: np.ndarray, use_gpu: bool) -> Any:
     import faiss
 
-    index = faiss.IndexFlatL2(x.shape[1])
+    index: Any = faiss.IndexFlatL2(x.shape[1])
     if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(np.ascontiguousarray(x, dtype=np.float32))
@@ -69,7 +69,7 @@ def sample_class(feats: torch.Tensor, cfg: KNNConfig, gen: torch.Generator) -> t
 
 
 def sample_outliers(embeddings: torch.Tensor, cfg: KNNConfig, seed: int,
-                    anchor_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    anchor_norms: torch.Tensor | None = None) -> torch.Tensor:
     """ID embeddings [C, N, D] -> outlier embeddings [C, M, D], scaled by each class anchor's norm."""
     if embeddings.dim() != 3:
         raise ValueError(f"ID embeddings must be [C, N, D]; got shape {tuple(embeddings.shape)}")

@@ -9,7 +9,6 @@ the CLUB mutual-information upper bound (Cheng et al., ICML 2020) between outlie
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -55,7 +54,7 @@ def club_estimate(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> to
 class CLUB(nn.Module):
     """Variational q(y|x): a mean network and a Tanh-bounded log-variance network (hidden 256)."""
 
-    def __init__(self, x_dim: int, y_dim: int, hidden: int = 256, mu_net: Optional[nn.Module] = None):
+    def __init__(self, x_dim: int, y_dim: int, hidden: int = 256, mu_net: nn.Module | None = None):
         super().__init__()
         self.mu = mu_net or nn.Sequential(nn.Linear(x_dim, hidden), nn.ReLU(), nn.Linear(hidden, y_dim))
         self.logvar = nn.Sequential(nn.Linear(x_dim, hidden), nn.ReLU(), nn.Linear(hidden, y_dim), nn.Tanh())
@@ -89,8 +88,8 @@ class LossOutput:
 class OALLoss(nn.Module):
     """The OAL objective. Only the terms with a positive weight are built and computed (ablations)."""
 
-    def __init__(self, cfg: LossConfig, student_dim: int, teacher_dim: Optional[int] = None,
-                 knn_dim: Optional[int] = None, latent_dim: Optional[int] = None):
+    def __init__(self, cfg: LossConfig, student_dim: int, teacher_dim: int | None = None,
+                 knn_dim: int | None = None, latent_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.use_logit_kd = cfg.w_logit_kd > 0
@@ -119,8 +118,8 @@ class OALLoss(nn.Module):
         return club_estimate(mu, logvar, y)
 
     def forward(self, logits: torch.Tensor, feat: torch.Tensor, labels: torch.Tensor,
-                t_logits: Optional[torch.Tensor] = None, t_feat: Optional[torch.Tensor] = None,
-                knn: Optional[torch.Tensor] = None, latent: Optional[torch.Tensor] = None) -> LossOutput:
+                t_logits: torch.Tensor | None = None, t_feat: torch.Tensor | None = None,
+                knn: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> LossOutput:
         c = self.cfg
         terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(logits, labels)}
         total = terms["ce"]

@@ -6,8 +6,9 @@ the MICL terms, feature KD and feature-space OOD scores use. `net.feature_dim` g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any
 
 import timm
 import torch
@@ -64,9 +65,9 @@ class ResNet(nn.Module):
 class TimmClassifier(nn.Module):
     """A timm model exposing `(logits, pre-logits features)`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Any):
         super().__init__()
-        self.model = model
+        self.model = model  # a timm model: forward_features / forward_head / get_classifier
         self.feature_dim = int(model.num_features)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +76,11 @@ class TimmClassifier(nn.Module):
         return self.model.get_classifier()(feat), feat
 
 
-def _vit(arch: str, num_classes: int, image_size: int, **kw) -> Callable[[Optional[str]], nn.Module]:
-    def make(pretrained: Optional[str]) -> nn.Module:
+Classifier = ResNet | TimmClassifier  # forward -> (logits, features); .feature_dim
+
+
+def _vit(arch: str, num_classes: int, image_size: int, **kw) -> Callable[[str | None], Classifier]:
+    def make(pretrained: str | None) -> Classifier:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=image_size, **kw)
         if pretrained:
             load_backbone(model, pretrained)
@@ -84,7 +88,7 @@ def _vit(arch: str, num_classes: int, image_size: int, **kw) -> Callable[[Option
     return make
 
 
-def load_backbone(model: nn.Module, path: str) -> None:
+def load_backbone(model: Any, path: str) -> None:
     """Load a local backbone file, skipping the classifier head (its class count differs)."""
     p = Path(path)
     if not p.is_file():
@@ -109,8 +113,8 @@ def load_backbone(model: nn.Module, path: str) -> None:
         raise ValueError(f"teacher weights '{p}' do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def build_student(name: str, num_classes: int) -> nn.Module:
-    students: dict[str, Callable[[], nn.Module]] = {
+def build_student(name: str, num_classes: int) -> Classifier:
+    students: dict[str, Callable[[], Classifier]] = {
         "resnet18_32": lambda: ResNet(num_classes, stem="cifar"),
         "resnet18_224": lambda: ResNet(num_classes, stem="imagenet"),
         "resnet_tiny": lambda: ResNet(num_classes, widths=(16, 32, 64), blocks=(1, 1, 1), stem="cifar"),
@@ -124,8 +128,8 @@ STUDENTS = ("resnet18_32", "resnet18_224", "resnet_tiny")
 TEACHERS = ("vit_b16", "vit_tiny", "resnet_tiny")
 
 
-def build_teacher(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
-    teachers: dict[str, Callable[[Optional[str]], nn.Module]] = {
+def build_teacher(cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:
+    teachers: dict[str, Callable[[str | None], Classifier]] = {
         # ViT-B/16 (768-d features); pretrained IN-21k weights come from model.teacher_pretrained.
         "vit_b16": _vit("vit_base_patch16_224", num_classes, image_size),
         # A 2-block, 64-wide ViT with 8x8 patches: trains in seconds on CPU for the embedded default.

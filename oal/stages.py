@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from oal import config as C
 from oal.data import Benchmark, build_benchmark
 from oal.evaluate import EvalReport, evaluate, validation_metrics, write_report
 from oal.losses import OALLoss
-from oal.models import build_student, build_teacher
+from oal.models import Classifier, build_student, build_teacher
 from oal.storage import load_torch, save_torch, write_json, write_text
 from oal.train import CHECKPOINT, fit, load_checkpoint_net, load_outliers, resolve_device
 
@@ -39,7 +40,7 @@ def stage_dir(cfg: C.OALConfig, stage: str) -> Path:
     return cfg.run_dir / stage
 
 
-def read_manifest(d: Path) -> Optional[dict[str, Any]]:
+def read_manifest(d: Path) -> dict[str, Any] | None:
     p = d / MANIFEST
     if not p.is_file():
         return None
@@ -89,8 +90,20 @@ def embeddings_fp(cfg: C.OALConfig) -> str:
     return C.fingerprint("embeddings", teacher_fp(cfg), cfg.knn.per_class_cap)
 
 
+def anchors_fp(cfg: C.OALConfig) -> str:
+    d = cfg.diffusion
+    return C.fingerprint("anchors", embeddings_fp(cfg), d.model, d.prompt, d.projection_steps, cfg.seed)
+
+
 def knn_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("knn", embeddings_fp(cfg), cfg.knn, cfg.seed)
+    return C.fingerprint("knn", anchors_fp(cfg), cfg.knn, cfg.seed)
+
+
+def latents_fp(cfg: C.OALConfig) -> str:
+    from dataclasses import replace
+
+    d = replace(cfg.diffusion, grid_samples=0, batch_size=0)  # neither changes what is sampled
+    return C.fingerprint("latents", knn_fp(cfg), d, cfg.seed)
 
 
 def student_fp(cfg: C.OALConfig) -> str:
@@ -101,7 +114,7 @@ def student_fp(cfg: C.OALConfig) -> str:
                          _file_id(cfg.outliers.latent_path) if cfg.loss.w_micl_lat > 0 else None)
 
 
-def _file_id(path: Optional[str]) -> Optional[str]:
+def _file_id(path: str | None) -> str | None:
     """An outlier file is identified by its producing stage's fingerprint when it has one, else its bytes."""
     if path is None:
         return None
@@ -118,7 +131,7 @@ def _val_fn(cfg: C.OALConfig, bench: Benchmark, device: str) -> Callable:
     return lambda net: validation_metrics(net, bench, cfg.eval, device, cfg.data.eval_batch_size)
 
 
-def run_teacher(cfg: C.OALConfig, bench: Optional[Benchmark] = None, on_epoch_end: Optional[EpochHook] = None,
+def run_teacher(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
                 accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
     """Fine-tune the teacher on the ID training set with cross-entropy."""
     d, fp = stage_dir(cfg, "teacher"), teacher_fp(cfg)
@@ -135,7 +148,7 @@ def run_teacher(cfg: C.OALConfig, bench: Optional[Benchmark] = None, on_epoch_en
                    history=res.history, resumed_from_epoch=res.resumed_from_epoch)
 
 
-def load_teacher(cfg: C.OALConfig, num_classes: int, path: Optional[Path] = None) -> torch.nn.Module:
+def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -> Classifier:
     path = path or stage_dir(cfg, "teacher") / CHECKPOINT
     if not Path(path).exists():
         raise FileNotFoundError(f"teacher checkpoint '{path}' does not exist; run `oal teacher` first, or set "
@@ -145,7 +158,7 @@ def load_teacher(cfg: C.OALConfig, num_classes: int, path: Optional[Path] = None
     return net.eval()
 
 
-def run_embeddings(cfg: C.OALConfig, bench: Optional[Benchmark] = None, force: bool = False) -> StageResult:
+def run_embeddings(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool = False) -> StageResult:
     """The teacher's penultimate features on the ID training set: [C, N, D]."""
     from oal.embeddings import class_embeddings
 
@@ -160,21 +173,82 @@ def run_embeddings(cfg: C.OALConfig, bench: Optional[Benchmark] = None, force: b
     return _finish("embeddings", d, fp, cfg, {"embeddings": d / "id_embeddings.pt"}, shape=list(emb.shape))
 
 
-def run_knn(cfg: C.OALConfig, anchor_norms: Optional[torch.Tensor] = None, force: bool = False) -> StageResult:
-    """k-NN boundary outlier embeddings [C, M, D] from the ID embeddings."""
+def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
+    """Class anchors from the diffusion model's text encoder, and the teacher -> conditioning projection."""
+    from oal.diffusion import class_anchors, fit_projection, load_model
+
+    d, fp = stage_dir(cfg, "anchors"), anchors_fp(cfg)
+    if not force and is_done(d, fp):
+        return _skipped("anchors", d, fp)
+    emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")
+    model = load_model(cfg.diffusion, resolve_device(cfg.device), cfg.seed)
+    anchors = class_anchors(model, emb["class_names"], cfg.diffusion.prompt)  # (C, E)
+    proj, acc = fit_projection(emb["embeddings"], anchors, cfg.diffusion.projection_steps, cfg.seed)
+    log.info("anchors: %s; projection %d -> %d, nearest-anchor accuracy %.3f", model.model_id, proj.in_dim,
+             proj.out_dim, acc)
+    save_torch({"anchors": anchors, "class_names": emb["class_names"], "projection": proj.state_dict(),
+                "in_dim": proj.in_dim, "out_dim": proj.out_dim, "model_id": model.model_id}, d / "anchors.pt")
+    return _finish("anchors", d, fp, cfg, {"anchors": d / "anchors.pt"}, model_id=model.model_id,
+                   projection_accuracy=acc, anchor_norms=anchors.norm(dim=-1).tolist())
+
+
+def run_knn(cfg: C.OALConfig, force: bool = False) -> StageResult:
+    """k-NN boundary outlier embeddings [C, M, E], in the conditioning space, at the anchors' scale."""
+    from oal.diffusion import AnchorProjection
     from oal.knn import sample_outliers
 
     d, fp = stage_dir(cfg, "knn"), knn_fp(cfg)
     if not force and is_done(d, fp):
         return _skipped("knn", d, fp)
-    emb_file = stage_dir(cfg, "embeddings") / "id_embeddings.pt"
-    emb = load_torch(emb_file, "ID embeddings")["embeddings"]
-    out = sample_outliers(emb, cfg.knn, cfg.seed, anchor_norms)
-    save_torch({"outliers": out}, d / "knn_outliers.pt")
+    emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")["embeddings"]
+    a = load_torch(stage_dir(cfg, "anchors") / "anchors.pt", "anchors")
+    proj = AnchorProjection(a["in_dim"], a["out_dim"])
+    proj.load_state_dict(a["projection"])
+    with torch.no_grad():
+        projected = proj(emb.float())  # (C, N, E)
+    out = sample_outliers(projected, cfg.knn, cfg.seed, a["anchors"].norm(dim=-1))
+    save_torch({"outliers": out, "class_names": a["class_names"]}, d / "knn_outliers.pt")
     return _finish("knn", d, fp, cfg, {"outliers": d / "knn_outliers.pt"}, shape=list(out.shape))
 
 
-def run_student(cfg: C.OALConfig, bench: Optional[Benchmark] = None, on_epoch_end: Optional[EpochHook] = None,
+def run_latents(cfg: C.OALConfig, force: bool = False, progress: bool = True) -> StageResult:
+    """Latent outliers from the diffusion model conditioned on the k-NN outlier embeddings (never decoded
+    for training); a small decoded grid is written for looking only."""
+    from oal.synthesize import VECTORS, synthesize
+
+    d, fp = stage_dir(cfg, "latents"), latents_fp(cfg)
+    if not force and is_done(d, fp):
+        return _skipped("latents", d, fp)
+    knn = load_torch(stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
+    manifest = synthesize(cfg.diffusion, knn["class_names"], knn["outliers"], d, cfg.seed,
+                          resolve_device(cfg.device), fp, progress=progress)
+    outputs: dict[str, Path] = {"vectors": d / VECTORS, "manifest": d / "manifest.json"}
+    if cfg.diffusion.grid_samples > 0:
+        outputs["grid"] = write_grid(cfg, d, d / "grid.png")
+    return _finish("latents", d, fp, cfg, outputs, count=manifest["count"], model_id=manifest["model_id"],
+                   vector_shape=manifest["vector_shape"])
+
+
+def write_grid(cfg: C.OALConfig, shard_dir: Path, path: Path) -> Path:
+    """Decode the first `grid_samples` latent outliers into one PNG grid (for looking only)."""
+    from torchvision.utils import save_image
+
+    from oal.diffusion import decode, load_model
+    from oal.storage import atomic_path
+
+    lat = []
+    for f in sorted(shard_dir.glob("shard_*.pt")):
+        lat.append(load_torch(f, "shard")["latents"])
+        if sum(len(x) for x in lat) >= cfg.diffusion.grid_samples:
+            break
+    model = load_model(cfg.diffusion, resolve_device(cfg.device), cfg.seed)
+    images = decode(model, torch.cat(lat)[: cfg.diffusion.grid_samples].to(model.device))  # (G, 3, H, W)
+    with atomic_path(path) as tmp:
+        save_image(images, tmp, format="png", nrow=8)
+    return path
+
+
+def run_student(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
                 accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
     """Train the OAL student: CE + KD from the frozen teacher + MICL against the outlier files."""
     d, fp = stage_dir(cfg, "student"), student_fp(cfg)
@@ -199,8 +273,8 @@ def run_student(cfg: C.OALConfig, bench: Optional[Benchmark] = None, on_epoch_en
                    history=res.history, resumed_from_epoch=res.resumed_from_epoch)
 
 
-def run_evaluate(cfg: C.OALConfig, checkpoint: Optional[str] = None, bench: Optional[Benchmark] = None,
-                 out_dir: Optional[Path] = None, force: bool = False) -> tuple[StageResult, Optional[EvalReport]]:
+def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchmark | None = None,
+                 out_dir: Path | None = None, force: bool = False) -> tuple[StageResult, EvalReport | None]:
     """Score a student checkpoint on the ID test set and every near/far OOD test set."""
     ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, "student") / CHECKPOINT
     d = out_dir or stage_dir(cfg, "eval")
@@ -228,10 +302,19 @@ def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResu
     bench = build_benchmark(cfg.data)
     results: dict[str, StageResult] = {}
     results["teacher"] = run_teacher(cfg, bench, progress=progress)
-    if cfg.loss.w_micl_knn > 0 and cfg.outliers.knn_path is None:
+    L, O = cfg.loss, cfg.outliers
+    need_knn = L.w_micl_knn > 0 and O.knn_path is None
+    need_lat = L.w_micl_lat > 0 and O.latent_path is None
+    if need_knn or need_lat:
         results["embeddings"] = run_embeddings(cfg, bench)
+        results["anchors"] = run_anchors(cfg)
         results["knn"] = run_knn(cfg)
-        cfg = replace(cfg, outliers=replace(cfg.outliers, knn_path=results["knn"].outputs["outliers"]))
+        if need_knn:
+            O = replace(O, knn_path=results["knn"].outputs["outliers"])
+    if need_lat:
+        results["latents"] = run_latents(cfg, progress=progress)
+        O = replace(O, latent_path=results["latents"].outputs["vectors"])
+    cfg = replace(cfg, outliers=O)
     results["student"] = run_student(cfg, bench, progress=progress)
     results["eval"] = run_evaluate(cfg, bench=bench)[0]
     return results

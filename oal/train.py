@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def make_accelerator(device: str, cfg: TrainConfig) -> Accelerator:
                        gradient_accumulation_steps=cfg.grad_accum_steps)
 
 
-def load_outliers(path: Optional[str], what: str) -> Optional[torch.Tensor]:
+def load_outliers(path: str | None, what: str) -> torch.Tensor | None:
     """Read an outlier file: a tensor [N, D] (or [C, M, D], flattened), finite, float32."""
     if path is None:
         return None
@@ -70,14 +71,14 @@ def load_outliers(path: Optional[str], what: str) -> Optional[torch.Tensor]:
 class _Step(nn.Module):
     """Network + loss in one module, so that the forward goes through DDP's wrapper (gradient sync)."""
 
-    def __init__(self, net: nn.Module, loss: Optional[OALLoss]):
+    def __init__(self, net: nn.Module, loss: OALLoss | None):
         super().__init__()
         self.net = net
         self.loss = loss
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t_logits: Optional[torch.Tensor],
-                t_feat: Optional[torch.Tensor], knn: Optional[torch.Tensor],
-                latent: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor | None,
+                t_feat: torch.Tensor | None, knn: torch.Tensor | None,
+                latent: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, feat = self.net(x)  # (B, K), (B, D_s)
         if self.loss is None:
             ce = nn.functional.cross_entropy(logits, y)
@@ -103,7 +104,7 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
 
 
-def _param_groups(net: nn.Module, loss: Optional[OALLoss], cfg: TrainConfig) -> list[dict]:
+def _param_groups(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> list[dict]:
     groups = [{"params": list(net.parameters()), "lr": cfg.lr, "name": "net"}]
     if loss is not None:
         if loss.dt is not None:
@@ -123,18 +124,18 @@ def fit(
     batch_size: int,
     seed: int,
     device: str = "auto",
-    loss: Optional[OALLoss] = None,
-    teacher: Optional[nn.Module] = None,
-    knn_outliers: Optional[torch.Tensor] = None,
-    latent_outliers: Optional[torch.Tensor] = None,
+    loss: OALLoss | None = None,
+    teacher: nn.Module | None = None,
+    knn_outliers: torch.Tensor | None = None,
+    latent_outliers: torch.Tensor | None = None,
     outlier_batch_size: int = 128,
-    eval_fn: Optional[Callable[[nn.Module], dict[str, float]]] = None,
-    on_epoch_end: Optional[Callable[[int, dict[str, float], Path], None]] = None,
-    meta: Optional[dict[str, Any]] = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    on_epoch_end: Callable[[int, dict[str, float], Path], None] | None = None,
+    meta: dict[str, Any] | None = None,
     resume: bool = True,
     progress: bool = True,
     num_workers: int = 0,
-    accelerator: Optional[Accelerator] = None,
+    accelerator: Accelerator | None = None,
 ) -> FitResult:
     """Train `net` on `train_set`; with `loss=None` this is plain cross-entropy (the teacher fine-tune).
 
@@ -147,7 +148,7 @@ def fit(
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     torch.manual_seed(seed)
-    sampler = DistributedSampler(train_set, num_replicas=acc.num_processes, rank=acc.process_index,
+    sampler: DistributedSampler = DistributedSampler(train_set, num_replicas=acc.num_processes, rank=acc.process_index,
                                  shuffle=True, seed=seed)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         drop_last=False)

@@ -21,6 +21,12 @@ QUICK = [
     "knn.candidates=20",
     "knn.per_class_cap=30",
     "eval.plots=false",
+    "diffusion.steps=2",
+    "diffusion.num_outliers=12",
+    "diffusion.shard_size=6",
+    "diffusion.batch_size=6",
+    "diffusion.projection_steps=20",
+    "diffusion.grid_samples=4",
 ]
 
 

@@ -53,14 +53,22 @@ def test_pipeline_runs_knn_stage_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
     run = tmp_path / "digits"
     knn = json.loads((run / "knn" / "stage.json").read_text())
-    assert knn["shape"] == [6, 2 * 2 * 2, 64]  # rounds * pic_nums * keep per class, teacher width
+    assert knn["shape"] == [6, 2 * 2 * 2, 32]  # rounds * pic_nums * keep per class, conditioning width
+    anchors = json.loads((run / "anchors" / "stage.json").read_text())
+    assert "untrained" in anchors["model_id"]
+    latents = json.loads((run / "latents" / "manifest.json").read_text())
+    assert latents["count"] == 12 and latents["vector_shape"] == [12, 8] and latents["untrained_model"]
+    assert (run / "latents" / "grid.png").read_bytes()[:4] == b"\x89PNG"
     student = json.loads((run / "student" / "stage.json").read_text())
-    assert "loss/micl_knn" in student["history"][0]
+    assert {"loss/micl_knn", "loss/micl_lat"} <= set(student["history"][0])
     r = oal("pipeline", *common, cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 5
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 7
     # a changed student setting redoes the student and evaluation only
     r = oal("pipeline", *common, "student.lr=0.01", cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 3
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 5
+    # a changed sampler setting redoes synthesis and what follows, not the teacher or the k-NN outliers
+    r = oal("pipeline", *common, "student.lr=0.01", "diffusion.guidance_scale=3", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 4
 
 
 @pytest.mark.parametrize("args,code,needle", [

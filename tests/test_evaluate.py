@@ -4,8 +4,16 @@ import torch
 
 from oal.config import DataConfig, EvalConfig
 from oal.data import build_benchmark
-from oal.evaluate import (KNNScore, Outputs, energy_score, evaluate, max_logit_score, msp_score, ood_metrics,
-                          write_report)
+from oal.evaluate import (
+    KNNScore,
+    Outputs,
+    energy_score,
+    evaluate,
+    max_logit_score,
+    msp_score,
+    ood_metrics,
+    write_report,
+)
 from oal.models import build_student
 
 

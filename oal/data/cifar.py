@@ -8,8 +8,8 @@ on-disk format). `data.openood_root` holds OpenOOD v1.5's `benchmark_imglist/<id
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -76,7 +76,7 @@ def _transforms(name: str, size: int) -> tuple[Callable, Callable]:
     return train, test
 
 
-def openood_sets(name: str, root: Optional[str], transform: Callable) -> tuple[dict, dict, dict]:
+def openood_sets(name: str, root: str | None, transform: Callable) -> tuple[dict, dict, dict]:
     if root is None:
         return {}, {}, {}
     base = Path(root)

@@ -1,0 +1,302 @@
+"""Latent outlier synthesis with a diffusion model, never decoded for training.
+
+One code path serves (a) the built-in tiny model, built offline from configs with seeded random
+weights (UNTRAINED: it exercises the machinery, its samples mean nothing), and (b) any Stable
+Diffusion in diffusers format, from a local folder or a hub id.
+
+Conditioning: the prompt "A high-quality image of the {class}" goes through the model's own
+tokenizer and text encoder; at the class token's position (the *last* sub-token of the class name,
+which in CLIP's causal encoder has seen the whole name) the encoder output is replaced by one
+outlier embedding. Every other position is left as the text encoder produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from oal.config import DiffusionConfig
+
+log = logging.getLogger("oal.diffusion")
+BUILTIN = "builtin-tiny"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class WordTokenizer:
+    """The built-in model's tokenizer: lower-cased words hashed into a fixed vocabulary.
+
+    CLIP's BPE tokenizer needs vocabulary files that only come from a hub; this one needs nothing.
+    Ids 0/1/2 are start, end and padding, as a CLIP tokenizer's specials are.
+    """
+
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int = 1000, model_max_length: int = 16):
+        self.vocab_size = vocab_size
+        self.model_max_length = model_max_length
+
+    def word_ids(self, text: str) -> list[int]:
+        words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+        return [3 + int(hashlib.sha1(w.encode()).hexdigest(), 16) % (self.vocab_size - 3) for w in words]
+
+    def __call__(self, texts: list[str], **_: Any) -> dict[str, torch.Tensor]:
+        rows = []
+        for t in texts:
+            ids = [self.bos_token_id, *self.word_ids(t)][: self.model_max_length - 1] + [self.eos_token_id]
+            rows.append(ids + [self.pad_token_id] * (self.model_max_length - len(ids)))
+        return {"input_ids": torch.tensor(rows)}
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` alone, without start/end/padding."""
+    if isinstance(tokenizer, WordTokenizer):
+        return tokenizer.word_ids(text)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class DiffusionModel:
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any
+    scheduler_config: dict
+    model_id: str
+    untrained: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def cond_dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_size(self, resolution: int | None) -> int:
+        if resolution is None:
+            return int(self.unet.config.sample_size)
+        if resolution % self.vae_factor:
+            raise ValueError(f"diffusion.resolution={resolution} must be a multiple of the VAE factor {self.vae_factor}")
+        return resolution // self.vae_factor
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def build_tiny(seed: int = 0) -> tuple[Any, Any, Any, WordTokenizer, dict]:
+    """The built-in tiny model: UNet (4x8x8 latents), VAE (16x16 pixels), 2-layer CLIP text encoder (32-d)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16)
+    tok = WordTokenizer()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        max_position_embeddings=tok.model_max_length, projection_dim=32,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    return unet, vae, text, tok, dict(sched.config)  # type: ignore[attr-defined]
+
+
+def model_id(cfg: DiffusionConfig, seed: int) -> str:
+    """How the model is named in every log, manifest and run: the built-in one says it is untrained."""
+    return f"{BUILTIN} (untrained, random weights, seed {seed})" if cfg.model == BUILTIN else cfg.model
+
+
+def load_model(cfg: DiffusionConfig, device: str | torch.device = "cpu", seed: int = 0) -> DiffusionModel:
+    """The built-in tiny model, or a Stable Diffusion from a local diffusers folder or a hub id."""
+    device = torch.device(device)
+    dtype = _dtype(cfg.dtype, device)
+    if cfg.model == BUILTIN:
+        unet, vae, text, tok, sched = build_tiny(seed)
+        log.warning("diffusion model: %s - its latents exercise the pipeline only", model_id(cfg, seed))
+    else:
+        unet, vae, text, tok, sched = _load_diffusers(cfg.model, dtype)
+    for m in (unet, vae, text):
+        m.to(device)
+        if next(m.parameters()).dtype != dtype:
+            m.to(dtype)
+        m.eval().requires_grad_(False)
+    return DiffusionModel(unet, vae, text, tok, sched, model_id(cfg, seed), cfg.model == BUILTIN, device, dtype)
+
+
+def _load_diffusers(name: str, dtype: torch.dtype) -> tuple:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = Path(name).is_dir()
+    if local:
+        missing = [c for c in COMPONENTS if not (Path(name) / c).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"diffusers folder '{name}' lacks component folder(s) {', '.join(missing)}; "
+                                    f"expected {', '.join(COMPONENTS)} (diffusion.model)")
+    elif Path(name).exists() or name.startswith(("/", ".")):
+        raise FileNotFoundError(f"diffusion.model '{name}' is not a diffusers folder")
+    from diffusers import DDIMScheduler
+
+    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype, local_files_only=local)
+    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype, local_files_only=local)
+    text = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=dtype, local_files_only=local)
+    tok = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", local_files_only=local)
+    sched = DDIMScheduler.from_pretrained(name, subfolder="scheduler", local_files_only=local).config
+    return unet, vae, text, tok, dict(sched)
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh scheduler of the chosen kind (PNDM keeps state between steps: one per sampling call)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(base_config)
+    if name == "pndm":
+        return PNDMScheduler.from_config(base_config, skip_prk_steps=True)  # PLMS
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++")
+    raise ValueError(f"unknown scheduler '{name}' (diffusion.scheduler): ddim | pndm | dpm")
+
+
+# ---- conditioning ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(model: DiffusionModel, prompts: list[str]) -> torch.Tensor:
+    """Text encoder output for each prompt: (B, L, E)."""
+    tok = model.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt")["input_ids"].to(model.device)
+    return model.text_encoder(ids)[0].to(model.dtype)  # (B, L, E)
+
+
+def class_token_position(model: DiffusionModel, prompt_template: str, class_name: str) -> int:
+    """Index, in the encoded prompt, of the class name's last sub-token."""
+    prefix = _tokens(model.tokenizer, prompt_template.split("{}")[0].strip())
+    name = _tokens(model.tokenizer, class_name)
+    if not name:
+        raise ValueError(f"class name {class_name!r} has no tokens")
+    pos = 1 + len(prefix) + len(name) - 1  # 1 for the start token
+    if pos >= model.tokenizer.model_max_length - 1:
+        raise ValueError(f"prompt for {class_name!r} is longer than the tokenizer's {model.tokenizer.model_max_length}")
+    full = [model.tokenizer.bos_token_id, *_tokens(model.tokenizer, prompt_template.format(class_name))]
+    if full[pos] != name[-1]:
+        raise ValueError(f"cannot locate the class token of {class_name!r} in the prompt {prompt_template!r}: "
+                         f"the tokenizer splits it differently in context")
+    return pos
+
+
+@torch.no_grad()
+def class_anchors(model: DiffusionModel, class_names: list[str], prompt_template: str) -> torch.Tensor:
+    """Anchor of each class: the encoder output at the class token's position: (C, E)."""
+    cond = encode_prompts(model, [prompt_template.format(c) for c in class_names])  # (C, L, E)
+    pos = torch.tensor([class_token_position(model, prompt_template, c) for c in class_names])
+    return cond[torch.arange(len(class_names)), pos].float().cpu()  # (C, E)
+
+
+def replace_token(cond: torch.Tensor, positions: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Copy of `cond` (B, L, E) with row b's token at positions[b] set to embeddings[b] (B, E)."""
+    out = cond.clone()
+    out[torch.arange(len(cond)), positions] = embeddings.to(cond.dtype)
+    return out
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_latents(model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, cfg: DiffusionConfig,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Classifier-free-guided sampling in latent space: cond/uncond (B, L, E) -> latents (B, 4, h, w)."""
+    sched = make_scheduler(cfg.scheduler, model.scheduler_config)
+    sched.set_timesteps(cfg.steps, device=model.device)
+    size = model.latent_size(cfg.resolution)
+    shape = (len(cond), model.latent_channels, size, size)
+    latents = torch.randn(shape, generator=generator).to(model.device, model.dtype) * sched.init_noise_sigma
+    both = torch.cat([uncond, cond])  # (2B, L, E)
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([latents, latents]), t)  # (2B, 4, h, w)
+        eps_u, eps_c = model.unet(inp, t, encoder_hidden_states=both).sample.chunk(2)
+        eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)  # guidance: push away from the unconditional
+        latents = sched.step(eps, t, latents).prev_sample
+    return latents  # (B, 4, h, w), unscaled (divide by vae.config.scaling_factor to decode)
+
+
+def reduce_latents(latents: torch.Tensor, how: str = "channel_row_mean") -> torch.Tensor:
+    """Latents (B, 4, h, w) -> vectors. Reference: mean over channels (B, h, w), then over rows (B, w)."""
+    x = latents.float()
+    if how == "channel_row_mean":
+        return x.mean(1).mean(1)  # (B, w)
+    if how == "channel_mean":
+        return x.mean(1).flatten(1)  # (B, h*w)
+    if how == "flatten":
+        return x.flatten(1)  # (B, 4*h*w)
+    raise ValueError(f"unknown reduction '{how}' (diffusion.reduction)")
+
+
+@torch.no_grad()
+def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1]: (B, 3, H, W). For looking at outliers and for the pixel-space comparison only."""
+    x = model.vae.decode(latents.to(model.dtype) / model.vae.config.scaling_factor).sample
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+# ---- teacher space -> conditioning space -----------------------------------------------------------
+
+class AnchorProjection(nn.Module):
+    """Maps teacher features (D) into the conditioning space (E) so that each class's features align
+    with its anchor: trained with cross-entropy over cosine similarity to the anchors (temperature 0.1).
+    Identity when D == E."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.linear = nn.Linear(in_dim, out_dim) if in_dim != out_dim else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.linear is None else self.linear(x)
+
+
+def fit_projection(embeddings: torch.Tensor, anchors: torch.Tensor, steps: int, seed: int) -> tuple[AnchorProjection, float]:
+    """Learn the projection from ID embeddings [C, N, D] to anchors [C, E]; returns it and its accuracy
+    (fraction of embeddings whose nearest anchor, by cosine, is their own class's)."""
+    c, n, d = embeddings.shape
+    if anchors.shape[0] != c:
+        raise ValueError(f"{anchors.shape[0]} class anchors for {c} classes of ID embeddings: the class list "
+                         f"does not match the benchmark")
+    proj = AnchorProjection(d, anchors.shape[1])
+    x = embeddings.reshape(-1, d).float()  # (C*N, D)
+    y = torch.arange(c).repeat_interleave(n)  # (C*N,)
+    a = nn.functional.normalize(anchors.float(), dim=-1)  # (C, E)
+    if proj.linear is not None:
+        torch.manual_seed(seed)
+        nn.init.orthogonal_(proj.linear.weight)
+        opt = torch.optim.Adam(proj.parameters(), lr=1e-2)
+        for _ in range(steps):
+            logits = nn.functional.normalize(proj(x), dim=-1) @ a.T / 0.1  # (C*N, C)
+            loss = nn.functional.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = float(((nn.functional.normalize(proj(x), dim=-1) @ a.T).argmax(-1) == y).float().mean())
+    return proj.requires_grad_(False), acc

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from oal.config import DiffusionConfig
+from oal.diffusion import (
+    AnchorProjection,
+    WordTokenizer,
+    class_anchors,
+    class_token_position,
+    decode,
+    encode_prompts,
+    fit_projection,
+    load_model,
+    reduce_latents,
+    replace_token,
+    sample_latents,
+)
+
+CFG = DiffusionConfig(steps=4, guidance_scale=7.5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(CFG, "cpu", seed=0)
+
+
+def test_builtin_model_is_labelled_untrained(model):
+    assert model.untrained and "untrained" in model.model_id
+    assert model.cond_dim == 32 and model.latent_size(None) == 8 and model.vae_factor == 2
+
+
+def test_tokenizer_is_deterministic():
+    tok = WordTokenizer()
+    a = tok(["A high-quality image of the zero"])["input_ids"]
+    assert a.shape == (1, 16) and a[0, 0] == 0 and (a[0] == 1).sum() == 1
+    assert torch.equal(a, WordTokenizer()(["a HIGH-quality image of the zero"])["input_ids"])
+
+
+def test_class_token_position_and_anchors(model):
+    pos = class_token_position(model, CFG.prompt, "zero")
+    ids = model.tokenizer([CFG.prompt.format("zero")])["input_ids"][0]
+    assert ids[pos] == model.tokenizer.word_ids("zero")[0]
+    # a two-word name: the anchor sits on its last word
+    pos2 = class_token_position(model, CFG.prompt, "sea lion")
+    assert pos2 == pos + 1
+    anchors = class_anchors(model, ["zero", "one", "sea lion"], CFG.prompt)
+    assert anchors.shape == (3, 32)
+    cond = encode_prompts(model, [CFG.prompt.format("one")])
+    assert torch.allclose(anchors[1], cond[0, pos])
+
+
+def test_replacement_changes_that_token_only(model):
+    cond = encode_prompts(model, [CFG.prompt.format("zero")] * 2)  # (2, L, E)
+    pos = class_token_position(model, CFG.prompt, "zero")
+    emb = torch.randn(2, 32)
+    new = replace_token(cond, torch.tensor([pos, pos]), emb)
+    changed = (new != cond).any(-1)  # (2, L)
+    assert changed[:, pos].all() and changed.sum() == 2
+    assert torch.equal(new[:, pos], emb)
+    assert torch.equal(cond[:, :pos], new[:, :pos]) and torch.equal(cond[:, pos + 1:], new[:, pos + 1:])
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "dpm"])
+def test_sampler_is_seeded_and_conditioned(model, scheduler):
+    cfg = DiffusionConfig(steps=4, scheduler=scheduler)
+    cond = encode_prompts(model, [CFG.prompt.format("zero")] * 2)
+    uncond = encode_prompts(model, [""]).expand(2, -1, -1)
+    a = sample_latents(model, cond, uncond, cfg, torch.Generator().manual_seed(1))
+    b = sample_latents(model, cond, uncond, cfg, torch.Generator().manual_seed(1))
+    assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all() and torch.equal(a, b)
+    pos = class_token_position(model, CFG.prompt, "zero")
+    other = replace_token(cond, torch.tensor([pos, pos]), 10 * torch.randn(2, 32))
+    c = sample_latents(model, other, uncond, cfg, torch.Generator().manual_seed(1))
+    assert not torch.allclose(a, c)  # the replaced embedding reaches the UNet
+
+
+def test_reductions_by_hand():
+    x = torch.arange(2 * 4 * 2 * 3, dtype=torch.float32).view(2, 4, 2, 3)
+    v = reduce_latents(x)
+    assert v.shape == (2, 3)
+    assert torch.allclose(v[0], x[0].mean(0).mean(0))
+    assert reduce_latents(x, "channel_mean").shape == (2, 6)
+    assert reduce_latents(x, "flatten").shape == (2, 24)
+
+
+def test_decode_is_pixels(model):
+    img = decode(model, torch.randn(3, 4, 8, 8))
+    assert img.shape == (3, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+
+
+def test_projection_aligns_classes_with_anchors():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 1, 16, generator=g)
+    emb = centres + 0.3 * torch.randn(4, 20, 16, generator=g)  # (C, N, D)
+    anchors = torch.randn(4, 8, generator=g)
+    proj, acc = fit_projection(emb, anchors, steps=150, seed=0)
+    assert proj.in_dim == 16 and proj.out_dim == 8 and acc > 0.95
+    same, _ = fit_projection(torch.randn(2, 5, 8), torch.randn(2, 8), steps=10, seed=0)
+    x = torch.randn(3, 8)
+    assert same.linear is None and torch.equal(same(x), x)
+    with pytest.raises(ValueError, match="class list does not match"):
+        fit_projection(emb, anchors[:3], steps=1, seed=0)
+    assert isinstance(proj, AnchorProjection)
+
+
+def test_diffusers_folder_missing_component(tmp_path):
+    for c in ("unet", "vae", "text_encoder", "scheduler"):
+        (tmp_path / c).mkdir()
+    with pytest.raises(FileNotFoundError, match="lacks component folder.*tokenizer"):
+        load_model(DiffusionConfig(model=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
+        load_model(DiffusionConfig(model=str(tmp_path / "nowhere")))
