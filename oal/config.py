@@ -115,6 +115,29 @@ class EvalConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """How the jobs in `jobs/` place the work on Ray (the library itself never reads this)."""
+
+    use_gpu: bool = False  # one GPU per synthesis actor and per training worker
+    synth_actors: int = 2  # Ray actors that sample latent outliers (shards handed out as a work queue)
+    synth_cpus_per_actor: float = 1.0  # CPUs reserved per synthesis actor (its torch thread count on CPU)
+    synth_max_replacements: int = 4  # dead synthesis actors replaced before the job gives up
+    num_workers: int = 1  # Ray Train workers (data-parallel ranks) per training stage
+    cpus_per_worker: float = 1.0  # CPUs reserved per training worker
+    max_failures: int = 2  # Ray Train restarts from the last checkpoint after a worker dies
+    checkpoints_to_keep: int = 2  # Ray Train checkpoints kept per training stage
+    storage_path: str | None = None  # Ray Train storage (local path or s3://...); default <run dir>/ray
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLflow tracking URI; default: the MLFLOW_TRACKING_URI environment variable
+    experiment: str = "oal"  # MLflow experiment name
+    system_metrics: bool = True  # CPU / memory / GPU metrics on every stage run
+    log_model: bool = True  # log the student with mlflow.pytorch.log_model
+
+
+@dataclass
 class OALConfig:
     name: str = "digits"  # run name; outputs go to <output_dir>/<name>/
     output_dir: str = "runs"  # root of all outputs (local path)
@@ -129,6 +152,8 @@ class OALConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -218,7 +243,8 @@ def validate(cfg: OALConfig) -> None:
             raise ConfigError(f"'{key}' is {value!r}; expected one of {', '.join(choices)}")
     for key in ("data.batch_size", "data.image_size", "teacher.epochs", "student.epochs", "eval.knn_k",
                 "teacher.grad_accum_steps", "student.grad_accum_steps", "loss.outlier_batch_size",
-                "diffusion.steps", "diffusion.num_outliers", "diffusion.batch_size", "diffusion.shard_size"):
+                "diffusion.steps", "diffusion.num_outliers", "diffusion.batch_size", "diffusion.shard_size",
+                "cluster.synth_actors", "cluster.num_workers"):
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 1:
             raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")
@@ -230,6 +256,13 @@ def validate(cfg: OALConfig) -> None:
     if cfg.eval.primary not in cfg.eval.postprocessors:
         raise ConfigError(f"'eval.primary' is {cfg.eval.primary!r}; it must be one of eval.postprocessors "
                           f"{cfg.eval.postprocessors}")
+
+
+def from_dict(d: dict) -> OALConfig:
+    """Rebuild a config from `to_dict` output (e.g. inside a Ray worker)."""
+    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OALConfig), d))
+    assert isinstance(obj, OALConfig)
+    return obj
 
 
 def to_yaml(cfg: Any) -> str:

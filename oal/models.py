@@ -113,6 +113,17 @@ def load_backbone(model: Any, path: str) -> None:
         raise ValueError(f"teacher weights '{p}' do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+class LogitsOnly(nn.Module):
+    """Wraps a classifier so that forward returns logits alone (for serving, e.g. an MLflow model)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0]
+
+
 def build_student(name: str, num_classes: int) -> Classifier:
     students: dict[str, Callable[[], Classifier]] = {
         "resnet18_32": lambda: ResNet(num_classes, stem="cifar"),

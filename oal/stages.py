@@ -20,7 +20,7 @@ from oal.evaluate import EvalReport, evaluate, validation_metrics, write_report
 from oal.losses import OALLoss
 from oal.models import Classifier, build_student, build_teacher
 from oal.storage import load_torch, save_torch, write_json, write_text
-from oal.train import CHECKPOINT, fit, load_checkpoint_net, load_outliers, resolve_device
+from oal.train import CHECKPOINT, FitResult, fit, load_checkpoint_net, load_outliers, resolve_device
 
 log = logging.getLogger("oal")
 MANIFEST = "stage.json"
@@ -62,7 +62,7 @@ def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, P
     return StageResult(stage, d, fp, False, outs)
 
 
-def _skipped(stage: str, d: Path, fp: str) -> StageResult:
+def skipped(stage: str, d: Path, fp: str) -> StageResult:
     m = read_manifest(d) or {}
     log.info("stage %s: up to date (fingerprint %s), skipped", stage, fp)
     return StageResult(stage, d, fp, True, m.get("outputs", {}))
@@ -131,21 +131,71 @@ def _val_fn(cfg: C.OALConfig, bench: Benchmark, device: str) -> Callable:
     return lambda net: validation_metrics(net, bench, cfg.eval, device, cfg.data.eval_batch_size)
 
 
+TRAINED = ("teacher", "student")
+
+
+def training_fp(cfg: C.OALConfig, stage: str) -> str:
+    return teacher_fp(cfg) if stage == "teacher" else student_fp(cfg)
+
+
+def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, out_dir: Path | None = None,
+                on_epoch_end: EpochHook | None = None, accelerator: Any = None, progress: bool = True) -> FitResult:
+    """Train the teacher (cross-entropy) or the OAL student (CE + KD from the frozen teacher + MICL against
+    the outlier files) into `out_dir` (default: the stage's folder), resuming from a checkpoint there that was
+    written for the same inputs. Used as is by `oal train` and inside each Ray Train worker."""
+    if stage not in TRAINED:
+        raise ValueError(f"stage must be one of {TRAINED}; got {stage!r}")
+    d, fp = out_dir or stage_dir(cfg, stage), training_fp(cfg, stage)
+    bench = bench or build_benchmark(cfg.data)
+    device = resolve_device(cfg.device)
+    common = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, device=cfg.device, eval_fn=_val_fn(cfg, bench, device),
+                  on_epoch_end=on_epoch_end, progress=progress, num_workers=cfg.data.num_workers,
+                  resume=_resume_ok(d / CHECKPOINT, fp), accelerator=accelerator)
+    if stage == "teacher":
+        net = build_teacher(cfg.model, bench.num_classes, cfg.data.image_size)
+        return fit(net, bench.train, cfg.teacher, d, **common,  # type: ignore[arg-type]
+                   meta={"arch": cfg.model.teacher, "num_classes": bench.num_classes, "fingerprint": fp})
+    L = cfg.loss
+    teacher = load_teacher(cfg, bench.num_classes) if (L.w_logit_kd > 0 or L.w_feat_kd > 0) else None
+    knn = load_outliers(cfg.outliers.knn_path, "k-NN outlier") if L.w_micl_knn > 0 else None
+    lat = load_outliers(cfg.outliers.latent_path, "latent outlier") if L.w_micl_lat > 0 else None
+    net = build_student(cfg.model.student, bench.num_classes)
+    loss = OALLoss(L, net.feature_dim, teacher.feature_dim if teacher is not None else None,
+                   knn.shape[1] if knn is not None else None, lat.shape[1] if lat is not None else None)
+    return fit(net, bench.train, cfg.student, d, **common, loss=loss, teacher=teacher,  # type: ignore[arg-type]
+               knn_outliers=knn, latent_outliers=lat, outlier_batch_size=L.outlier_batch_size,
+               meta={"arch": cfg.model.student, "num_classes": bench.num_classes, "fingerprint": fp})
+
+
+def finish_training(cfg: C.OALConfig, stage: str, checkpoint: Path, history: list[dict[str, float]],
+                    resumed_from_epoch: int = 0) -> StageResult:
+    """Record a trained stage: its checkpoint in the stage folder (copied there if trained elsewhere), config,
+    manifest last."""
+    import shutil
+
+    d, fp = stage_dir(cfg, stage), training_fp(cfg, stage)
+    target = d / CHECKPOINT
+    if Path(checkpoint).resolve() != target.resolve():
+        from oal.storage import atomic_path
+
+        with atomic_path(target) as tmp:
+            shutil.copyfile(checkpoint, tmp)
+    return _finish(stage, d, fp, cfg, {"checkpoint": target}, history=history, resumed_from_epoch=resumed_from_epoch)
+
+
+def _run_trained(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch_end: EpochHook | None,
+                 accelerator: Any, progress: bool, force: bool) -> StageResult:
+    d, fp = stage_dir(cfg, stage), training_fp(cfg, stage)
+    if not force and is_done(d, fp):
+        return skipped(stage, d, fp)
+    res = train_stage(cfg, stage, bench, None, on_epoch_end, accelerator, progress)
+    return finish_training(cfg, stage, res.checkpoint, res.history, res.resumed_from_epoch)
+
+
 def run_teacher(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
                 accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
     """Fine-tune the teacher on the ID training set with cross-entropy."""
-    d, fp = stage_dir(cfg, "teacher"), teacher_fp(cfg)
-    if not force and is_done(d, fp):
-        return _skipped("teacher", d, fp)
-    bench = bench or build_benchmark(cfg.data)
-    device = resolve_device(cfg.device)
-    net = build_teacher(cfg.model, bench.num_classes, cfg.data.image_size)
-    res = fit(net, bench.train, cfg.teacher, d, batch_size=cfg.data.batch_size, seed=cfg.seed, device=cfg.device,
-              eval_fn=_val_fn(cfg, bench, device), on_epoch_end=on_epoch_end, progress=progress,
-              meta={"arch": cfg.model.teacher, "num_classes": bench.num_classes, "fingerprint": fp},
-              resume=_resume_ok(d / CHECKPOINT, fp), num_workers=cfg.data.num_workers, accelerator=accelerator)
-    return _finish("teacher", d, fp, cfg, {"checkpoint": res.checkpoint},
-                   history=res.history, resumed_from_epoch=res.resumed_from_epoch)
+    return _run_trained(cfg, "teacher", bench, on_epoch_end, accelerator, progress, force)
 
 
 def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -> Classifier:
@@ -164,7 +214,7 @@ def run_embeddings(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool
 
     d, fp = stage_dir(cfg, "embeddings"), embeddings_fp(cfg)
     if not force and is_done(d, fp):
-        return _skipped("embeddings", d, fp)
+        return skipped("embeddings", d, fp)
     bench = bench or build_benchmark(cfg.data)
     teacher = load_teacher(cfg, bench.num_classes)
     emb = class_embeddings(teacher, bench.train_plain, bench.num_classes, cfg.knn.per_class_cap,
@@ -179,7 +229,7 @@ def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
 
     d, fp = stage_dir(cfg, "anchors"), anchors_fp(cfg)
     if not force and is_done(d, fp):
-        return _skipped("anchors", d, fp)
+        return skipped("anchors", d, fp)
     emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")
     model = load_model(cfg.diffusion, resolve_device(cfg.device), cfg.seed)
     anchors = class_anchors(model, emb["class_names"], cfg.diffusion.prompt)  # (C, E)
@@ -199,7 +249,7 @@ def run_knn(cfg: C.OALConfig, force: bool = False) -> StageResult:
 
     d, fp = stage_dir(cfg, "knn"), knn_fp(cfg)
     if not force and is_done(d, fp):
-        return _skipped("knn", d, fp)
+        return skipped("knn", d, fp)
     emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")["embeddings"]
     a = load_torch(stage_dir(cfg, "anchors") / "anchors.pt", "anchors")
     proj = AnchorProjection(a["in_dim"], a["out_dim"])
@@ -214,19 +264,27 @@ def run_knn(cfg: C.OALConfig, force: bool = False) -> StageResult:
 def run_latents(cfg: C.OALConfig, force: bool = False, progress: bool = True) -> StageResult:
     """Latent outliers from the diffusion model conditioned on the k-NN outlier embeddings (never decoded
     for training); a small decoded grid is written for looking only."""
-    from oal.synthesize import VECTORS, synthesize
+    from oal.synthesize import synthesize
 
     d, fp = stage_dir(cfg, "latents"), latents_fp(cfg)
     if not force and is_done(d, fp):
-        return _skipped("latents", d, fp)
+        return skipped("latents", d, fp)
     knn = load_torch(stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
     manifest = synthesize(cfg.diffusion, knn["class_names"], knn["outliers"], d, cfg.seed,
                           resolve_device(cfg.device), fp, progress=progress)
+    return finish_latents(cfg, manifest)
+
+
+def finish_latents(cfg: C.OALConfig, manifest: dict[str, Any]) -> StageResult:
+    """Record the latents stage once every shard and the synthesis manifest exist (also used by the Ray job)."""
+    from oal.synthesize import VECTORS
+
+    d = stage_dir(cfg, "latents")
     outputs: dict[str, Path] = {"vectors": d / VECTORS, "manifest": d / "manifest.json"}
     if cfg.diffusion.grid_samples > 0:
         outputs["grid"] = write_grid(cfg, d, d / "grid.png")
-    return _finish("latents", d, fp, cfg, outputs, count=manifest["count"], model_id=manifest["model_id"],
-                   vector_shape=manifest["vector_shape"])
+    return _finish("latents", d, manifest["fingerprint"], cfg, outputs, count=manifest["count"],
+                   model_id=manifest["model_id"], vector_shape=manifest["vector_shape"])
 
 
 def write_grid(cfg: C.OALConfig, shard_dir: Path, path: Path) -> Path:
@@ -251,26 +309,7 @@ def write_grid(cfg: C.OALConfig, shard_dir: Path, path: Path) -> Path:
 def run_student(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
                 accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
     """Train the OAL student: CE + KD from the frozen teacher + MICL against the outlier files."""
-    d, fp = stage_dir(cfg, "student"), student_fp(cfg)
-    if not force and is_done(d, fp):
-        return _skipped("student", d, fp)
-    bench = bench or build_benchmark(cfg.data)
-    device = resolve_device(cfg.device)
-    L = cfg.loss
-    teacher = load_teacher(cfg, bench.num_classes) if (L.w_logit_kd > 0 or L.w_feat_kd > 0) else None
-    knn = load_outliers(cfg.outliers.knn_path, "k-NN outlier") if L.w_micl_knn > 0 else None
-    lat = load_outliers(cfg.outliers.latent_path, "latent outlier") if L.w_micl_lat > 0 else None
-    net = build_student(cfg.model.student, bench.num_classes)
-    loss = OALLoss(L, net.feature_dim, teacher.feature_dim if teacher is not None else None,
-                   knn.shape[1] if knn is not None else None, lat.shape[1] if lat is not None else None)
-    res = fit(net, bench.train, cfg.student, d, batch_size=cfg.data.batch_size, seed=cfg.seed, device=cfg.device,
-              loss=loss, teacher=teacher, knn_outliers=knn, latent_outliers=lat,
-              outlier_batch_size=L.outlier_batch_size, eval_fn=_val_fn(cfg, bench, device),
-              on_epoch_end=on_epoch_end, progress=progress, num_workers=cfg.data.num_workers,
-              meta={"arch": cfg.model.student, "num_classes": bench.num_classes, "fingerprint": fp},
-              resume=_resume_ok(d / CHECKPOINT, fp), accelerator=accelerator)
-    return _finish("student", d, fp, cfg, {"checkpoint": res.checkpoint},
-                   history=res.history, resumed_from_epoch=res.resumed_from_epoch)
+    return _run_trained(cfg, "student", bench, on_epoch_end, accelerator, progress, force)
 
 
 def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchmark | None = None,
@@ -280,7 +319,7 @@ def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchma
     d = out_dir or stage_dir(cfg, "eval")
     fp = C.fingerprint("eval", _file_id(str(ckpt)) if checkpoint is None else str(ckpt), cfg.eval, cfg.data)
     if not force and is_done(d, fp):
-        return _skipped("eval", d, fp), None
+        return skipped("eval", d, fp), None
     bench = bench or build_benchmark(cfg.data)
     meta = load_torch(ckpt, "student checkpoint").get("meta", {})
     arch = meta.get("arch", cfg.model.student)

@@ -1,0 +1,145 @@
+"""Latent outlier synthesis on a pool of Ray actors.
+
+Each actor loads the diffusion model once and holds one GPU (or `cluster.synth_cpus_per_actor` CPUs).
+Shards go out as a work queue: an actor gets the next shard when it returns one, so faster devices take
+more. The driver writes each returned shard (write, then rename), so outputs are idempotent and live
+where the driver's run folder is. A dead actor's shard goes back on the queue and a replacement actor
+is started: the job ends with every shard present exactly once, then the manifest is written.
+
+Why actors and not Ray Data `map_batches`: a shard's content is fixed by (seed, shard index), and
+the resume unit is a named file per shard; Ray Data writes randomly named files and would need the same
+bookkeeping on top. The pool here is ~60 lines and every failure path is ours to test.
+
+    python -m jobs.synthesize --config digits cluster.synth_actors=2
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from oal import config as C
+from oal import stages
+from oal.storage import load_torch, save_torch
+from oal.synthesize import LatentSynthesizer, ShardSpec, finalize, plan_shards, shard_ok
+
+log = logging.getLogger("oal.jobs.synthesize")
+
+
+class SynthActor:
+    """Holds one diffusion model; computes shards on request."""
+
+    def __init__(self, diffusion: dict, class_names: list[str], outliers: torch.Tensor, model_seed: int,
+                 use_gpu: bool, threads: int):
+        torch.set_num_threads(max(1, threads))  # share the node's cores with the other actors
+        self.synth = LatentSynthesizer(C.DiffusionConfig(**diffusion), class_names, outliers,
+                                       "cuda" if use_gpu else "cpu", model_seed)
+
+    def run(self, spec: ShardSpec) -> dict[str, Any]:
+        return self.synth.run(spec)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def check_resources(cfg: C.ClusterConfig) -> None:
+    """Fail fast, with numbers, when the cluster can never hold one actor (instead of hanging)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if cfg.use_gpu and total.get("GPU", 0) < 1:
+        raise RuntimeError(f"cluster.use_gpu=true but the cluster has {total.get('GPU', 0):g} GPUs; "
+                           f"set cluster.use_gpu=false or add GPU nodes")
+    if not cfg.use_gpu and total.get("CPU", 0) < cfg.synth_cpus_per_actor:
+        raise RuntimeError(f"one synthesis actor needs {cfg.synth_cpus_per_actor:g} CPUs; the cluster has "
+                           f"{total.get('CPU', 0):g}")
+
+
+def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torch.Tensor, fingerprint: str,
+             progress: bool = True) -> dict[str, Any]:
+    """Compute every missing shard on the actor pool, then finalize (vectors file, manifest last)."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    d, k = cfg.diffusion, cfg.cluster
+    plan = plan_shards(d.num_outliers, d.shard_size, cfg.seed)
+    queue: deque[ShardSpec] = deque(s for s in plan if not shard_ok(out / s.filename))
+    log.info("synthesis on Ray: %d of %d shards to do, %d actors", len(queue), len(plan), k.synth_actors)
+    if queue:
+        check_resources(k)
+        opts = {"num_gpus": 1, "num_cpus": 1} if k.use_gpu else {"num_cpus": k.synth_cpus_per_actor}
+        remote = ray.remote(**opts)(SynthActor)
+        outliers_ref = ray.put(outliers)
+        args = (C.to_dict(d), class_names, outliers_ref, cfg.seed, k.use_gpu, max(1, int(k.synth_cpus_per_actor)))
+        actors = [remote.remote(*args) for _ in range(min(k.synth_actors, len(queue)))]
+        running: dict[Any, tuple[Any, ShardSpec]] = {}
+        replaced, t0, done = 0, time.perf_counter(), 0
+        bar = tqdm(total=sum(s.count for s in queue), desc="latent outliers (ray)", unit="outlier",
+                   disable=not progress, dynamic_ncols=True)
+        idle = list(actors)
+        while queue or running:
+            while queue and idle:
+                actor, spec = idle.pop(), queue.popleft()
+                running[actor.run.remote(spec)] = (actor, spec)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, spec = running.pop(ready[0])
+            try:
+                shard = ray.get(ready[0])
+            except (RayActorError, RayTaskError) as e:
+                if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
+                    raise  # a bug in the shard's computation: retrying would fail again
+                replaced += 1
+                if replaced > k.synth_max_replacements:
+                    raise RuntimeError(f"{replaced} synthesis actors died (cluster.synth_max_replacements="
+                                       f"{k.synth_max_replacements}); last error: {e}") from None
+                log.warning("synthesis actor died on shard %d; shard re-queued, actor replaced (%d/%d)",
+                            spec.index, replaced, k.synth_max_replacements)
+                queue.appendleft(spec)
+                idle.append(remote.remote(*args))
+                continue
+            save_torch(shard, out / spec.filename)
+            done += spec.count
+            bar.update(spec.count)
+            idle.append(actor)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        log.info("synthesis on Ray: %d outliers in %.1f s (%.2f outliers/s, %d actor(s) replaced)",
+                 done, seconds, done / max(seconds, 1e-9), replaced)
+        for a in actors:
+            ray.kill(a)
+    from oal.diffusion import model_id
+
+    return finalize(d, plan, out, cfg.seed, model_id(d, cfg.seed), fingerprint)
+
+
+def run_stage(cfg: C.OALConfig, progress: bool = True, force: bool = False) -> stages.StageResult:
+    """The `latents` stage of the pipeline, on the actor pool."""
+    out, fp = stages.stage_dir(cfg, "latents"), stages.latents_fp(cfg)
+    if not force and stages.is_done(out, fp):
+        return stages.skipped("latents", out, fp)
+    knn = load_torch(stages.stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
+    manifest = run_pool(cfg, out, knn["class_names"], knn["outliers"], fp, progress)
+    return stages.finish_latents(cfg, manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs import common
+
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = common.load(args)
+    common.connect(args.address)
+    res = run_stage(cfg, progress=not args.no_progress)
+    print(f"[latents] {'skipped (up to date)' if res.skipped else 'done'}: {res.outputs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

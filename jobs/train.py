@@ -1,0 +1,138 @@
+"""Teacher fine-tune and OAL student training on Ray Train (v2), with Accelerate inside each worker.
+
+Each worker runs `oal.stages.train_stage` (the same loop as `oal train`) into a worker-local folder.
+Every epoch, all ranks call `ray.train.report` (a barrier) and rank 0 attaches the checkpoint; a worker
+that dies restarts the group (`cluster.max_failures`), and each rank resumes from the last reported
+checkpoint. When the run ends, the driver copies the final checkpoint into the stage folder and
+writes the stage manifest, exactly as the single-process command does.
+
+    python -m jobs.train --config digits --stage teacher cluster.num_workers=2
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from oal import config as C
+from oal import stages
+from oal.train import CHECKPOINT
+
+log = logging.getLogger("oal.jobs.train")
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    from oal.train import make_accelerator
+
+    cfg = C.from_dict(config["cfg"])
+    stage = config["stage"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    work = Path(tempfile.mkdtemp(prefix=f"oal-{stage}-rank{rank}-"))
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        # Resume: every rank starts from the same reported checkpoint (fit checks its fingerprint).
+        with restored.as_directory() as d:
+            shutil.copyfile(Path(d) / CHECKPOINT, work / CHECKPOINT)
+    train_cfg = cfg.teacher if stage == "teacher" else cfg.student
+    acc = make_accelerator(cfg.device if not config["use_gpu"] else "cuda", train_cfg)
+
+    from oal.tracking import MetricLogger
+
+    # Only rank 0 logs to MLflow (straight into the stage's child run, while training runs).
+    mlflow_run = config.get("mlflow_run_id") if rank == 0 else None
+    if mlflow_run:
+        import os
+
+        os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_uri"]
+    metrics_log = MetricLogger(mlflow_run, stages.stage_dir(cfg, stage) / "tracking_buffer.jsonl")
+
+    def report(epoch: int, metrics: dict[str, float], ckpt: Path) -> None:
+        from ray.train import Checkpoint
+
+        payload = {**metrics, "epoch": epoch}
+        metrics_log.log({k.replace("/", "_"): v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if rank == 0 and ckpt.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copyfile(ckpt, Path(tmp) / CHECKPOINT)
+                ray.train.report(payload, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(payload)
+
+    stages.train_stage(cfg, stage, out_dir=work, on_epoch_end=report, accelerator=acc,
+                       progress=config["progress"] and rank == 0)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run_id: str | None = None) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    k = cfg.cluster
+    fp = stages.training_fp(cfg, stage)
+    storage = k.storage_path or str((cfg.run_dir / "ray").resolve())
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": C.to_dict(cfg), "stage": stage, "use_gpu": k.use_gpu, "progress": progress,
+                           "mlflow_run_id": mlflow_run_id,
+                           "mlflow_uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")},
+        scaling_config=ScalingConfig(num_workers=k.num_workers, use_gpu=k.use_gpu,
+                                     resources_per_worker={"CPU": k.cpus_per_worker, **({"GPU": 1} if k.use_gpu else {})}),
+        # A stable name per (run, stage, inputs): a resubmitted job resumes the same Ray Train run.
+        run_config=RunConfig(name=f"{cfg.name}-{stage}-{fp}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=k.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=k.checkpoints_to_keep)),
+    )
+
+
+def check_resources(cfg: C.ClusterConfig) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need_gpu = cfg.num_workers if cfg.use_gpu else 0
+    if total.get("GPU", 0) < need_gpu:
+        raise RuntimeError(f"{cfg.num_workers} training workers with one GPU each need {need_gpu} GPUs; the cluster "
+                           f"has {total.get('GPU', 0):g} (lower cluster.num_workers or set cluster.use_gpu=false)")
+    need_cpu = cfg.num_workers * cfg.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise RuntimeError(f"{cfg.num_workers} training workers x {cfg.cpus_per_worker:g} CPUs need {need_cpu:g} CPUs;"
+                           f" the cluster has {total.get('CPU', 0):g}")
+
+
+def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool = False,
+              mlflow_run_id: str | None = None) -> stages.StageResult:
+    """Train `stage` (teacher | student) on Ray Train unless its outputs are up to date."""
+    d, fp = stages.stage_dir(cfg, stage), stages.training_fp(cfg, stage)
+    if not force and stages.is_done(d, fp):
+        return stages.skipped(stage, d, fp)
+    check_resources(cfg.cluster)
+    result = make_trainer(cfg, stage, progress, mlflow_run_id).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
+    history = list(result.metrics_dataframe.to_dict("records")) if result.metrics_dataframe is not None else []
+    with result.checkpoint.as_directory() as ckdir:
+        return stages.finish_training(cfg, stage, Path(ckdir) / CHECKPOINT, history)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs import common
+
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--stage", choices=stages.TRAINED, default="student", help="which network to train")
+    args = p.parse_args(argv)
+    cfg = common.load(args)
+    common.connect(args.address)
+    res = run_stage(cfg, args.stage, progress=not args.no_progress)
+    print(f"[{args.stage}] {'skipped (up to date)' if res.skipped else 'done'}: {res.outputs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

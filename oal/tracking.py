@@ -1,0 +1,213 @@
+"""MLflow tracking: one parent run per pipeline, one child run per stage.
+
+Enabled when a tracking URI is known (`tracking.uri`, else the MLFLOW_TRACKING_URI environment
+variable); otherwise every method is a no-op and the pipeline still writes its local files. Credentials
+(AWS_*, tokens) are never read here and never logged: params come from the resolved config only.
+
+Metric writes that fail (tracking server down mid-run) do not stop training: they are appended to a
+local JSONL buffer and the gap is reported when the run ends. Artifact writes that fail do stop the run,
+marked FAILED, so that no run is FINISHED with missing artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oal import config as C
+
+log = logging.getLogger("oal.tracking")
+
+# Bounded retries: a dead server must cost seconds, not MLflow's default minutes of back-off.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MetricLogger:
+    """Logs metrics to one run through MlflowClient; failed writes go to a local buffer file."""
+
+    def __init__(self, run_id: str | None, buffer: Path | None = None):
+        self.run_id, self.buffer, self.failed = run_id, buffer, 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        try:
+            MlflowClient().log_batch(self.run_id, metrics=items)
+        except Exception as e:  # the server is down or refusing: keep training, keep the numbers
+            self.failed += len(items)
+            log.warning("MLflow metric write failed (%s); buffered locally", type(e).__name__)
+            if self.buffer is not None:
+                self.buffer.parent.mkdir(parents=True, exist_ok=True)
+                with self.buffer.open("a") as f:
+                    f.write(json.dumps({"run_id": self.run_id, "step": step, "metrics": metrics}) + "\n")
+
+
+@dataclass
+class StageRun:
+    name: str
+    run_id: str | None
+    metrics: MetricLogger = field(default_factory=lambda: MetricLogger(None))
+
+
+class Tracker:
+    def __init__(self, uri: str | None, experiment: str = "oal", system_metrics: bool = True,
+                 log_model: bool = True):
+        self.uri, self.experiment = uri, experiment
+        self.system_metrics, self.log_model = system_metrics, log_model
+        self.enabled = bool(uri)
+        self.failed_metric_writes = 0
+        self.parent_id: str | None = None
+
+    @classmethod
+    def from_env(cls, cfg: C.OALConfig) -> Tracker:
+        t = cfg.tracking
+        return cls(t.uri or os.environ.get("MLFLOW_TRACKING_URI"), t.experiment, t.system_metrics, t.log_model)
+
+    @contextmanager
+    def pipeline_run(self, cfg: C.OALConfig) -> Iterator[str | None]:
+        if not self.enabled:
+            yield None
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(str(self.uri))
+        mlflow.set_experiment(self.experiment)
+        tags = {"oal.kind": "pipeline", "git_commit": git_commit(), "dataset": cfg.data.benchmark,
+                "student": cfg.model.student, "teacher": cfg.model.teacher, "diffusion_model": cfg.diffusion.model,
+                "diffusion_untrained": str(cfg.diffusion.model == "builtin-tiny").lower()}
+        run = mlflow.start_run(run_name=f"{cfg.name}-pipeline", tags=tags)
+        self.parent_id = run.info.run_id
+        status = "FAILED"
+        try:
+            self._config(cfg)
+            yield self.parent_id
+            status = "FINISHED"
+        finally:
+            if self.failed_metric_writes:
+                log.warning("%d metric writes to MLflow failed and were buffered locally (tracking_buffer.jsonl "
+                            "in each stage folder)", self.failed_metric_writes)
+                mlflow.set_tag("oal.metric_writes_failed", str(self.failed_metric_writes))
+            mlflow.end_run(status=status)
+
+    def _config(self, cfg: C.OALConfig) -> None:
+        import mlflow
+
+        flat = C.flatten(C.to_dict(cfg))
+        mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
+        mlflow.log_text(C.to_yaml(cfg), "config.yaml")
+
+    @contextmanager
+    def stage(self, name: str, cfg: C.OALConfig) -> Iterator[StageRun]:
+        if not self.enabled:
+            yield StageRun(name, None)
+            return
+        import mlflow
+
+        run = mlflow.start_run(run_name=name, nested=True, tags={"oal.stage": name, "oal.kind": "stage"},
+                               log_system_metrics=self.system_metrics)
+        sr = StageRun(name, run.info.run_id, MetricLogger(run.info.run_id,
+                                                          stages_dir(cfg, name) / "tracking_buffer.jsonl"))
+        status = "FAILED"
+        try:
+            yield sr
+            status = "FINISHED"
+        finally:
+            self.failed_metric_writes += sr.metrics.failed
+            mlflow.end_run(status=status)
+
+    def record_stage(self, result: Any, report: Any = None, student: Any = None, cfg: C.OALConfig | None = None,
+                     live_metrics: bool = False) -> None:
+        """Log a finished stage's manifest, files and (when not already streamed) per-epoch metrics."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        mlflow.set_tag("oal.skipped", str(result.skipped).lower())
+        mlflow.log_param("fingerprint", result.fingerprint)
+        d = Path(result.dir)
+        for name in ("stage.json", "config.yaml", "manifest.json"):
+            if (d / name).exists():
+                mlflow.log_artifact(str(d / name))
+        manifest = json.loads((d / "stage.json").read_text())
+        if result.name in ("teacher", "student") and not live_metrics:
+            for row in manifest.get("history", []):
+                step = int(row.get("epoch", 0))
+                mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in row.items()
+                                    if isinstance(v, (int, float)) and k != "epoch"}, step=step)
+        if result.name == "latents":
+            mlflow.set_tag("latents_uri", str(d.resolve()))  # shards stay where they are: referenced, not copied
+            if (d / "grid.png").exists():
+                mlflow.log_artifact(str(d / "grid.png"))
+        if result.name == "eval" and report is not None:
+            self._eval(report, d, cfg)
+            if self.log_model and student is not None and cfg is not None:
+                self._model(cfg, Path(student.outputs["checkpoint"]))
+
+    def _eval(self, report: Any, d: Path, cfg: C.OALConfig | None) -> None:
+        import mlflow
+
+        metrics = {"id_accuracy": report.id_accuracy}
+        for pp, r in report.results.items():
+            for k in ("auroc", "fpr95", "fpr95_classic"):
+                metrics[f"{pp}_near_{k}"] = r.near[k]
+                metrics[f"{pp}_far_{k}"] = r.far[k]
+            for name, m in r.per_set.items():
+                metrics[f"{pp}_{name}_auroc"] = m.auroc
+                metrics[f"{pp}_{name}_fpr95"] = m.fpr95
+        mlflow.log_metrics(metrics)
+        if self.parent_id is not None:  # the headline numbers also on the parent, for the runs table
+            from mlflow.tracking import MlflowClient
+
+            primary = report.results[cfg.eval.primary if cfg else "ebo"]
+            for k, v in {"id_accuracy": report.id_accuracy, "near_auroc": primary.near["auroc"],
+                         "far_auroc": primary.far["auroc"]}.items():
+                MlflowClient().log_metric(self.parent_id, k, v)
+        for name in ("results.md", "results.json"):
+            mlflow.log_artifact(str(d / name))
+        if (d / "plots").is_dir():
+            mlflow.log_artifacts(str(d / "plots"), "plots")
+
+    def _model(self, cfg: C.OALConfig, checkpoint: Path) -> None:
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        from oal.models import LogitsOnly, build_student
+        from oal.train import load_checkpoint_net
+
+        meta = torch.load(checkpoint, map_location="cpu", weights_only=False).get("meta", {})
+        net = build_student(meta.get("arch", cfg.model.student), meta["num_classes"]).eval()
+        load_checkpoint_net(checkpoint, net)
+        x = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size)
+        served = LogitsOnly(net).eval()
+        with torch.no_grad():
+            logits = served(x)
+        signature = infer_signature(x.numpy(), logits.numpy())
+        mlflow.pytorch.log_model(served, name="student", serialization_format="pickle", signature=signature)
+
+
+def stages_dir(cfg: C.OALConfig, name: str) -> Path:
+    return cfg.run_dir / name
