@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= digits
 
-.PHONY: demo test test-fast lint bench-quality bench-overhead clean
+.PHONY: demo demo-local stack-up stack-down stack-status test test-fast lint bench-quality bench-overhead clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,9 +16,25 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Run the main job on the embedded default (digits)
+## Run the main job on the embedded default (digits): local stack (Ray head, MLflow, S3) if not up, then
+## `ray job submit` of the pipeline
 demo: $(STAMP)
+	$(BIN)/python -m cluster.stack up
+	. .stack/env && PATH="$(CURDIR)/$(BIN):$$PATH" ray job submit --address "$$RAY_ADDRESS" --working-dir . \
+		--runtime-env cluster/runtime_env.yaml -- python -m jobs.pipeline --config $(PRESET)
+
+## The same pipeline in one process, no Ray, no servers
+demo-local: $(STAMP)
 	$(BIN)/oal pipeline --config $(PRESET)
+
+stack-up: $(STAMP)
+	$(BIN)/python -m cluster.stack up
+
+stack-down: $(STAMP)
+	$(BIN)/python -m cluster.stack down
+
+stack-status: $(STAMP)
+	$(BIN)/python -m cluster.stack status
 
 ## Run the whole test suite
 test: $(STAMP)

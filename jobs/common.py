@@ -53,7 +53,7 @@ def connect(address: str | None = None) -> None:
     try:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as e:
-        sys.exit(f"no Ray cluster at '{address}': {e}. To {START_HELP}.")
+        sys.exit(f"no Ray cluster at '{address}' ({str(e).rstrip('.')}); {START_HELP}")
     except Exception as e:  # Ray raises several types for a refused token
         if "auth" in str(e).lower() or "token" in str(e).lower():
             sys.exit(f"Ray refused the connection ({e}). {TOKEN_HELP}")

@@ -22,40 +22,53 @@ from oal.tracking import Tracker
 log = logging.getLogger("oal.jobs.pipeline")
 
 
-def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None) -> dict[str, stages.StageResult]:
+def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageResult],
+            progress: bool = True) -> C.OALConfig:
+    """Teacher and outlier stages; returns the config with the outlier files filled in."""
     from jobs import synthesize as js
     from jobs import train as jt
 
+    with tracker.stage("teacher", cfg) as sr:
+        results["teacher"] = jt.run_stage(cfg, "teacher", progress, mlflow_run_id=sr.run_id)
+        tracker.record_stage(results["teacher"], live_metrics=True)
+    L, O = cfg.loss, cfg.outliers
+    need_knn = L.w_micl_knn > 0 and O.knn_path is None
+    need_lat = L.w_micl_lat > 0 and O.latent_path is None
+    if need_knn or need_lat:
+        for name, fn in (("embeddings", stages.run_embeddings), ("anchors", stages.run_anchors),
+                         ("knn", stages.run_knn)):
+            with tracker.stage(name, cfg):
+                results[name] = fn(cfg)
+                tracker.record_stage(results[name])
+        if need_knn:
+            O = replace(O, knn_path=results["knn"].outputs["outliers"])
+    if need_lat:
+        with tracker.stage("latents", cfg):
+            results["latents"] = js.run_stage(cfg, progress)
+            tracker.record_stage(results["latents"])
+        O = replace(O, latent_path=results["latents"].outputs["vectors"])
+    return replace(cfg, outliers=O)
+
+
+def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageResult],
+                       progress: bool = True) -> None:
+    from jobs import train as jt
+
+    with tracker.stage("student", cfg) as sr:
+        results["student"] = jt.run_stage(cfg, "student", progress, mlflow_run_id=sr.run_id)
+        tracker.record_stage(results["student"], live_metrics=True)
+    with tracker.stage("eval", cfg):
+        results["eval"], report = stages.run_evaluate(cfg)
+        tracker.record_stage(results["eval"], report=report, student=results["student"], cfg=cfg)
+
+
+def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None) -> dict[str, stages.StageResult]:
     tracker = tracker or Tracker.from_env(cfg)
     results: dict[str, stages.StageResult] = {}
     t0 = time.perf_counter()
     with tracker.pipeline_run(cfg):
-        with tracker.stage("teacher", cfg) as sr:
-            results["teacher"] = jt.run_stage(cfg, "teacher", progress, mlflow_run_id=sr.run_id)
-            tracker.record_stage(results["teacher"], live_metrics=True)
-        L, O = cfg.loss, cfg.outliers
-        need_knn = L.w_micl_knn > 0 and O.knn_path is None
-        need_lat = L.w_micl_lat > 0 and O.latent_path is None
-        if need_knn or need_lat:
-            for name, fn in (("embeddings", stages.run_embeddings), ("anchors", stages.run_anchors),
-                             ("knn", stages.run_knn)):
-                with tracker.stage(name, cfg):
-                    results[name] = fn(cfg)
-                    tracker.record_stage(results[name])
-            if need_knn:
-                O = replace(O, knn_path=results["knn"].outputs["outliers"])
-        if need_lat:
-            with tracker.stage("latents", cfg):
-                results["latents"] = js.run_stage(cfg, progress)
-                tracker.record_stage(results["latents"])
-            O = replace(O, latent_path=results["latents"].outputs["vectors"])
-        cfg = replace(cfg, outliers=O)
-        with tracker.stage("student", cfg) as sr:
-            results["student"] = jt.run_stage(cfg, "student", progress, mlflow_run_id=sr.run_id)
-            tracker.record_stage(results["student"], live_metrics=True)
-        with tracker.stage("eval", cfg):
-            results["eval"], report = stages.run_evaluate(cfg)
-            tracker.record_stage(results["eval"], report=report, student=results["student"], cfg=cfg)
+        cfg = prepare(cfg, tracker, results, progress)
+        train_and_evaluate(cfg, tracker, results, progress)
     log.info("pipeline finished in %.1f s: %s", time.perf_counter() - t0,
              ", ".join(f"{k}={'skipped' if r.skipped else 'done'}" for k, r in results.items()))
     return results

@@ -58,6 +58,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
         from ray.train import Checkpoint
 
         payload = {**metrics, "epoch": epoch}
+        if config.get("objective"):
+            # Tuning: the searched metric, pushed below every valid trial when ID accuracy drops too far.
+            o = config["objective"]
+            ok = o["min_id_acc"] is None or metrics.get("val/id_accuracy", 0.0) >= o["min_id_acc"]
+            payload["objective"] = metrics.get(o["metric"], 0.0) - (0.0 if ok else 1.0)
         metrics_log.log({k.replace("/", "_"): v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if rank == 0 and ckpt.exists():
             with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +76,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run_id: str | None = None) -> Any:
+def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run_id: str | None = None,
+                 callbacks: list | None = None, objective: dict | None = None, run_name: str | None = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -81,12 +87,12 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
     return TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": C.to_dict(cfg), "stage": stage, "use_gpu": k.use_gpu, "progress": progress,
-                           "mlflow_run_id": mlflow_run_id,
+                           "mlflow_run_id": mlflow_run_id, "objective": objective,
                            "mlflow_uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")},
         scaling_config=ScalingConfig(num_workers=k.num_workers, use_gpu=k.use_gpu,
                                      resources_per_worker={"CPU": k.cpus_per_worker, **({"GPU": 1} if k.use_gpu else {})}),
         # A stable name per (run, stage, inputs): a resubmitted job resumes the same Ray Train run.
-        run_config=RunConfig(name=f"{cfg.name}-{stage}-{fp}", storage_path=storage,
+        run_config=RunConfig(name=run_name or f"{cfg.name}-{stage}-{fp}", storage_path=storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=k.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=k.checkpoints_to_keep)),
     )

@@ -39,6 +39,7 @@ class ModelConfig:
     student: str = "resnet_tiny"  # registry name: resnet18_32 | resnet18_224 | resnet_tiny
     teacher: str = "vit_tiny"  # registry name: vit_b16 | vit_tiny | resnet_tiny
     teacher_pretrained: str | None = None  # local weights file for the teacher's backbone (e.g. ViT-B/16 IN-21k)
+    teacher_checkpoint: str | None = None  # the fine-tuned teacher; default <output_dir>/<name>/teacher/checkpoint.pt
 
 
 @dataclass
@@ -130,6 +131,27 @@ class ClusterConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Ray Tune over the OAL loss weights (jobs/tune.py)."""
+
+    weights: list[str] = field(default_factory=lambda: ["w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat"])  # searched
+    range_factor: float = 10.0  # log-uniform in [reference / f, reference * f] for each searched weight
+    allow_zero: bool = True  # each weight may also be 0 (an ablation), with probability 1/2
+    tune_lr: bool = False  # also search student.lr, log-uniform in [lr_min, lr_max]
+    lr_min: float = 0.001  # lower bound of student.lr
+    lr_max: float = 0.1  # upper bound of student.lr
+    algorithm: str = "random"  # random | grid (reference x {0, 1/f, 1, f}) | optuna (TPE)
+    scheduler: str = "fifo"  # fifo (every trial runs all epochs) | asha (early stopping)
+    num_samples: int = 8  # trials (for grid: repetitions of the grid)
+    max_concurrent: int = 2  # trials at once (each is a Ray Train run of cluster.num_workers workers)
+    metric: str = "val/ood_auroc"  # validation OOD AUROC: never a test OOD set
+    max_id_acc_drop: float = 0.02  # a trial losing more ID val accuracy than this vs the baseline cannot win
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: float = 3.0  # ASHA: keep the top 1/factor at each rung
+    retrain_best: bool = False  # retrain the best weights and evaluate on the test OOD sets
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; default: the MLFLOW_TRACKING_URI environment variable
     experiment: str = "oal"  # MLflow experiment name
@@ -154,6 +176,7 @@ class OALConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -231,6 +254,9 @@ _CHOICES = {
     "diffusion.dtype": ("auto", "fp32", "fp16", "bf16"),
     "diffusion.reduction": ("channel_row_mean", "channel_mean", "flatten"),
     "diffusion.mode": ("latent", "pixel"),
+    "search.algorithm": ("random", "grid", "optuna"),
+    "search.scheduler": ("fifo", "asha"),
+    "search.metric": ("val/ood_auroc", "val/id_accuracy"),
     "student.optimizer": ("sgd", "adamw"),
 }
 
@@ -244,13 +270,25 @@ def validate(cfg: OALConfig) -> None:
     for key in ("data.batch_size", "data.image_size", "teacher.epochs", "student.epochs", "eval.knn_k",
                 "teacher.grad_accum_steps", "student.grad_accum_steps", "loss.outlier_batch_size",
                 "diffusion.steps", "diffusion.num_outliers", "diffusion.batch_size", "diffusion.shard_size",
-                "cluster.synth_actors", "cluster.num_workers"):
+                "cluster.synth_actors", "cluster.num_workers", "search.num_samples", "search.max_concurrent"):
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 1:
             raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")
     for w in ("w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat"):
         if getattr(cfg.loss, w) < 0:
             raise ConfigError(f"'loss.{w}' is {getattr(cfg.loss, w)}; loss weights must be >= 0")
+    known = ("w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat")
+    bad = [w for w in cfg.search.weights if w not in known]
+    if bad:
+        raise ConfigError(f"'search.weights' names {bad}, which are not loss weights; valid: {', '.join(known)}")
+    if not cfg.search.weights and not cfg.search.tune_lr:
+        raise ConfigError("'search.weights' is empty and search.tune_lr is false: nothing to search")
+    if cfg.search.range_factor <= 1:
+        raise ConfigError(f"'search.range_factor' is {cfg.search.range_factor}; expected > 1 (an empty or inverted "
+                          f"range otherwise)")
+    if not 0 < cfg.search.lr_min < cfg.search.lr_max:
+        raise ConfigError(f"'search.lr_min'/'search.lr_max' are {cfg.search.lr_min}/{cfg.search.lr_max}; expected "
+                          f"0 < lr_min < lr_max")
     if "{}" not in cfg.diffusion.prompt:
         raise ConfigError(f"'diffusion.prompt' is {cfg.diffusion.prompt!r}; it must contain {{}} for the class name")
     if cfg.eval.primary not in cfg.eval.postprocessors:

@@ -108,8 +108,9 @@ def latents_fp(cfg: C.OALConfig) -> str:
 
 def student_fp(cfg: C.OALConfig) -> str:
     uses_teacher = cfg.loss.w_logit_kd > 0 or cfg.loss.w_feat_kd > 0
+    teacher = _file_id(cfg.model.teacher_checkpoint) if cfg.model.teacher_checkpoint else teacher_fp(cfg)
     return C.fingerprint("student", cfg.data, cfg.model.student, cfg.student, cfg.loss, cfg.seed,
-                         teacher_fp(cfg) if uses_teacher else None,
+                         teacher if uses_teacher else None,
                          _file_id(cfg.outliers.knn_path) if cfg.loss.w_micl_knn > 0 else None,
                          _file_id(cfg.outliers.latent_path) if cfg.loss.w_micl_lat > 0 else None)
 
@@ -199,7 +200,7 @@ def run_teacher(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: 
 
 
 def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -> Classifier:
-    path = path or stage_dir(cfg, "teacher") / CHECKPOINT
+    path = path or Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
     if not Path(path).exists():
         raise FileNotFoundError(f"teacher checkpoint '{path}' does not exist; run `oal teacher` first, or set "
                                 f"loss.w_logit_kd=0 loss.w_feat_kd=0 to train without a teacher")

@@ -87,7 +87,7 @@ class Tracker:
         return cls(t.uri or os.environ.get("MLFLOW_TRACKING_URI"), t.experiment, t.system_metrics, t.log_model)
 
     @contextmanager
-    def pipeline_run(self, cfg: C.OALConfig) -> Iterator[str | None]:
+    def pipeline_run(self, cfg: C.OALConfig, kind: str = "pipeline") -> Iterator[str | None]:
         if not self.enabled:
             yield None
             return
@@ -95,10 +95,10 @@ class Tracker:
 
         mlflow.set_tracking_uri(str(self.uri))
         mlflow.set_experiment(self.experiment)
-        tags = {"oal.kind": "pipeline", "git_commit": git_commit(), "dataset": cfg.data.benchmark,
+        tags = {"oal.kind": kind, "git_commit": git_commit(), "dataset": cfg.data.benchmark,
                 "student": cfg.model.student, "teacher": cfg.model.teacher, "diffusion_model": cfg.diffusion.model,
                 "diffusion_untrained": str(cfg.diffusion.model == "builtin-tiny").lower()}
-        run = mlflow.start_run(run_name=f"{cfg.name}-pipeline", tags=tags)
+        run = mlflow.start_run(run_name=f"{cfg.name}-{kind}", tags=tags)
         self.parent_id = run.info.run_id
         status = "FAILED"
         try:

@@ -1,0 +1,254 @@
+"""Ray Tune over the OAL loss weights (and optionally the learning rate).
+
+Each trial is a Ray Train run of the student (Train v2 inside a Tune function trainable, reporting back
+through `TuneReportCallback`), so one trial can use several GPUs and trials run concurrently from the
+cluster's resources. The objective is the validation OOD AUROC (never a test set), pushed below every
+valid trial when the trial loses more ID validation accuracy than `search.max_id_acc_drop` against the
+teacher-free, outlier-free baseline. An interrupted search resumes (`Tuner.restore`).
+
+    python -m jobs.tune --config digits search.num_samples=8 search.scheduler=asha
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from oal import config as C
+from oal import stages
+from oal.storage import write_json, write_text
+from oal.tracking import Tracker
+
+log = logging.getLogger("oal.jobs.tune")
+REFERENCE = C.LossConfig()  # the reference's weights: 4, 8, 0.1, 0.2
+
+
+def param_space(s: C.SearchConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    f = s.range_factor
+    for w in s.weights:
+        ref = getattr(REFERENCE, w)
+        if s.algorithm == "grid":
+            space[w] = tune.grid_search(([0.0] if s.allow_zero else []) + [ref / f, ref, ref * f])
+        else:
+            space[w] = tune.loguniform(ref / f, ref * f)
+            if s.allow_zero:
+                space[f"{w}_on"] = tune.choice([True, False])  # False = this term off (an ablation)
+    if s.tune_lr:
+        space["lr"] = tune.loguniform(s.lr_min, s.lr_max)
+    return space
+
+
+def trial_config(base: C.OALConfig, params: dict[str, Any], trial_id: str) -> C.OALConfig:
+    """The student config of one trial: searched weights applied, its own run folder."""
+    weights = {w: (float(params[w]) if params.get(f"{w}_on", True) else 0.0)
+               for w in base.search.weights}
+    student = replace(base.student, lr=float(params["lr"])) if "lr" in params else base.student
+    teacher = base.model.teacher_checkpoint or str(stages.stage_dir(base, "teacher") / "checkpoint.pt")
+    return replace(base, name=f"{base.name}-trial-{trial_id}", loss=replace(base.loss, **weights), student=student,
+                   model=replace(base.model, teacher_checkpoint=teacher))
+
+
+def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective: dict) -> None:
+    """A Tune function trainable: one Ray Train run of the student with this trial's weights."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.train import make_trainer
+
+    base = C.from_dict(base_dict)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base, params, trial_id)
+    run_id = None
+    if mlflow_info["uri"]:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(mlflow_info["uri"])
+        run = client.create_run(mlflow_info["experiment_id"], run_name=f"trial-{trial_id}",
+                                tags={"mlflow.parentRunId": mlflow_info["parent"], "oal.kind": "trial"})
+        run_id = run.info.run_id
+        for k, v in {**{w: getattr(cfg.loss, w) for w in base.search.weights}, "student.lr": cfg.student.lr}.items():
+            client.log_param(run_id, k, v)
+    trainer = make_trainer(cfg, "student", progress=False, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
+                           objective=objective, run_name=f"{cfg.name}-student")
+    trainer.fit()
+    if run_id:
+        MlflowClient(mlflow_info["uri"]).set_terminated(run_id, "FINISHED")
+
+
+def _searcher(s: C.SearchConfig, seed: int) -> Any:
+    if s.algorithm == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=TPESampler(seed=seed))
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed)
+
+
+def _scheduler(s: C.SearchConfig, epochs: int) -> Any:
+    if s.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+def baseline_accuracy(cfg: C.OALConfig, progress: bool) -> float:
+    """ID validation accuracy of the teacher-free, outlier-free student (the constraint's reference)."""
+    from jobs.train import run_stage
+
+    base = replace(cfg, name=f"{cfg.name}-baseline",
+                   loss=replace(cfg.loss, w_logit_kd=0.0, w_feat_kd=0.0, w_micl_knn=0.0, w_micl_lat=0.0))
+    res = run_stage(base, "student", progress)
+    history = json.loads((res.dir / stages.MANIFEST).read_text())["history"]
+    return float(history[-1]["val/id_accuracy"])
+
+
+def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None) -> dict[str, Any]:
+    from ray import tune
+
+    from jobs import pipeline
+
+    s = cfg.search
+    tracker = tracker or Tracker.from_env(cfg)
+    out = cfg.run_dir / "tune"
+    results: dict[str, stages.StageResult] = {}
+    with tracker.pipeline_run(cfg, kind="tune") as parent_id:
+        full = pipeline.prepare(replace(cfg, loss=replace(
+            cfg.loss, **{w: max(getattr(cfg.loss, w), getattr(REFERENCE, w)) for w in s.weights})),
+            tracker, results, progress)  # outliers for every term that a trial may switch on
+        base_acc = baseline_accuracy(full, progress)
+        log.info("baseline ID validation accuracy %.4f; trials may lose at most %.3f", base_acc, s.max_id_acc_drop)
+        mlflow_info = {"uri": tracker.uri if tracker.enabled else None, "parent": parent_id, "experiment_id": None}
+        if tracker.enabled:
+            import mlflow
+
+            mlflow_info["experiment_id"] = mlflow.get_experiment_by_name(tracker.experiment).experiment_id
+        space = param_space(s)
+        trainable = tune.with_resources(  # the trainer's workers hold the real resources
+            tune.with_parameters(_trial, base_dict=C.to_dict(full), mlflow_info=mlflow_info,
+                                 objective={"metric": s.metric, "min_id_acc": base_acc - s.max_id_acc_drop}),
+            {"cpu": 0.01})
+        storage = cfg.cluster.storage_path or str((cfg.run_dir / "ray").resolve())
+        name = f"{cfg.name}-tune-{C.fingerprint(s, stages.student_fp(full))}"
+        path = f"{storage.rstrip('/')}/{name}"
+        if tune.Tuner.can_restore(path):
+            log.info("resuming the search at %s", path)
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=space)
+        else:
+            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
+                metric="objective", mode="max", search_alg=_searcher(s, cfg.seed),
+                scheduler=_scheduler(s, cfg.student.epochs), num_samples=s.num_samples,
+                max_concurrent_trials=s.max_concurrent), run_config=tune.RunConfig(name=name, storage_path=storage))
+        grid = tuner.fit()
+        summary = summarize(full, grid, out, base_acc)
+        if tracker.enabled:
+            import mlflow
+
+            _close_stopped_trials(tracker, parent_id)
+            mlflow.log_metric("best_objective", summary["best"]["objective"])
+            mlflow.log_metric("epochs_consumed", summary["epochs_consumed"])
+            for f in ("trials.md", "trials.json", "best.yaml", "weights_vs_objective.png"):
+                if (out / f).exists():
+                    mlflow.log_artifact(str(out / f))
+        if s.retrain_best:
+            best_cfg = C.load_config(str(out / "best.yaml"))
+            pipeline.train_and_evaluate(best_cfg, tracker, results, progress)
+            summary["test"] = json.loads(Path(results["eval"].outputs["results"]).read_text())
+    return summary
+
+
+def _close_stopped_trials(tracker: Tracker, parent_id: str | None) -> None:
+    """Trials stopped by ASHA leave their MLflow runs RUNNING: mark them KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracker.uri)
+    exp = client.get_experiment_by_name(tracker.experiment)
+    for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
+        if r.info.status == "RUNNING" and r.data.tags.get("oal.kind") == "trial":
+            client.set_terminated(r.info.run_id, "KILLED")
+
+
+def summarize(cfg: C.OALConfig, grid: Any, out: Path, base_acc: float) -> dict[str, Any]:
+    """The trials table (sorted), the best weights as a preset YAML, and a weights-vs-objective plot."""
+    rows = []
+    for r in grid:
+        if r.metrics is None or "objective" not in r.metrics:
+            continue
+        df = r.metrics_dataframe
+        params = dict(r.config)
+        trial_cfg = trial_config(cfg, params, r.metrics.get("trial_id", "?"))
+        best_obj = float(df["objective"].max()) if df is not None else float(r.metrics["objective"])
+        rows.append({"trial": r.metrics.get("trial_id", "?"), "objective": best_obj,
+                     "val_ood_auroc": float(r.metrics.get("val/ood_auroc", math.nan)),
+                     "val_id_accuracy": float(r.metrics.get("val/id_accuracy", math.nan)),
+                     "epochs": int(r.metrics.get("training_iteration", 0)),
+                     **{w: getattr(trial_cfg.loss, w) for w in cfg.search.weights},
+                     **({"lr": trial_cfg.student.lr} if cfg.search.tune_lr else {}), "_params": params})
+    if not rows:
+        raise RuntimeError(f"no trial reported '{cfg.search.metric}'; see the Ray Tune logs")
+    rows.sort(key=lambda r: -r["objective"])
+    best = rows[0]
+    best_cfg = trial_config(cfg, best["_params"], "best")
+    best_cfg = replace(best_cfg, name=f"{cfg.name}-best")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(C.to_yaml(best_cfg), out / "best.yaml")
+    cols = ["trial", "objective", "val_ood_auroc", "val_id_accuracy", "epochs", *cfg.search.weights,
+            *(["lr"] if cfg.search.tune_lr else [])]
+    lines = [f"Baseline ID val accuracy {base_acc:.4f}; objective = {cfg.search.metric} (minus 1 when ID accuracy "
+             f"drops more than {cfg.search.max_id_acc_drop}).", "", "| " + " | ".join(cols) + " |",
+             "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    write_text("\n".join(lines) + "\n", out / "trials.md")
+    clean = [{k: v for k, v in r.items() if k != "_params"} for r in rows]
+    write_json(clean, out / "trials.json")
+    _plot(clean, cfg.search.weights, out / "weights_vs_objective.png")
+    return {"best": clean[0], "trials": clean, "epochs_consumed": sum(r["epochs"] for r in rows),
+            "best_yaml": str(out / "best.yaml")}
+
+
+def _plot(rows: list[dict], weights: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from oal.storage import atomic_path
+
+    fig, axes = plt.subplots(1, len(weights), figsize=(3.2 * len(weights), 3), squeeze=False)
+    for ax, w in zip(axes[0], weights):
+        xs = [max(r[w], 1e-4) for r in rows]
+        ax.scatter(xs, [r["objective"] for r in rows], c=["tab:red" if r[w] == 0 else "tab:blue" for r in rows])
+        ax.set(xscale="log", xlabel=f"{w} (red: off)", ylabel="objective")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs import common
+
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = common.load(args)
+    common.connect(args.address)
+    summary = run(cfg, progress=not args.no_progress)
+    print((cfg.run_dir / "tune" / "trials.md").read_text())
+    print(f"best config: {summary['best_yaml']}  (epochs consumed: {summary['epochs_consumed']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

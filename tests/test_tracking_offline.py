@@ -1,0 +1,34 @@
+"""Tracking without a server: disabled means no-op; a dead server means buffered metrics, bounded time."""
+
+import json
+import socket
+import time
+
+from oal.config import load_config
+from oal.tracking import MetricLogger, Tracker
+
+
+def test_disabled_tracker_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("digits")
+    t = Tracker.from_env(cfg)
+    assert not t.enabled
+    with t.pipeline_run(cfg) as run_id, t.stage("teacher", cfg) as sr:
+        assert run_id is None and sr.run_id is None
+        sr.metrics.log({"loss": 1.0}, step=1)
+        t.record_stage(object())
+
+
+def test_dead_server_buffers_metrics_quickly(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    buf = tmp_path / "tracking_buffer.jsonl"
+    logger = MetricLogger("0123456789abcdef", buf)
+    t0 = time.perf_counter()
+    logger.log({"loss_ce": 0.5, "lr": 0.1}, step=3)
+    assert time.perf_counter() - t0 < 30  # bounded retries, not minutes of back-off
+    assert logger.failed == 2
+    row = json.loads(buf.read_text().splitlines()[0])
+    assert row == {"run_id": "0123456789abcdef", "step": 3, "metrics": {"loss_ce": 0.5, "lr": 0.1}}
