@@ -20,7 +20,7 @@ venv: $(STAMP)
 ## `ray job submit` of the pipeline
 demo: $(STAMP)
 	$(BIN)/python -m cluster.stack up
-	. .stack/env && PATH="$(CURDIR)/$(BIN):$$PATH" ray job submit --address "$$RAY_ADDRESS" --working-dir . \
+	. .stack/env && PATH="$(CURDIR)/$(BIN):$$PATH" ray job submit --address "$$RAY_API_SERVER_ADDRESS" --working-dir . \
 		--runtime-env cluster/runtime_env.yaml -- python -m jobs.pipeline --config $(PRESET)
 
 ## The same pipeline in one process, no Ray, no servers
@@ -44,7 +44,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not ray and not stack"
 
 lint: $(STAMP)
-	$(BIN)/ruff check oal jobs tests bench
+	$(BIN)/ruff check oal jobs tests bench cluster
 	$(BIN)/mypy oal
 
 bench-quality: $(STAMP)

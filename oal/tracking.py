@@ -93,6 +93,7 @@ class Tracker:
             return
         import mlflow
 
+        self.check_server()
         mlflow.set_tracking_uri(str(self.uri))
         mlflow.set_experiment(self.experiment)
         tags = {"oal.kind": kind, "git_commit": git_commit(), "dataset": cfg.data.benchmark,
@@ -111,6 +112,22 @@ class Tracker:
                             "in each stage folder)", self.failed_metric_writes)
                 mlflow.set_tag("oal.metric_writes_failed", str(self.failed_metric_writes))
             mlflow.end_run(status=status)
+
+    def check_server(self) -> None:
+        """Fail fast, naming the URI, when an HTTP tracking server does not answer at the start."""
+        import urllib.error
+        import urllib.request
+
+        uri = str(self.uri)
+        if not uri.startswith(("http://", "https://")):
+            return
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeError(f"MLflow tracking server {uri} does not answer ({e}); start it (`python -m cluster.stack "
+                               f"up` for the local one) or unset MLFLOW_TRACKING_URI to run without tracking") from None
 
     def _config(self, cfg: C.OALConfig) -> None:
         import mlflow

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# The real local stack (Ray head with token auth, MLflow server, S3 server), started once per session
+# and only when a test asks for it.
+pytest_plugins = ["tests.stack_fixtures"]
 torch.set_num_threads(1)
 
 # A fast digits config: few epochs, small k-NN settings.

@@ -1,0 +1,110 @@
+"""Pytest plugin: the real local stack (cluster/stack.py), once per test session, started lazily.
+
+Enable it with `pytest_plugins = ["tests.stack_fixtures"]` in conftest.py. Fixtures, all session-scoped
+and sharing one Stack (so one Ray head per session at most):
+
+    stack       S3 + MLflow + Ray head
+    s3_mlflow   S3 + MLflow only
+    ray_head    the Ray head only
+
+Each yields a RunningStack (`.env`, `.stack`) and puts `.env` into os.environ for the rest of the session
+(MLflow, boto3 and Ray job clients then find the servers). Only a session that asks for one of them
+starts anything. Ports are free ones picked at run time, so a developer's own stack on the default ports
+is never touched, and everything is stopped at the end of the session, failed or not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster.stack import RAY_WORKER_PORTS, SERVICES, Stack
+
+
+@dataclass
+class RunningStack:
+    stack: Stack
+    env: dict[str, str]
+
+    @property
+    def state_dir(self) -> Path:
+        """Pid files, logs/<service>.log, mlflow.db, env."""
+        return self.stack.state_dir
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on loopback right now (kernel-chosen, so outside Ray's worker range)."""
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] in RAY_WORKER_PORTS:
+                s.close()
+                continue
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _refresh_ray_auth_mode() -> None:
+    # Ray reads RAY_AUTH_MODE into its config once, when its core module first loads (test modules often
+    # import ray at collection time, before this env is set). Re-read it, unless a driver is connected.
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is not None and not sys.modules["ray"].is_initialized():
+        raylet.Config.initialize("")
+
+
+@pytest.fixture(scope="session")
+def _stack_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Ray's socket paths (<temp-dir>/session_<date>_<pid>/sockets/...) must stay under 108 bytes: a short dir.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="oalray-"))
+    s3, mlflow, dashboard, gcs, client, agent = free_ports(6)
+    stack = Stack(state_dir=tmp_path_factory.mktemp("stack"), s3_port=s3, mlflow_port=mlflow,
+                  ray_dashboard_port=dashboard, ray_gcs_port=gcs, ray_client_port=client, ray_agent_port=agent,
+                  ray_temp_dir=ray_tmp, access_key="testing", secret_key="testing")
+    saved = {k: os.environ.get(k) for k in stack.env()}
+    try:
+        yield stack
+    finally:
+        try:
+            stack.down()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _start(stack: Stack, services: tuple[str, ...]) -> RunningStack:
+    env = stack.up(services)
+    os.environ.update(env)
+    _refresh_ray_auth_mode()
+    return RunningStack(stack, env)
+
+
+@pytest.fixture(scope="session")
+def stack(_stack_session: Stack) -> RunningStack:
+    return _start(_stack_session, SERVICES)
+
+
+@pytest.fixture(scope="session")
+def s3_mlflow(_stack_session: Stack) -> RunningStack:
+    return _start(_stack_session, ("s3", "mlflow"))
+
+
+@pytest.fixture(scope="session")
+def ray_head(_stack_session: Stack) -> RunningStack:
+    return _start(_stack_session, ("ray",))

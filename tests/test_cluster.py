@@ -1,0 +1,293 @@
+"""cluster/: the YAML files the jobs rely on, and the local stack for real (S3, MLflow, a token-authenticated
+Ray head). The stack tests use the session fixtures of tests/stack_fixtures.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.stack import SERVICES, Stack, StackError
+from tests.stack_fixtures import RunningStack, free_ports
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "cluster"
+ENTRYPOINT = "python -m jobs.pipeline --config digits"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+# ------------------------------------------------------------------ the YAML files
+
+
+def test_runtime_env_keeps_the_upload_small_and_the_code_in():
+    from ray._private.runtime_env.packaging import _get_excludes
+    from ray.runtime_env import RuntimeEnv
+
+    env = load("runtime_env.yaml")
+    RuntimeEnv(**env)  # Ray's own validation of the fields
+    assert {".venv", ".git"} <= set(env["excludes"]) and "/runs" in env["excludes"]
+    excluded = _get_excludes(REPO, env["excludes"])  # the matcher `ray job submit` applies
+    for path in (".venv/bin/python", ".git/HEAD", "runs/digits/teacher/checkpoint.pt", ".stack/env",
+                 "oal/__pycache__/config.cpython-311.pyc", ".mypy_cache/3.11/cache.db", ".pytest_cache/v/x",
+                 "weights/vit_b16.pt", "model.safetensors"):
+        assert excluded(REPO / path), path
+    for path in ("oal/config.py", "oal/data/__init__.py", "oal/configs/digits.yaml", "jobs/pipeline.py",
+                 "pyproject.toml", "cluster/runtime_env.yaml"):
+        assert not excluded(REPO / path), path
+    secret = [k for k in env.get("env_vars", {}) if re.search(r"SECRET|PASSWORD|ACCESS_KEY|_TOKEN$", k)]
+    assert not secret, "credentials do not belong in a runtime_env (it is shown in the dashboard)"
+
+
+def test_aws_launcher_has_an_autoscaling_gpu_group():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load("aws.yaml")
+    validate_config(prepare_config(cfg))  # Ray's schema and consistency checks, as `ray up` runs them
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu = [t for name, t in types.items() if name != cfg["head_node_type"] and t["resources"].get("GPU", 0) >= 1]
+    assert len(gpu) == 1
+    assert gpu[0]["min_workers"] == 0 and 1 <= gpu[0]["max_workers"] <= cfg["max_workers"]
+    assert cfg["provider"]["type"] == "aws"
+    assert any("pip install" in c and "oal" in c for c in cfg["setup_commands"])
+    assert "." in cfg["file_mounts"].values()  # the repository being installed
+    for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        start = next(c for c in cmds if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and "MLFLOW_TRACKING_URI=" in start
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def _check_raycluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"].startswith("2.60")
+    assert spec["authOptions"]["mode"] == "token"
+    head = _containers(spec["headGroupSpec"]["template"])
+    assert head and all("nvidia.com/gpu" not in c["resources"].get("limits", {}) for c in head)
+    groups = spec["workerGroupSpecs"]
+    gpu = [g for g in groups if any(str(c["resources"]["limits"].get("nvidia.com/gpu")) == "1"
+                                    for c in _containers(g["template"]))]
+    assert gpu and all(g["minReplicas"] == 0 and g["maxReplicas"] >= 1 for g in gpu)
+    for c in head + [c for g in groups for c in _containers(g["template"])]:
+        assert {"secretRef": {"name": "oal-env"}} in c["envFrom"]  # credentials + MLFLOW_TRACKING_URI from a Secret
+
+
+def test_kuberay_raycluster_has_head_and_gpu_workers():
+    rc = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    assert (rc["apiVersion"], rc["kind"]) == ("ray.io/v1", "RayCluster")
+    _check_raycluster_spec(rc["spec"])
+
+
+def test_kuberay_rayjob_runs_the_pipeline():
+    rj = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    assert (rj["apiVersion"], rj["kind"]) == ("ray.io/v1", "RayJob")
+    assert rj["spec"]["entrypoint"] == ENTRYPOINT
+    assert (REPO / "jobs" / "pipeline.py").exists()
+    yaml.safe_load(rj["spec"]["runtimeEnvYAML"])
+    _check_raycluster_spec(rj["spec"]["rayClusterSpec"])
+
+
+def test_readme_commands_match_the_files():
+    text = (CLUSTER / "README.md").read_text()
+    for needle in ("python -m cluster.stack up", "ray up cluster/aws.yaml", "--runtime-env cluster/runtime_env.yaml",
+                   ENTRYPOINT, "kubectl apply -f cluster/kuberay/raycluster.yaml",
+                   "kubectl apply -f cluster/kuberay/rayjob.yaml"):
+        assert needle in text, needle
+
+
+# ------------------------------------------------------------------ the stack's own checks (no Ray)
+
+
+def test_port_taken_by_something_else_is_named(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        st = Stack(state_dir=tmp_path, s3_port=port, mlflow_port=free_ports(1)[0], echo=lambda _: None)
+        with pytest.raises(StackError, match=rf"port {port} \(s3: s3_port\) is already in use"):
+            st.up(["s3"])
+    assert not (tmp_path / "s3.pid").exists()
+
+
+@pytest.mark.stack
+def test_s3_alone_up_down_idempotent(tmp_path):
+    lines: list[str] = []
+    st = Stack(state_dir=tmp_path, s3_port=free_ports(1)[0], echo=lines.append)
+    try:
+        env = st.up(["s3"])
+        assert st.status() == {"s3": True, "mlflow": False, "ray": False}
+        assert env["MLFLOW_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{st.s3_port}"
+        assert (tmp_path / "env").stat().st_mode & 0o077 == 0
+    finally:
+        st.down()
+    st.down()  # again: nothing to do
+    assert lines[-3:] == ["ray    not running", "mlflow not running", "s3     not running"]
+    assert not any(st.status().values()) and not (tmp_path / "s3.pid").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", st.s3_port))  # the port is free again
+
+
+# ------------------------------------------------------------------ the real stack
+
+
+def _s3(env: dict[str, str]):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.mark.stack
+def test_s3_bucket_exists(s3_mlflow: RunningStack):
+    s3 = _s3(s3_mlflow.env)
+    s3.head_bucket(Bucket=s3_mlflow.env["OAL_S3_BUCKET"])
+    assert s3_mlflow.env["OAL_S3_BUCKET"] in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+@pytest.mark.stack
+def test_mlflow_logs_a_param_and_an_artifact_into_s3(s3_mlflow: RunningStack, tmp_path):
+    from mlflow import MlflowClient
+
+    env = s3_mlflow.env
+    with urllib.request.urlopen(f"{env['MLFLOW_TRACKING_URI']}/health", timeout=10) as r:
+        assert r.read().decode().strip() == "OK"
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.create_experiment(f"test-cluster-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(exp)
+    client.log_param(run.info.run_id, "alpha", "0.5")
+    note = tmp_path / "note.txt"
+    note.write_text("outliers at the boundary")
+    client.log_artifact(run.info.run_id, str(note))
+    client.set_terminated(run.info.run_id)
+
+    assert client.get_run(run.info.run_id).data.params == {"alpha": "0.5"}
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, not S3 from the client
+    key = f"artifacts/{exp}/{run.info.run_id}/artifacts/note.txt"
+    body = _s3(env).get_object(Bucket=env["OAL_S3_BUCKET"], Key=key)["Body"].read()
+    assert body == b"outliers at the boundary"
+
+
+def _wait_job(client, job_id: str, timeout: float = 180.0) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout} s"
+        time.sleep(0.5)
+    return str(status)
+
+
+@pytest.mark.stack
+@pytest.mark.ray
+def test_ray_job_succeeds_with_the_token(ray_head: RunningStack):
+    from ray.job_submission import JobSubmissionClient
+
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    client = JobSubmissionClient()  # address from RAY_API_SERVER_ADDRESS, token from ~/.ray/auth_token
+    job = client.submit_job(entrypoint='python -c "print(42)"')
+    assert _wait_job(client, job) == "SUCCEEDED", client.get_job_logs(job)
+    assert "42" in client.get_job_logs(job).split()
+
+
+@pytest.mark.stack
+@pytest.mark.ray
+def test_ray_job_gets_the_repo_and_the_stack_env(stack: RunningStack):
+    """The runtime_env the README gives: the repo uploaded without .venv/runs, and MLflow/S3 settings
+    inherited from the head (no credentials in the runtime_env)."""
+    from ray.job_submission import JobSubmissionClient
+
+    runtime_env = {**load("runtime_env.yaml"), "working_dir": str(REPO)}
+    probe = ("import json, os; print('PROBE', json.dumps({'ls': sorted(os.listdir('.')), "
+             "'env': {k: os.environ.get(k) for k in ('MLFLOW_TRACKING_URI', 'OAL_S3_BUCKET', 'TQDM_DISABLE')}}))")
+    client = JobSubmissionClient()
+    job = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env)
+    assert _wait_job(client, job) == "SUCCEEDED", client.get_job_logs(job)
+    line = next(x for x in client.get_job_logs(job).splitlines() if x.startswith("PROBE "))
+    seen = json.loads(line.removeprefix("PROBE "))
+    assert {"oal", "jobs", "cluster", "pyproject.toml"} <= set(seen["ls"])
+    assert not {".venv", ".git", "runs", ".stack"} & set(seen["ls"])
+    assert seen["env"] == {"MLFLOW_TRACKING_URI": stack.env["MLFLOW_TRACKING_URI"],
+                           "OAL_S3_BUCKET": stack.env["OAL_S3_BUCKET"], "TQDM_DISABLE": "1"}
+
+
+@pytest.mark.stack
+@pytest.mark.ray
+def test_a_driver_joins_the_head_through_ray_address(stack: RunningStack):
+    """RAY_ADDRESS is the GCS address, so ray.init("auto") finds this head even beside other local Ray instances."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray driver is already connected in this process")
+    ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        assert ray.get_runtime_context().gcs_address.endswith(f":{stack.stack.ray_gcs_port}")
+        assert ray.cluster_resources()["CPU"] == stack.stack.num_cpus
+
+        @ray.remote(num_cpus=0)
+        def tracking_uri() -> str | None:
+            return os.environ.get("MLFLOW_TRACKING_URI")
+
+        assert ray.get(tracking_uri.remote(), timeout=60) == stack.env["MLFLOW_TRACKING_URI"]
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.stack
+@pytest.mark.ray
+def test_ray_refuses_clients_without_the_token(ray_head: RunningStack):
+    url = ray_head.env["RAY_API_SERVER_ADDRESS"] + "/api/jobs/"
+    for headers, code, text in (({}, 401, "Missing authentication token"),
+                                ({"Authorization": "Bearer not-the-token"}, 403, "Invalid authentication token")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        assert e.value.code == code and text in e.value.read().decode()
+    # The SDK in a fresh process whose environment lacks RAY_AUTH_MODE=token: refused before submitting.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    script = ("from ray.job_submission import JobSubmissionClient\n"
+              "try:\n    JobSubmissionClient()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("AuthenticationError Authentication required: Unauthorized: Missing authentication token"), out
+
+
+@pytest.mark.stack
+@pytest.mark.ray
+def test_up_again_starts_nothing_and_status_shows_all_up(stack: RunningStack):
+    st = stack.stack
+    before = st.pids()
+    assert all(before.values())
+    lines: list[str] = []
+    again = Stack(**{**{f: getattr(st, f) for f in st.__dataclass_fields__}, "echo": lines.append})
+    assert again.up() == stack.env
+    assert again.pids() == before
+    assert [x.split()[:2] for x in lines[:3]] == [[name, "already"] for name in SERVICES]
+    assert st.status() == {"s3": True, "mlflow": True, "ray": True}
+
+    # The CLI on the same state dir: the recorded ports, one line per service, exit 0.
+    cli = [sys.executable, "-m", "cluster.stack"]
+    for args, word in ((["up"], "already running"), (["status"], "up")):
+        r = subprocess.run([*cli, *args, "--state-dir", str(st.state_dir)], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert [x.split()[0] for x in r.stdout.splitlines()[:3]] == list(SERVICES) and r.stdout.count(word) >= 3
+    assert st.pids() == before
+    r = subprocess.run([*cli, "env", "--state-dir", str(st.state_dir)], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    exported = dict(x.removeprefix("export ").split("=", 1) for x in r.stdout.splitlines() if x.startswith("export "))
+    assert exported == stack.env

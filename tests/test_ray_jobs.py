@@ -1,0 +1,185 @@
+"""The jobs on the session's real local Ray head (token auth on): distributed training, the actor pool,
+`ray job submit` of the pipeline, and faults (a killed actor, a killed worker, a stopped job)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import QUICK
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_head):
+    import ray
+
+    ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _cfg(tmp_path, *extra):
+    from oal.config import load_config
+
+    return load_config("digits", [*QUICK, f"output_dir={tmp_path}", *extra])
+
+
+def _kill_when(predicate, class_name: str, timeout: float = 240) -> threading.Thread:
+    """In the background: once `predicate()` holds, SIGKILL one live actor of `class_name`."""
+    from ray.util.state import list_actors
+
+    result: dict = {}
+
+    def run():
+        deadline = time.time() + timeout
+        while time.time() < deadline and not predicate():
+            time.sleep(0.2)
+        actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        if actors:
+            os.kill(actors[0]["pid"], signal.SIGKILL)
+            result["pid"] = actors[0]["pid"]
+
+    t = threading.Thread(target=run, daemon=True)
+    t.result = result  # type: ignore[attr-defined]
+    t.start()
+    return t
+
+
+def _two_rank_loop(config):
+    import ray.train
+    from torch.utils.data import TensorDataset
+
+    from oal.config import TrainConfig
+    from oal.models import build_student
+    from oal.train import fit, make_accelerator
+
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(100 + rank)  # different initial weights on purpose: DDP must broadcast rank 0's
+    net = build_student("resnet_tiny", 3)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.arange(64) % 3)
+    cfg = TrainConfig(epochs=1, lr=0.1)
+    acc = make_accelerator("cpu", cfg)
+    fit(net, data, cfg, Path(config["out"]) / f"rank{rank}", batch_size=8, seed=0, accelerator=acc, progress=False)
+    # Parameters, not buffers: BatchNorm running statistics are per rank by design (rank 0's are saved).
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    torch.save({"world": acc.num_processes, "state": params}, Path(config["out"]) / f"weights{rank}.pt")
+    ray.train.report({"done": 1})
+
+
+def test_two_gloo_workers_hold_equal_weights(ray_driver, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    TorchTrainer(_two_rank_loop, train_loop_config={"out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+                 run_config=RunConfig(name="equal-weights", storage_path=str(tmp_path / "ray"))).fit()
+    w0 = torch.load(tmp_path / "weights0.pt", weights_only=False)
+    w1 = torch.load(tmp_path / "weights1.pt", weights_only=False)
+    assert w0["world"] == w1["world"] == 2  # Accelerate joined Ray's gloo group
+    trained = 0
+    for (k, a), b in zip(w0["state"].items(), w1["state"].values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+        trained += 1
+    assert trained > 10
+    # and training moved them away from rank 1's own (different) initialisation
+    torch.manual_seed(101)
+    from oal.models import build_student
+
+    init1 = dict(build_student("resnet_tiny", 3).named_parameters())
+    assert not torch.allclose(init1["fc.weight"], w1["state"]["fc.weight"])
+
+
+def test_killed_synthesis_actor_loses_and_duplicates_nothing(ray_driver, tmp_path):
+    from jobs.synthesize import run_pool
+    from oal.synthesize import LatentSynthesizer, plan_shards
+
+    cfg = _cfg(tmp_path, "diffusion.num_outliers=24", "diffusion.shard_size=3", "diffusion.steps=4",
+               "cluster.synth_actors=2")
+    names = ["zero", "one", "two"]
+    outliers = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "latents"
+    killer = _kill_when(lambda: len(list(out.glob("shard_*.pt"))) >= 1, "SynthActor")
+    manifest = run_pool(cfg, out, names, outliers, fingerprint="fp", progress=False)
+    killer.join(5)
+    assert "pid" in killer.result, "no actor was killed: the fault was not exercised"
+    plan = plan_shards(24, 3, cfg.seed)
+    assert manifest["count"] == 24 and manifest["shards"] == [s.filename for s in plan]
+    assert sorted(p.name for p in out.glob("shard_*.pt")) == [s.filename for s in plan]
+    assert not list(out.glob("*.tmp"))
+    # every shard is what a single process computes for it: nothing lost, nothing computed twice differently
+    reference = LatentSynthesizer(cfg.diffusion, names, outliers, "cpu", cfg.seed)
+    for spec in (plan[0], plan[-1]):
+        got = torch.load(out / spec.filename, weights_only=False)
+        assert torch.allclose(got["vectors"], reference.run(spec)["vectors"], atol=1e-5)
+
+
+def test_killed_training_worker_resumes_from_checkpoint(ray_driver, tmp_path):
+    from jobs.train import run_stage
+
+    cfg = _cfg(tmp_path, "teacher.epochs=8", "cluster.max_failures=2", "name=killw")
+    storage = tmp_path / "killw" / "ray"
+    killer = _kill_when(lambda: len(list(storage.rglob("checkpoint_*"))) >= 2, "RayTrainWorker")
+    res = run_stage(cfg, "teacher", progress=False)
+    killer.join(5)
+    assert "pid" in killer.result, "no worker was killed: the fault was not exercised"
+    ck = torch.load(res.outputs["checkpoint"], weights_only=False)
+    assert ck["epoch"] == 8
+    manifest = json.loads((tmp_path / "killw" / "teacher" / "stage.json").read_text())
+    epochs = [int(h["epoch"]) for h in manifest["history"]]
+    # The restarted group resumed from a reported checkpoint (epoch >= 2), not from scratch; the history
+    # Ray hands back holds the reports of the attempt that finished.
+    assert epochs == list(range(min(epochs), 9)) and min(epochs) >= 3
+
+
+def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
+    overrides = " ".join([*QUICK, f"output_dir={tmp_path}", "teacher.epochs=6"])
+    entry = f"python -m jobs.pipeline --config digits --no-progress {overrides}"
+    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", ".stack", "*.pt"]}
+
+    def wait(job_id, until, timeout=420):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = client.get_job_status(job_id)
+            if status in until:
+                return status
+            time.sleep(1)
+        raise AssertionError(f"job {job_id} still {client.get_job_status(job_id)}:\n{client.get_job_logs(job_id)[-3000:]}")
+
+    first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    teacher_done = tmp_path / "digits" / "teacher" / "stage.json"
+    deadline = time.time() + 300
+    while not teacher_done.exists() and time.time() < deadline:
+        assert client.get_job_status(first) not in (JobStatus.FAILED,), client.get_job_logs(first)[-3000:]
+        time.sleep(0.5)
+    client.stop_job(first)
+    assert wait(first, {JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED}) == JobStatus.STOPPED
+
+    second = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    assert wait(second, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}) == JobStatus.SUCCEEDED, \
+        client.get_job_logs(second)[-4000:]
+    logs = client.get_job_logs(second)
+    assert "[teacher] skipped (up to date)" in logs
+    assert "[eval] done" in logs and "| ebo |" in logs
+    run = tmp_path / "digits"
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert 0.0 < results["id_accuracy"] <= 1.0
+    latents = json.loads((run / "latents" / "manifest.json").read_text())
+    assert latents["count"] == 12 and latents["untrained_model"]
+    # a third submission finds everything up to date
+    third = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    assert wait(third, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}) == JobStatus.SUCCEEDED
+    assert client.get_job_logs(third).count("skipped (up to date)") == 7
