@@ -4,7 +4,7 @@
 
 For each seed the shared stages (teacher, embeddings, anchors, k-NN outliers, latent outliers) run
 once under `<out>/q-seed<s>/`; every variant then trains and evaluates its own student under
-`<out>/q-seed<s>-<variant>/`, reading the shared teacher and outlier files. All stages keep their
+`<out>/q-seed<s>-<variant>/`, reading the shared teacher (`model.teacher_checkpoint`) and outlier files. All stages keep their
 skip-if-done manifests, so an interrupted benchmark resumes and a finished one re-prints at once.
 Scores are EBO (energy) on the student's logits; metrics follow OpenOOD v1.5 (see oal/evaluate.py).
 """
@@ -78,21 +78,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _link_teacher(shared: C.OALConfig, variant: C.OALConfig) -> None:
-    """Point the variant's teacher folder at the shared one: `run_student` always reads the teacher
-    from its own run folder, and retraining it per variant would change nothing but the runtime."""
-    link = stages.stage_dir(variant, "teacher")
-    target = os.path.relpath(stages.stage_dir(shared, "teacher").resolve(), link.parent.resolve())
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() and os.readlink(link) == target:
-        return
-    if link.is_symlink():
-        link.unlink()
-    elif link.exists():
-        raise FileExistsError(f"'{link}' is a real folder; the benchmark expects a link to the shared teacher")
-    link.symlink_to(target, target_is_directory=True)
-
-
 def _metrics(results: dict) -> dict[str, float]:
     """The table's numbers (fractions) from one variant's results.json."""
     out = {}
@@ -128,8 +113,9 @@ def run_seed(base: list[str], seed: int, out: Path) -> dict[str, dict[str, float
     rows = {}
     for v in VARIANTS:
         t1 = time.perf_counter()
-        cfg = replace(variants[v.slug], outliers=outliers)
-        _link_teacher(shared, cfg)
+        teacher = str(stages.stage_dir(shared, "teacher") / "checkpoint.pt")
+        cfg = replace(variants[v.slug], outliers=outliers,
+                      model=replace(variants[v.slug].model, teacher_checkpoint=teacher))
         stages.run_student(cfg, bench, progress=False)
         result, _ = stages.run_evaluate(cfg, bench=bench)
         # results.json is there whether the evaluation ran now or was skipped as up to date.

@@ -124,7 +124,12 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
     tracker = tracker or Tracker.from_env(cfg)
     out = cfg.run_dir / "tune"
     results: dict[str, stages.StageResult] = {}
-    with tracker.pipeline_run(cfg, kind="tune") as parent_id:
+    storage = cfg.cluster.storage_path or str((cfg.run_dir / "ray").resolve())
+    parent_file = out / "mlflow_parent.json"  # so that a resumed search keeps one parent run
+    resume_parent = None
+    if tracker.enabled and parent_file.exists() and Path(json.loads(parent_file.read_text())["path"]).exists():
+        resume_parent = json.loads(parent_file.read_text())["run_id"]
+    with tracker.pipeline_run(cfg, kind="tune", resume_run_id=resume_parent) as parent_id:
         full = pipeline.prepare(replace(cfg, loss=replace(
             cfg.loss, **{w: max(getattr(cfg.loss, w), getattr(REFERENCE, w)) for w in s.weights})),
             tracker, results, progress)  # outliers for every term that a trial may switch on
@@ -140,9 +145,10 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
             tune.with_parameters(_trial, base_dict=C.to_dict(full), mlflow_info=mlflow_info,
                                  objective={"metric": s.metric, "min_id_acc": base_acc - s.max_id_acc_drop}),
             {"cpu": 0.01})
-        storage = cfg.cluster.storage_path or str((cfg.run_dir / "ray").resolve())
         name = f"{cfg.name}-tune-{C.fingerprint(s, stages.student_fp(full))}"
         path = f"{storage.rstrip('/')}/{name}"
+        if parent_id:
+            write_json({"run_id": parent_id, "path": path}, parent_file)
         if tune.Tuner.can_restore(path):
             log.info("resuming the search at %s", path)
             tuner = tune.Tuner.restore(path, trainable, resume_errored=True, param_space=space)

@@ -87,7 +87,8 @@ class Tracker:
         return cls(t.uri or os.environ.get("MLFLOW_TRACKING_URI"), t.experiment, t.system_metrics, t.log_model)
 
     @contextmanager
-    def pipeline_run(self, cfg: C.OALConfig, kind: str = "pipeline") -> Iterator[str | None]:
+    def pipeline_run(self, cfg: C.OALConfig, kind: str = "pipeline", resume_run_id: str | None = None
+                     ) -> Iterator[str | None]:
         if not self.enabled:
             yield None
             return
@@ -99,11 +100,15 @@ class Tracker:
         tags = {"oal.kind": kind, "git_commit": git_commit(), "dataset": cfg.data.benchmark,
                 "student": cfg.model.student, "teacher": cfg.model.teacher, "diffusion_model": cfg.diffusion.model,
                 "diffusion_untrained": str(cfg.diffusion.model == "builtin-tiny").lower()}
-        run = mlflow.start_run(run_name=f"{cfg.name}-{kind}", tags=tags)
+        if resume_run_id:  # an interrupted job continues its own run (its children stay together)
+            run = mlflow.start_run(run_id=resume_run_id)
+        else:
+            run = mlflow.start_run(run_name=f"{cfg.name}-{kind}", tags=tags)
         self.parent_id = run.info.run_id
         status = "FAILED"
         try:
-            self._config(cfg)
+            if not resume_run_id:
+                self._config(cfg)
             yield self.parent_id
             status = "FINISHED"
         finally:

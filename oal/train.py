@@ -187,7 +187,8 @@ def fit(
         sampler.set_epoch(epoch)
         # Outlier draws are seeded per (seed, epoch, rank) so that a resumed run draws the same ones.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + acc.process_index)
-        sums: dict[str, float] = {}
+        # Running sums stay on the device: one host sync per epoch for them, not one per term and step.
+        sums: dict[str, torch.Tensor] = {}
         n_batches, t0 = 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and acc.is_main_process),
                    leave=False, dynamic_ncols=True)
@@ -212,12 +213,12 @@ def fit(
                 if acc.sync_gradients:
                     scheduler.step()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["total"] = sums.get("total", 0.0) + float(total.detach())
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            sums["total"] = sums["total"] + total.detach().float() if "total" in sums else total.detach().float()
             n_batches += 1
-            if step % 5 == 0:
+            if step % 20 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{float(total.detach()):.3f}")
-        metrics = {f"loss/{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        metrics = {f"loss/{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch"] = epoch + 1
         metrics["epoch_seconds"] = time.perf_counter() - t0
