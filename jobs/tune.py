@@ -90,7 +90,8 @@ def _searcher(s: C.SearchConfig, seed: int) -> Any:
         return OptunaSearch(sampler=TPESampler(seed=seed))
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    # A SearchGenerator takes its concurrency limit itself (Tune ignores max_concurrent_trials for it).
+    return BasicVariantGenerator(random_state=seed, max_concurrent=s.max_concurrent)
 
 
 def _scheduler(s: C.SearchConfig, epochs: int) -> Any:
@@ -156,7 +157,8 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
             tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
                 metric="objective", mode="max", search_alg=_searcher(s, cfg.seed),
                 scheduler=_scheduler(s, cfg.student.epochs), num_samples=s.num_samples,
-                max_concurrent_trials=s.max_concurrent), run_config=tune.RunConfig(name=name, storage_path=storage))
+                max_concurrent_trials=s.max_concurrent if s.algorithm == "optuna" else None),
+                run_config=tune.RunConfig(name=name, storage_path=storage))
         grid = tuner.fit()
         summary = summarize(full, grid, out, base_acc)
         if tracker.enabled:
