@@ -30,23 +30,8 @@ from oal.evaluate import load_report
 
 POSTPROCESSOR = "ebo"
 
-# Tiny settings for a smoke run (the same spirit as tests/conftest.py's QUICK list).
-QUICK = [
-    "teacher.epochs=3",
-    "student.epochs=2",
-    "knn.k=5",
-    "knn.select=5",
-    "knn.rounds=2",
-    "knn.pic_nums=2",
-    "knn.candidates=20",
-    "knn.per_class_cap=30",
-    "diffusion.steps=2",
-    "diffusion.num_outliers=12",
-    "diffusion.shard_size=6",
-    "diffusion.batch_size=6",
-    "diffusion.projection_steps=20",
-    "diffusion.grid_samples=0",
-]
+# Tiny settings for a smoke run (shared with the tests); no decoded grid needed here.
+QUICK = [*C.QUICK_OVERRIDES, "diffusion.grid_samples=0"]
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,26 @@ class OALConfig:
         return Path(self.output_dir) / self.name
 
 
+# Overrides that shrink the digits preset to a smoke run (tests, `bench.quality --quick`): seconds per stage.
+QUICK_OVERRIDES = (
+    "teacher.epochs=3",
+    "student.epochs=2",
+    "knn.k=5",
+    "knn.select=5",
+    "knn.rounds=2",
+    "knn.pic_nums=2",
+    "knn.candidates=20",
+    "knn.per_class_cap=30",
+    "eval.plots=false",
+    "diffusion.steps=2",
+    "diffusion.num_outliers=12",
+    "diffusion.shard_size=6",
+    "diffusion.batch_size=6",
+    "diffusion.projection_steps=20",
+    "diffusion.grid_samples=4",
+)
+
+
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     for k, v in node.items():
