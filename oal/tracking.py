@@ -139,7 +139,12 @@ class Tracker:
 
         flat = C.flatten(C.to_dict(cfg))
         mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
-        mlflow.log_text(C.to_yaml(cfg), "config.yaml")
+        try:  # the first artifact: an unreachable artifact store fails the run here, before any work
+            mlflow.log_text(C.to_yaml(cfg), "config.yaml")
+        except Exception as e:
+            endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL", "the one configured on the MLflow server")
+            raise RuntimeError(f"cannot store artifacts through MLflow at {self.uri} (S3 endpoint: {endpoint}): "
+                               f"{str(e).splitlines()[0][:300]}") from None
 
     @contextmanager
     def stage(self, name: str, cfg: C.OALConfig) -> Iterator[StageRun]:
