@@ -21,7 +21,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m cluster.stack up
 	. .stack/env && PATH="$(CURDIR)/$(BIN):$$PATH" ray job submit --address "$$RAY_API_SERVER_ADDRESS" --working-dir . \
-		--runtime-env cluster/runtime_env.yaml -- python -m jobs.pipeline --config $(PRESET)
+		--runtime-env cluster/runtime_env.yaml -- python -m jobs.pipeline --config $(PRESET) output_dir=$(CURDIR)/runs
 
 ## The same pipeline in one process, no Ray, no servers
 demo-local: $(STAMP)
