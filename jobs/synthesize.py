@@ -44,11 +44,6 @@ class SynthActor:
     def run(self, spec: ShardSpec) -> dict[str, Any]:
         return self.synth.run(spec)
 
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
 
 def check_resources(cfg: C.ClusterConfig) -> None:
     """Fail fast, with numbers, when the cluster can never hold one actor (instead of hanging)."""
