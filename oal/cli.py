@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from oal import config as C
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,9 +74,19 @@ def main(argv: list[str] | None = None) -> int:
                 _show(r)
             print(Path(results["eval"].outputs["table"]).read_text())
     except (FileNotFoundError, ValueError, RuntimeError) as e:
+        if not _raised_by_us(e):  # a fault inside torch or a dependency: its traceback is the useful part
+            traceback.print_exc()
         print(f"oal {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """True when the innermost frame of `e`'s traceback is in this package: a deliberate, self-explaining error."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
 
 
 def _show(r) -> None:

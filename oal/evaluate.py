@@ -32,7 +32,7 @@ class Outputs:
 @torch.no_grad()
 def collect(net: nn.Module, dataset: Dataset, batch_size: int, device: str | torch.device,
             num_workers: int = 0) -> Outputs:
-    net.eval()
+    net = net.to(device).eval()  # a checkpoint loads on the CPU; the inputs go to `device`
     logits, feats, labels = [], [], []
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         lo, fe = net(x.to(device))

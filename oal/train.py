@@ -210,7 +210,7 @@ def fit(
                 acc.backward(total)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if acc.sync_gradients:
+                if acc.sync_gradients and not acc.optimizer_step_was_skipped:  # fp16: a step the scaler skipped
                     scheduler.step()
             for k, v in terms.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import QUICK
 
@@ -81,3 +82,15 @@ def test_clear_errors(tmp_path, args, code, needle):
     r = oal(*args, f"output_dir={tmp_path}", cwd=tmp_path)
     assert r.returncode == code and needle in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_tracebacks_only_for_faults_outside_the_package():
+    from oal.cli import _raised_by_us
+    from oal.config import DataConfig
+    from oal.data import build_benchmark
+
+    with pytest.raises(ValueError) as ours:
+        build_benchmark(DataConfig(benchmark="nope"))
+    with pytest.raises(RuntimeError) as theirs:
+        torch.zeros(2, 3) @ torch.zeros(2, 3)  # a shape mismatch inside torch
+    assert _raised_by_us(ours.value) and not _raised_by_us(theirs.value)
