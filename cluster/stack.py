@@ -169,15 +169,20 @@ class Stack:
         self.echo(f"stack ready in {time.monotonic() - t0:.1f} s; client environment: . {self.state_dir / 'env'}")
         return self.env()
 
-    def down(self) -> None:
-        """Stop every service this state dir started; a no-op for those not running."""
+    def down(self, services: Iterable[str] = SERVICES) -> None:
+        """Stop the given services (default: all) that this state dir started; a no-op for those not running."""
+        names = [s for s in reversed(SERVICES) if s in set(services)]
+        unknown = set(services) - set(SERVICES)
+        if unknown:
+            raise StackError(f"unknown service(s) {sorted(unknown)}; choose from {', '.join(SERVICES)}")
         stopped: dict[str, bool] = {}
         if self.state_dir.is_dir():
             with self._locked():
-                stopped = self._stop(reversed(SERVICES))
-        for name in reversed(SERVICES):
+                stopped = self._stop(names)
+        for name in names:
             self.echo(f"{name:<7}{'stopped' if stopped.get(name) else 'not running'}")
-        (self.state_dir / "env").unlink(missing_ok=True)
+        if set(names) == set(SERVICES):
+            (self.state_dir / "env").unlink(missing_ok=True)
 
     def status(self) -> dict[str, bool]:
         """Service -> running (our process is alive) and healthy (it answers its health check)."""
@@ -546,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", parents=[common], help="start the services that are not running")
     up.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset of s3,mlflow,ray")
     up.add_argument("--timeout", type=float, help="seconds to wait for each service (default 120)")
-    sub.add_parser("down", parents=[common], help="stop what `up` started")
+    down = sub.add_parser("down", parents=[common], help="stop what `up` started")
+    down.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset of s3,mlflow,ray")
     sub.add_parser("status", parents=[common], help="one line per service; exit 1 if one is not up")
     sub.add_parser("env", parents=[common], help="print the client environment (export lines)")
     args = parser.parse_args(argv)
@@ -564,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             stack.up([s.strip() for s in args.services.split(",") if s.strip()])
         elif args.command == "down":
-            stack.down()
+            stack.down([s.strip() for s in args.services.split(",") if s.strip()])
         elif args.command == "status":
             print("\n".join(stack.describe()))
             return 0 if all(stack.status().values()) else 1

@@ -139,11 +139,18 @@ class Tracker:
 
         flat = C.flatten(C.to_dict(cfg))
         mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
-        try:  # the first artifact: an unreachable artifact store fails the run here, before any work
+        # The first artifact: an unreachable store fails the run here, before any work.
+        with self._artifact_store("store artifacts"):
             mlflow.log_text(C.to_yaml(cfg), "config.yaml")
+
+    @contextmanager
+    def _artifact_store(self, what: str) -> Iterator[None]:
+        """Turns a failed MLflow write into one error naming the tracking server and the S3 endpoint."""
+        try:
+            yield
         except Exception as e:
             endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL", "the one configured on the MLflow server")
-            raise RuntimeError(f"cannot store artifacts through MLflow at {self.uri} (S3 endpoint: {endpoint}): "
+            raise RuntimeError(f"cannot {what} through MLflow at {self.uri} (S3 endpoint: {endpoint}): "
                                f"{str(e).splitlines()[0][:300]}") from None
 
     @contextmanager
@@ -170,6 +177,11 @@ class Tracker:
         """Log a finished stage's manifest, files and (when not already streamed) per-epoch metrics."""
         if not self.enabled:
             return
+        with self._artifact_store(f"record the {result.name} stage's files"):
+            self._record_stage(result, report, student, cfg, live_metrics)
+
+    def _record_stage(self, result: Any, report: Any, student: Any, cfg: C.OALConfig | None,
+                      live_metrics: bool) -> None:
         import mlflow
 
         mlflow.set_tag("oal.skipped", str(result.skipped).lower())
