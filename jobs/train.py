@@ -20,6 +20,7 @@ from typing import Any
 
 from oal import config as C
 from oal import stages
+from oal.storage import load_torch
 from oal.train import CHECKPOINT
 
 log = logging.getLogger("oal.jobs.train")
@@ -41,6 +42,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         # Resume: every rank starts from the same reported checkpoint (fit checks its fingerprint).
         with restored.as_directory() as d:
             shutil.copyfile(Path(d) / CHECKPOINT, work / CHECKPOINT)
+        if rank == 0:
+            log.warning("%s: resuming from the reported checkpoint %s", stage, restored.path)
     train_cfg = cfg.teacher if stage == "teacher" else cfg.student
     acc = make_accelerator(cfg.device if not config["use_gpu"] else "cuda", train_cfg)
 
@@ -49,8 +52,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # Only rank 0 logs to MLflow (straight into the stage's child run, while training runs).
     mlflow_run = config.get("mlflow_run_id") if rank == 0 else None
     if mlflow_run:
-        import os
-
         os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_uri"]
     metrics_log = MetricLogger(mlflow_run, stages.stage_dir(cfg, stage) / "tracking_buffer.jsonl")
 
@@ -122,9 +123,12 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
     result = make_trainer(cfg, stage, progress, mlflow_run_id).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
-    history = list(result.metrics_dataframe.to_dict("records")) if result.metrics_dataframe is not None else []
     with result.checkpoint.as_directory() as ckdir:
-        return stages.finish_training(cfg, stage, Path(ckdir) / CHECKPOINT, history)
+        # The checkpoint carries every epoch's metrics, across worker restarts (Ray's own result keeps
+        # only the metrics of the checkpoints it kept).
+        ckpt = Path(ckdir) / CHECKPOINT
+        state = load_torch(ckpt, "checkpoint")
+        return stages.finish_training(cfg, stage, ckpt, state.get("history", []), state.get("resumed_from_epoch", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,6 +164,7 @@ def fit(
     # Not passed to `prepare`: Accelerate would step it once per process.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.epochs)
     start_epoch = 0
+    history: list[dict[str, float]] = []
     if resume and ckpt_path.exists():
         state = load_torch(ckpt_path, "checkpoint")
         try:
@@ -175,13 +176,13 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch = state["epoch"]
+        history = list(state.get("history", []))[:start_epoch]  # the epochs before the interruption
     model, optimizer = acc.prepare(modules, optimizer)
     raw = acc.unwrap_model(model)
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
     knn = knn_outliers.to(acc.device) if knn_outliers is not None else None
     lat = latent_outliers.to(acc.device) if latent_outliers is not None else None
-    history: list[dict[str, float]] = []
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         sampler.set_epoch(epoch)
@@ -225,14 +226,14 @@ def fit(
         if eval_fn is not None:
             metrics.update(eval_fn(raw.net))
         done = epoch + 1
+        history.append(metrics)
         if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_torch({"modules": raw.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": done,
-                            "meta": meta or {}}, ckpt_path)
+                            "history": history, "resumed_from_epoch": start_epoch, "meta": meta or {}}, ckpt_path)
             acc.wait_for_everyone()
-        history.append(metrics)
         if acc.is_main_process and progress:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
             tqdm.write(f"epoch {done}/{cfg.epochs}: {shown}")

@@ -28,7 +28,7 @@ def _run(out, epochs, resume=True, outliers=True, **kw):
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
-    full, full_loss, _ = _run(tmp_path / "full", epochs=3)
+    full, full_loss, full_res = _run(tmp_path / "full", epochs=3)
 
     class Stop(Exception):
         pass
@@ -50,7 +50,11 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     # a fresh process would rebuild everything from scratch (other random init) and resume
     torch.manual_seed(999)
     resumed, resumed_loss, res = _run(tmp_path / "cut", epochs=3)
-    assert res.resumed_from_epoch == 2 and len(res.history) == 1
+    assert res.resumed_from_epoch == 2
+    # the history spans the whole run: the epochs before the cut come back from the checkpoint
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]
+    for a, b in zip(res.history, full_res.history):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-6)
     assert res.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine schedule ran to its end
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
