@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -50,11 +52,59 @@ def connect(address: str | None = None) -> None:
         address = "auto"
     if os.environ.get("RAY_AUTH_MODE") != "token":
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    hostport = re.fullmatch(r"(?:ray://)?([\w.-]+):(\d+)", address)
+    if hostport and not _answers(hostport.group(1), int(hostport.group(2))):
+        # Nothing listens there: say so now instead of after Ray's minutes of reconnecting.
+        sys.exit(f"no Ray cluster at '{address}' (nothing accepts connections there); {START_HELP}")
     try:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as e:
+        gcs = re.search(r"([\w.-]+):(\d+)\)?\.?$", str(e).strip())  # Ray names the GCS address it tried
+        if gcs and _answers(gcs.group(1), int(gcs.group(2))):
+            # Something listens there: a cluster that refused us. Ray reports a wrong token this way.
+            sys.exit(f"the Ray cluster at {gcs.group(1)}:{gcs.group(2)} answers but refused this client ({e}); "
+                     f"most likely the token does not match the cluster's. {TOKEN_HELP}")
         sys.exit(f"no Ray cluster at '{address}' ({str(e).rstrip('.')}); {START_HELP}")
     except Exception as e:  # Ray raises several types for a refused token
         if "auth" in str(e).lower() or "token" in str(e).lower():
             sys.exit(f"Ray refused the connection ({e}). {TOKEN_HELP}")
         raise
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def require_resources(need: dict[str, float], what: str, cluster: C.ClusterConfig) -> None:
+    """Fail fast, with numbers, when the cluster can never provide `need` (Ray would wait forever).
+
+    A fixed cluster can never have more than it has now. An autoscaling one (`cluster.autoscaling`) can grow
+    to the maximum its autoscaler publishes in the GCS (autoscaler v2, KubeRay); where none is published the
+    check is skipped and Ray waits for nodes."""
+    import ray
+
+    most: dict[str, float] = dict(ray.cluster_resources())
+    if cluster.autoscaling:
+        published: dict[str, int] | None = None
+        try:  # private API, also used by Ray Train's own check; absent -> no check
+            from ray._private.state import state
+
+            published = state.get_max_resources_from_cluster_config()
+        except (ImportError, AttributeError):
+            pass
+        if not published:
+            log.info("autoscaling cluster with no published maximum: not checking that it can hold %s", what)
+            return
+        most = {k: float(v) for k, v in published.items()}
+    short = {k: (v, float(most.get(k, 0))) for k, v in need.items() if v > 0 and float(most.get(k, 0)) < v}
+    if short:
+        lack = ", ".join(f"{v:g} {k} (the cluster {'can grow to' if cluster.autoscaling else 'has'} {have:g})"
+                         for k, (v, have) in short.items())
+        raise RuntimeError(f"{what} need {lack}: this would wait forever. Ask for less (cluster.num_workers, "
+                           "cluster.synth_actors, cluster.use_gpu=false) or add nodes"
+                           + ("" if cluster.autoscaling else "; on an autoscaling cluster set cluster.autoscaling=true"))

@@ -46,16 +46,11 @@ class SynthActor:
 
 
 def check_resources(cfg: C.ClusterConfig) -> None:
-    """Fail fast, with numbers, when the cluster can never hold one actor (instead of hanging)."""
-    import ray
+    """The cluster must be able to hold one synthesis actor (more only make it faster)."""
+    from jobs.common import require_resources
 
-    total = ray.cluster_resources()
-    if cfg.use_gpu and total.get("GPU", 0) < 1:
-        raise RuntimeError(f"cluster.use_gpu=true but the cluster has {total.get('GPU', 0):g} GPUs; "
-                           f"set cluster.use_gpu=false or add GPU nodes")
-    if not cfg.use_gpu and total.get("CPU", 0) < cfg.synth_cpus_per_actor:
-        raise RuntimeError(f"one synthesis actor needs {cfg.synth_cpus_per_actor:g} CPUs; the cluster has "
-                           f"{total.get('CPU', 0):g}")
+    need = {"GPU": 1.0, "CPU": 1.0} if cfg.use_gpu else {"CPU": cfg.synth_cpus_per_actor}
+    require_resources(need, "a synthesis actor" + (" with one GPU" if cfg.use_gpu else ""), cfg)
 
 
 def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torch.Tensor, fingerprint: str,

@@ -100,17 +100,12 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
 
 
 def check_resources(cfg: C.ClusterConfig) -> None:
-    import ray
+    from jobs.common import require_resources
 
-    total = ray.cluster_resources()
-    need_gpu = cfg.num_workers if cfg.use_gpu else 0
-    if total.get("GPU", 0) < need_gpu:
-        raise RuntimeError(f"{cfg.num_workers} training workers with one GPU each need {need_gpu} GPUs; the cluster "
-                           f"has {total.get('GPU', 0):g} (lower cluster.num_workers or set cluster.use_gpu=false)")
-    need_cpu = cfg.num_workers * cfg.cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"{cfg.num_workers} training workers x {cfg.cpus_per_worker:g} CPUs need {need_cpu:g} CPUs;"
-                           f" the cluster has {total.get('CPU', 0):g}")
+    per = {"CPU": cfg.cpus_per_worker, "GPU": 1.0 if cfg.use_gpu else 0.0}
+    require_resources({k: v * cfg.num_workers for k, v in per.items()},
+                      f"{cfg.num_workers} training worker(s) of {cfg.cpus_per_worker:g} CPU"
+                      + (" and 1 GPU" if cfg.use_gpu else ""), cfg)
 
 
 def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool = False,

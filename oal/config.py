@@ -128,6 +128,9 @@ class ClusterConfig:
     max_failures: int = 2  # Ray Train restarts from the last checkpoint after a worker dies
     checkpoints_to_keep: int = 2  # Ray Train checkpoints kept per training stage
     storage_path: str | None = None  # Ray Train storage (local path or s3://...); default <run dir>/ray
+    # The cluster adds nodes on demand (cluster launcher, KubeRay autoscaler): resource checks then use the
+    # maximum the autoscaler publishes, and are skipped where it publishes none; false: what is there now.
+    autoscaling: bool = False
 
 
 @dataclass

@@ -24,7 +24,7 @@ from tests.stack_fixtures import RunningStack, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
-ENTRYPOINT = "python -m jobs.pipeline --config digits"
+ENTRYPOINT = "python -m jobs.pipeline --config digits cluster.use_gpu=true cluster.autoscaling=true"
 
 
 def load(name: str) -> dict:

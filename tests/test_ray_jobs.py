@@ -198,3 +198,48 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
     third = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     assert wait(third, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}) == JobStatus.SUCCEEDED
     assert client.get_job_logs(third).count("skipped (up to date)") == 7
+
+
+def test_impossible_resources_fail_fast_with_numbers(ray_driver, tmp_path):
+    from jobs import synthesize, train
+    from jobs.common import require_resources
+    from oal.config import ClusterConfig
+
+    cfg = _cfg(tmp_path, "cluster.use_gpu=true", "name=gpus")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"need 1 GPU \(the cluster has 0\).*cluster.autoscaling=true"):
+        train.run_stage(cfg, "teacher", progress=False)
+    with pytest.raises(RuntimeError, match=r"synthesis actor with one GPU need 1 GPU \(the cluster has 0\)"):
+        synthesize.check_resources(cfg.cluster)
+    cpus = int(ray_driver.cluster_resources()["CPU"])
+    with pytest.raises(RuntimeError, match=rf"need {cpus + 1} CPU \(the cluster has {cpus}\)"):
+        train.check_resources(_cfg(tmp_path, f"cluster.num_workers={cpus + 1}").cluster)
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "gpus" / "teacher").exists()
+    # An autoscaling cluster that publishes no maximum (this local head) is not judged by what it has now.
+    require_resources({"GPU": 8}, "eight GPU workers", ClusterConfig(autoscaling=True))
+
+
+def test_clients_without_the_right_token_are_told_where_it_is_read(ray_head, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
+    cmd = [sys.executable, "-m", "jobs.train", "--config", "digits", f"output_dir={tmp_path}"]
+    procs = {
+        "none": subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True),
+        "wrong": subprocess.Popen(cmd, env={**env, "RAY_AUTH_TOKEN": "0" * 32}, cwd=REPO, stderr=subprocess.PIPE,
+                                  text=True),
+    }
+    err = {k: p.communicate(timeout=180)[1] for k, p in procs.items()}
+    for k, p in procs.items():
+        assert p.returncode != 0 and "~/.ray/auth_token" in err[k] and "RAY_AUTH_TOKEN_PATH" in err[k], err[k][-2000:]
+        assert "Traceback" not in err[k]
+    assert "no authentication token was found" in err["none"]
+    assert "most likely the token does not match" in err["wrong"]
+    # Nothing listening at the address: the command to start a cluster, at once.
+    from tests.stack_fixtures import free_ports
+
+    r = subprocess.run(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{free_ports(1)[0]}"}, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "python -m cluster.stack up" in r.stderr
