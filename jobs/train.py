@@ -58,12 +58,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     def report(epoch: int, metrics: dict[str, float], ckpt: Path) -> None:
         from ray.train import Checkpoint
 
-        payload = {**metrics, "epoch": epoch}
-        if config.get("objective"):
-            # Tuning: the searched metric, pushed below every valid trial when ID accuracy drops too far.
-            o = config["objective"]
-            ok = o["min_id_acc"] is None or metrics.get("val/id_accuracy", 0.0) >= o["min_id_acc"]
-            payload["objective"] = metrics.get(o["metric"], 0.0) - (0.0 if ok else 1.0)
+        payload = with_objective({**metrics, "epoch": epoch}, config.get("objective"))
         metrics_log.log({k.replace("/", "_"): v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if rank == 0 and ckpt.exists():
             with tempfile.TemporaryDirectory() as tmp:
@@ -75,6 +70,15 @@ def _worker_loop(config: dict[str, Any]) -> None:
     stages.train_stage(cfg, stage, out_dir=work, on_epoch_end=report, accelerator=acc,
                        progress=config["progress"] and rank == 0)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def with_objective(metrics: dict[str, float], objective: dict | None) -> dict[str, float]:
+    """Tuning: adds the searched metric as "objective", pushed below every valid trial when the ID accuracy
+    drops too far (objective: {"metric": ..., "min_id_acc": ... or None}). Unchanged when not tuning."""
+    if not objective:
+        return metrics
+    ok = objective["min_id_acc"] is None or metrics.get("val/id_accuracy", 0.0) >= objective["min_id_acc"]
+    return {**metrics, "objective": metrics.get(objective["metric"], 0.0) - (0.0 if ok else 1.0)}
 
 
 def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run_id: str | None = None,
@@ -109,13 +113,14 @@ def check_resources(cfg: C.ClusterConfig) -> None:
 
 
 def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool = False,
-              mlflow_run_id: str | None = None) -> stages.StageResult:
-    """Train `stage` (teacher | student) on Ray Train unless its outputs are up to date."""
+              mlflow_run_id: str | None = None, **trainer_options: Any) -> stages.StageResult:
+    """Train `stage` (teacher | student) on Ray Train unless its outputs are up to date.
+    `trainer_options`: `make_trainer`'s callbacks, objective and run_name (tuning)."""
     d, fp = stages.stage_dir(cfg, stage), stages.training_fp(cfg, stage)
     if not force and stages.is_done(d, fp):
         return stages.skipped(stage, d, fp)
     check_resources(cfg.cluster)
-    result = make_trainer(cfg, stage, progress, mlflow_run_id).fit()
+    result = make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as ckdir:

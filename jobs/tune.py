@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,30 +57,61 @@ def trial_config(base: C.OALConfig, params: dict[str, Any], trial_id: str) -> C.
 
 
 def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective: dict) -> None:
-    """A Tune function trainable: one Ray Train run of the student with this trial's weights."""
+    """A Tune function trainable: one Ray Train run of the student with this trial's weights.
+
+    The trial trains into its own run folder and writes the stage manifest there when it ends. A trial that
+    Tune runs again after an interrupted search (it had finished, but the experiment state saved before the
+    interruption did not say so) finds that manifest and replays its per-epoch reports instead of training."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.train import make_trainer
+    from jobs.train import run_stage, with_objective
 
     base = C.from_dict(base_dict)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id)
-    run_id = None
-    if mlflow_info["uri"]:
+    if stages.is_done(stages.stage_dir(cfg, "student"), stages.student_fp(cfg)):
+        log.info("trial %s finished before the search was interrupted: replaying its reports", trial_id)
+        for row in json.loads((stages.stage_dir(cfg, "student") / stages.MANIFEST).read_text())["history"]:
+            tune.report(with_objective(row, objective))
+        return
+    run_id = _trial_mlflow_run(cfg, base, mlflow_info, trial_id)
+    run_stage(cfg, "student", progress=False, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
+              objective=objective, run_name=f"{cfg.name}-student")
+    if run_id:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(mlflow_info["uri"])
-        run = client.create_run(mlflow_info["experiment_id"], run_name=f"trial-{trial_id}",
-                                tags={"mlflow.parentRunId": mlflow_info["parent"], "oal.kind": "trial"})
-        run_id = run.info.run_id
-        for k, v in {**{w: getattr(cfg.loss, w) for w in base.search.weights}, "student.lr": cfg.student.lr}.items():
-            client.log_param(run_id, k, v)
-    trainer = make_trainer(cfg, "student", progress=False, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
-                           objective=objective, run_name=f"{cfg.name}-student")
-    trainer.fit()
-    if run_id:
         MlflowClient(mlflow_info["uri"]).set_terminated(run_id, "FINISHED")
+
+
+def _trial_mlflow_run(cfg: C.OALConfig, base: C.OALConfig, mlflow_info: dict, trial_id: str) -> str | None:
+    """The trial's child run under the tune run; a trial restarted after an interruption keeps its run."""
+    if not mlflow_info["uri"]:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_info["uri"])
+    record = cfg.run_dir / "mlflow_run.json"
+    if record.exists():
+        return str(json.loads(record.read_text())["run_id"])
+    run = client.create_run(mlflow_info["experiment_id"], run_name=f"trial-{trial_id}",
+                            tags={"mlflow.parentRunId": mlflow_info["parent"], "oal.kind": "trial"})
+    for k, v in {**{w: getattr(cfg.loss, w) for w in base.search.weights}, "student.lr": cfg.student.lr}.items():
+        client.log_param(run.info.run_id, k, v)
+    write_json({"run_id": run.info.run_id}, record)
+    return str(run.info.run_id)
+
+
+class SearchIncomplete(RuntimeError):
+    """Some trials did not finish (the search was interrupted, or trials failed): no best config is written."""
+
+
+def expected_trials(s: C.SearchConfig, space: dict[str, Any]) -> int:
+    n = s.num_samples
+    for v in space.values():
+        if isinstance(v, dict) and "grid_search" in v:
+            n *= len(v["grid_search"])
+    return n
 
 
 def _searcher(s: C.SearchConfig, seed: int) -> Any:
@@ -160,6 +192,13 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
                 max_concurrent_trials=s.max_concurrent if s.algorithm == "optuna" else None),
                 run_config=tune.RunConfig(name=name, storage_path=storage))
         grid = tuner.fit()
+        finished = [r for r in grid if r.error is None and r.metrics and "objective" in r.metrics]
+        expected = expected_trials(s, space)
+        if len(finished) < expected:  # Ctrl-C (Tune saves its state and returns) or failed trials
+            raise SearchIncomplete(
+                f"the search is incomplete: {len(finished)} of {expected} trials finished"
+                f"{f' ({grid.num_errors} failed)' if grid.num_errors else ''}. Run the same command again to "
+                f"resume it (finished trials are kept, failed ones retried); state: {path}")
         summary = summarize(full, grid, out, base_acc)
         if tracker.enabled:
             import mlflow
@@ -252,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = common.load(args)
     common.connect(args.address)
-    summary = run(cfg, progress=not args.no_progress)
+    try:
+        summary = run(cfg, progress=not args.no_progress)
+    except SearchIncomplete as e:
+        print(f"jobs.tune: {e}", file=sys.stderr)
+        return 1
     print((cfg.run_dir / "tune" / "trials.md").read_text())
     print(f"best config: {summary['best_yaml']}  (epochs consumed: {summary['epochs_consumed']})")
     return 0

@@ -4,12 +4,18 @@ MLflow server, interrupted and resumed, whose best config trains."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from oal.config import ConfigError, load_config
 from tests.conftest import QUICK
+
+REPO = Path(__file__).parents[1]
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -43,49 +49,61 @@ def test_space_and_trial_config():
     assert grid["w_micl_knn"] == {"grid_search": [pytest.approx(0.01), 0.1, pytest.approx(1.0)]}
 
 
-def _finished_trials(exp_dir: Path, epochs: int) -> list[Path]:
-    done = []
-    for f in exp_dir.glob("*/result.json"):
-        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-        if any(r.get("training_iteration") == epochs for r in lines):
-            done.append(f)
-    return done
+def _trial_dirs(run_root: Path, name: str) -> dict[str, Path]:
+    """Trial id -> the trial's run folder, for the trials whose student stage has finished."""
+    return {p.name.split("-trial-")[1]: p for p in run_root.glob(f"{name}-trial-*") if (p / "student" / "stage.json").exists()}
+
+
+def _train_activity(trial_dir: Path) -> list[tuple[str, int]]:
+    """Every file of the trial's Ray Train storage and of its stage folder, with its modification time."""
+    return sorted((str(f), f.stat().st_mtime_ns) for d in ("ray", "student") for f in (trial_dir / d).rglob("*")
+                  if f.is_file())
 
 
 @pytest.mark.ray
 @pytest.mark.stack
 @pytest.mark.slow
-def test_search_finishes_reruns_nothing_and_best_config_trains(stack, tmp_path):
+def test_search_interrupted_resumes_without_redoing_trials_and_best_config_trains(stack, tmp_path):
     import mlflow
     import ray
 
     from jobs import tune as jtune
     from oal import stages
 
-    cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}", "name=tq", "search.num_samples=4",
-                                 "search.max_concurrent=2", "tracking.experiment=oal-tune-test",
-                                 "tracking.system_metrics=false"])
+    overrides = [*QUICK, f"output_dir={tmp_path}", "name=tq", "search.num_samples=4", "search.max_concurrent=2",
+                 "tracking.experiment=oal-tune-test", "tracking.system_metrics=false"]
+    # 1. The search as a user runs it, stopped with Ctrl-C once two of its four trials have finished.
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", "--config", "digits", "--no-progress", *overrides],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while len(_trial_dirs(tmp_path, "tq")) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=180)
+    first = _trial_dirs(tmp_path, "tq")
+    out = (tmp_path / "first.log").read_text()
+    assert 2 <= len(first) < 4, out[-3000:]
+    # it says that the search is incomplete and how to resume it, and leaves no best config behind
+    assert proc.returncode != 0 and "the search is incomplete" in out and "same command again" in out, out[-3000:]
+    assert not (tmp_path / "tq" / "tune" / "best.yaml").exists()
+    before = {t: _train_activity(d) for t, d in first.items()}
+
+    # 2. The same command again: the search resumes; the finished trials are not trained again.
+    cfg = load_config("digits", overrides)
     if not ray.is_initialized():
         ray.init(address="auto", logging_level="WARNING")
     summary = jtune.run(cfg, progress=False)
     assert len(summary["trials"]) == 4 and summary["epochs_consumed"] == 8
+    assert sorted(str(t["trial"]) for t in summary["trials"]) == sorted(_trial_dirs(tmp_path, "tq"))
+    for t, files in before.items():
+        assert _train_activity(first[t]) == files, f"trial {t} was trained again"
     objectives = [t["objective"] for t in summary["trials"]]
     assert objectives == sorted(objectives, reverse=True)
 
-    exp_dir = next(p for p in (tmp_path / "tq" / "ray").glob("tq-tune-*") if p.is_dir())
-    def reports(f: Path) -> list[tuple]:  # what a rerun trial would change: its report times
-        return [(r["trial_id"], r["training_iteration"], r["timestamp"]) for r in map(json.loads, f.read_text().splitlines())]
-
-    finished = {f: reports(f) for f in _finished_trials(exp_dir, 2)}
-    assert len(finished) == 4
-    again = jtune.run(cfg, progress=False)  # the same command again: restored, no trial redone
-    assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in summary["trials"]]
-    for f, before in finished.items():
-        assert reports(f) == before
-
     ex = mlflow.get_experiment_by_name("oal-tune-test")
     parents = mlflow.search_runs([ex.experiment_id], filter_string="tags.`oal.kind` = 'tune'", output_format="list")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the rerun continued the same run
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the resumed search continued its run
     trials = mlflow.search_runs([ex.experiment_id], output_format="list",
                                 filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}' "
                                               "and tags.`oal.kind` = 'trial'")
