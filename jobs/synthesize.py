@@ -44,6 +44,9 @@ class SynthActor:
     def run(self, spec: ShardSpec) -> dict[str, Any]:
         return self.synth.run(spec)
 
+    def ready(self) -> bool:
+        return True
+
 
 def check_resources(cfg: C.ClusterConfig) -> None:
     """The cluster must be able to hold one synthesis actor (more only make it faster)."""
@@ -53,58 +56,96 @@ def check_resources(cfg: C.ClusterConfig) -> None:
     require_resources(need, "a synthesis actor" + (" with one GPU" if cfg.use_gpu else ""), cfg)
 
 
+class ActorPool:
+    """`cluster.synth_actors` SynthActors (fewer if there are fewer shards); a dead one is replaced."""
+
+    def __init__(self, cfg: C.OALConfig, class_names: list[str], outliers: torch.Tensor, size: int | None = None):
+        import ray
+
+        k = cfg.cluster
+        check_resources(k)
+        opts = {"num_gpus": 1, "num_cpus": 1} if k.use_gpu else {"num_cpus": k.synth_cpus_per_actor}
+        self._remote: Any = ray.remote(**opts)(SynthActor)
+        self._args = (C.to_dict(cfg.diffusion), class_names, ray.put(outliers), cfg.seed, k.use_gpu,
+                      max(1, int(k.synth_cpus_per_actor)))
+        self.actors: list[Any] = [self._remote.remote(*self._args) for _ in range(size or k.synth_actors)]
+        self.replaced = 0
+
+    def replace(self, dead: Any) -> Any:
+        import ray
+
+        ray.kill(dead)  # already dead: only frees the handle
+        self.actors.remove(dead)
+        self.actors.append(self._remote.remote(*self._args))
+        self.replaced += 1
+        return self.actors[-1]
+
+    def wait_ready(self) -> None:
+        """Block until every actor has loaded its model (the constructor ran)."""
+        import ray
+
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
 def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torch.Tensor, fingerprint: str,
-             progress: bool = True) -> dict[str, Any]:
-    """Compute every missing shard on the actor pool, then finalize (vectors file, manifest last)."""
+             progress: bool = True, pool: ActorPool | None = None) -> dict[str, Any]:
+    """Compute every missing shard on the actor pool, then finalize (vectors file, manifest last).
+    `pool`: actors already started (kept running afterwards); default: a pool for this call only."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     d, k = cfg.diffusion, cfg.cluster
     plan = plan_shards(d.num_outliers, d.shard_size, cfg.seed)
     queue: deque[ShardSpec] = deque(s for s in plan if not shard_ok(out / s.filename))
-    log.info("synthesis on Ray: %d of %d shards to do, %d actors", len(queue), len(plan), k.synth_actors)
+    log.info("synthesis on Ray: %d of %d shards to do, %d actors", len(queue), len(plan),
+             len(pool.actors) if pool else k.synth_actors)
     if queue:
-        check_resources(k)
-        opts = {"num_gpus": 1, "num_cpus": 1} if k.use_gpu else {"num_cpus": k.synth_cpus_per_actor}
-        remote = ray.remote(**opts)(SynthActor)
-        outliers_ref = ray.put(outliers)
-        args = (C.to_dict(d), class_names, outliers_ref, cfg.seed, k.use_gpu, max(1, int(k.synth_cpus_per_actor)))
-        actors = [remote.remote(*args) for _ in range(min(k.synth_actors, len(queue)))]
+        own = pool is None
+        pool = pool or ActorPool(cfg, class_names, outliers, min(k.synth_actors, len(queue)))
         running: dict[Any, tuple[Any, ShardSpec]] = {}
-        replaced, t0, done = 0, time.perf_counter(), 0
+        replaced, t0, done = pool.replaced, time.perf_counter(), 0
         bar = tqdm(total=sum(s.count for s in queue), desc="latent outliers (ray)", unit="outlier",
                    disable=not progress, dynamic_ncols=True)
-        idle = list(actors)
-        while queue or running:
-            while queue and idle:
-                actor, spec = idle.pop(), queue.popleft()
-                running[actor.run.remote(spec)] = (actor, spec)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            actor, spec = running.pop(ready[0])
-            try:
-                shard = ray.get(ready[0])
-            except (RayActorError, RayTaskError) as e:
-                if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
-                    raise  # a bug in the shard's computation: retrying would fail again
-                replaced += 1
-                if replaced > k.synth_max_replacements:
-                    raise RuntimeError(f"{replaced} synthesis actors died (cluster.synth_max_replacements="
-                                       f"{k.synth_max_replacements}); last error: {e}") from None
-                log.warning("synthesis actor died on shard %d; shard re-queued, actor replaced (%d/%d)",
-                            spec.index, replaced, k.synth_max_replacements)
-                queue.appendleft(spec)
-                idle.append(remote.remote(*args))
-                continue
-            save_torch(shard, out / spec.filename)
-            done += spec.count
-            bar.update(spec.count)
-            idle.append(actor)
-        bar.close()
+        idle = list(pool.actors)
+        try:
+            while queue or running:
+                while queue and idle:
+                    actor, spec = idle.pop(), queue.popleft()
+                    running[actor.run.remote(spec)] = (actor, spec)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                actor, spec = running.pop(ready[0])
+                try:
+                    shard = ray.get(ready[0])
+                except (RayActorError, RayTaskError) as e:
+                    if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
+                        raise  # a bug in the shard's computation: retrying would fail again
+                    if pool.replaced - replaced >= k.synth_max_replacements:
+                        raise RuntimeError(f"{pool.replaced - replaced + 1} synthesis actors died "
+                                           f"(cluster.synth_max_replacements={k.synth_max_replacements}); "
+                                           f"last error: {e}") from None
+                    log.warning("synthesis actor died on shard %d; shard re-queued, actor replaced (%d/%d)",
+                                spec.index, pool.replaced - replaced + 1, k.synth_max_replacements)
+                    queue.appendleft(spec)
+                    idle.append(pool.replace(actor))
+                    continue
+                save_torch(shard, out / spec.filename)
+                done += spec.count
+                bar.update(spec.count)
+                idle.append(actor)
+        finally:
+            bar.close()
+            if own:
+                pool.shutdown()
         seconds = time.perf_counter() - t0
         log.info("synthesis on Ray: %d outliers in %.1f s (%.2f outliers/s, %d actor(s) replaced)",
-                 done, seconds, done / max(seconds, 1e-9), replaced)
-        for a in actors:
-            ray.kill(a)
+                 done, seconds, done / max(seconds, 1e-9), pool.replaced - replaced)
     from oal.diffusion import model_id
 
     return finalize(d, plan, out, cfg.seed, model_id(d, cfg.seed), fingerprint)
