@@ -228,8 +228,10 @@ class Stack:
         env = {**os.environ, **client, "RAY_AUTH_MODE": "token"}
         # `python` in a job's entrypoint must be this virtualenv's, whatever PATH the caller had.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # client-side settings; the job supervisor sets its own
-            env.pop(var, None)
+        env.pop("RAY_API_SERVER_ADDRESS", None)  # a client-side setting; the job supervisor sets its own
+        # Every process of this head (jobs, Ray Train's controller and its placement-group cleaner) joins this
+        # head: with `auto` and another Ray instance on the machine, Ray picks the latest one started.
+        env["RAY_ADDRESS"] = f"{HOST}:{self.ray_gcs_port}"
         return argv, env
 
     def _probe(self, name: str) -> tuple[bool, str]:

@@ -45,6 +45,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             log.warning("%s: resuming from the reported checkpoint %s", stage, restored.path)
     train_cfg = cfg.teacher if stage == "teacher" else cfg.student
+    if ctx.get_world_size() == 1:
+        # One worker: Ray sets LOCAL_RANK, which makes Accelerate wrap the model in DDP over a group of one
+        # (an all-reduce and bucket copies per step for nothing). Without it the loop runs as `oal train` does.
+        os.environ.pop("LOCAL_RANK", None)
     acc = make_accelerator(cfg.device if not config["use_gpu"] else "cuda", train_cfg)
 
     from oal.tracking import MetricLogger

@@ -233,10 +233,11 @@ def summarize(cfg: C.OALConfig, grid: Any, out: Path, base_acc: float) -> dict[s
     for r in grid:
         if r.metrics is None or "objective" not in r.metrics:
             continue
-        df = r.metrics_dataframe
         params = dict(r.config)
         trial_cfg = trial_config(cfg, params, r.metrics.get("trial_id", "?"))
-        best_obj = float(df["objective"].max()) if df is not None else float(r.metrics["objective"])
+        # The last epoch's objective: what retraining the config for the same epochs gives (not the best of
+        # every validation check on the way, which would be optimistic).
+        best_obj = float(r.metrics["objective"])
         rows.append({"trial": r.metrics.get("trial_id", "?"), "objective": best_obj,
                      "val_ood_auroc": float(r.metrics.get("val/ood_auroc", math.nan)),
                      "val_id_accuracy": float(r.metrics.get("val/id_accuracy", math.nan)),

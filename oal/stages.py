@@ -147,6 +147,9 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
     if stage not in TRAINED:
         raise ValueError(f"stage must be one of {TRAINED}; got {stage!r}")
     d, fp = out_dir or stage_dir(cfg, stage), training_fp(cfg, stage)
+    # The network and the loss's own nets (projectors, CLUB) are built here, before `fit` seeds its loop: seed
+    # them too, or a Ray worker (random seed at start) trains another network than `oal train` does.
+    torch.manual_seed(cfg.seed)
     bench = bench or build_benchmark(cfg.data)
     device = resolve_device(cfg.device)
     common = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, device=cfg.device, eval_fn=_val_fn(cfg, bench, device),
