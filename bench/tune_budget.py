@@ -10,8 +10,8 @@ reduction factor from the flags). Printed side by side, one Markdown table: epoc
 (`epochs_consumed`: the sum over trials of their last `training_iteration`, as `jobs.tune.summarize`
 counts it) and the epochs trained (the newest epoch in each trial's Ray Train checkpoints: a trial that
 ASHA stops trains on until Tune kills it, so Tune's count is low); the best trial's validation objective
-(the validation OOD AUROC, less 1 when the trial lost too much ID accuracy; its best epoch's value), its
-validation OOD AUROC and ID accuracy at its last epoch, and the search's wall time; then the ratios
+(the validation OOD AUROC, less 1 when the trial lost too much ID accuracy), its validation OOD AUROC and ID
+accuracy, all at its last epoch as `jobs.tune.summarize` ranks trials, and the search's wall time; then the ratios
 against the issue's goal: ASHA's best objective within 0.5 AUROC points of FIFO's, using at most 35% of
 FIFO's epochs (judged on the epochs trained).
 
@@ -23,11 +23,8 @@ same `--out` is deleted first, since `run` would restore it instead of searching
 repository goes to the cluster as the job's working dir, so trials started late run the same code as the
 first ones even if the working tree changes meanwhile.
 FIFO runs first, then ASHA: one run each, so on a 2-core machine that other work shares, wall times are
-indicative only; epochs and AUROC do not depend on the load. They do depend on chance beyond the seed: the
-student and the loss's projector and CLUB nets are built before `oal.train.fit` seeds torch, so a weight
-setting trained in both arms starts from different weights, and the AUROC difference includes that noise.
-With the defaults the benchmark took 16 minutes on 2 CPU cores shared with a test suite (shared stages
-160 s, FIFO 518 s, ASHA 277 s); `--quick` takes about 3 minutes.
+indicative only; epochs and AUROC do not depend on the load (a weight setting trained in both arms starts from
+the same seeded weights; ASHA's decisions can depend on which trial reports first).
 """
 
 from __future__ import annotations
@@ -201,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         f"`digits`{' (--quick)' if args.quick else ''}, seed {args.seed}, random search over "
         f"{', '.join(c.weights)}, {args.trials} trials per arm, {args.concurrent} at once, {args.epochs} student "
         f"epochs per full trial; ASHA grace {c.grace_period}, reduction factor {c.reduction_factor:g}. "
-        f"Ray head: {cpus:g} CPUs. Objective, AUROC and accuracy in %, of the best trial (its best epoch's "
-        f"objective; AUROC and accuracy at its last epoch).", "",
+        f"Ray head: {cpus:g} CPUs. Objective, AUROC and accuracy in %, of the best trial, at its last epoch.", "",
         "| arm | trials | at full budget | epochs (Tune's count) | epochs trained | best objective "
         "| its val OOD AUROC | its val ID acc | its epochs | wall, s |",
         "|---|---|---|---|---|---|---|---|---|---|",
