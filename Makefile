@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= digits
 
-.PHONY: demo demo-local stack-up stack-down stack-status test test-fast lint bench-quality bench-overhead clean
+.PHONY: demo demo-local stack-up stack-down stack-status test test-fast lint bench-quality bench-overhead \
+	bench-synthesis bench-ray bench-tune clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,13 +46,25 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check oal jobs tests bench cluster
-	$(BIN)/mypy oal
+	$(BIN)/mypy oal jobs
 
 bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality
 
 bench-overhead: $(STAMP)
 	$(BIN)/python -m bench.overhead
+
+bench-synthesis: $(STAMP)
+	$(BIN)/python -m bench.synthesis
+
+## The Ray benchmarks run against the local head (started if not up)
+bench-ray: $(STAMP)
+	$(BIN)/python -m cluster.stack up --services ray
+	. .stack/env && $(BIN)/python -m bench.ray_scaling
+
+bench-tune: $(STAMP)
+	$(BIN)/python -m cluster.stack up --services ray
+	. .stack/env && $(BIN)/python -m bench.tune_budget
 
 clean:
 	rm -rf runs .pytest_cache

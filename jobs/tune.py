@@ -48,8 +48,8 @@ def param_space(s: C.SearchConfig) -> dict[str, Any]:
 
 def trial_config(base: C.OALConfig, params: dict[str, Any], trial_id: str) -> C.OALConfig:
     """The student config of one trial: searched weights applied, its own run folder."""
-    weights = {w: (float(params[w]) if params.get(f"{w}_on", True) else 0.0)
-               for w in base.search.weights}
+    weights: dict[str, Any] = {w: (float(params[w]) if params.get(f"{w}_on", True) else 0.0)
+                               for w in base.search.weights}
     student = replace(base.student, lr=float(params["lr"])) if "lr" in params else base.student
     teacher = base.model.teacher_checkpoint or str(stages.stage_dir(base, "teacher") / "checkpoint.pt")
     return replace(base, name=f"{base.name}-trial-{trial_id}", loss=replace(base.loss, **weights), student=student,
@@ -169,10 +169,10 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
         base_acc = baseline_accuracy(full, progress)
         log.info("baseline ID validation accuracy %.4f; trials may lose at most %.3f", base_acc, s.max_id_acc_drop)
         mlflow_info = {"uri": tracker.uri if tracker.enabled else None, "parent": parent_id, "experiment_id": None}
-        if tracker.enabled:
-            import mlflow
+        if tracker.enabled and parent_id:
+            from mlflow.tracking import MlflowClient
 
-            mlflow_info["experiment_id"] = mlflow.get_experiment_by_name(tracker.experiment).experiment_id
+            mlflow_info["experiment_id"] = MlflowClient(tracker.uri).get_run(parent_id).info.experiment_id
         space = param_space(s)
         trainable = tune.with_resources(  # the trainer's workers hold the real resources
             tune.with_parameters(_trial, base_dict=C.to_dict(full), mlflow_info=mlflow_info,
@@ -192,7 +192,8 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
                 max_concurrent_trials=s.max_concurrent if s.algorithm == "optuna" else None),
                 run_config=tune.RunConfig(name=name, storage_path=storage))
         grid = tuner.fit()
-        finished = [r for r in grid if r.error is None and r.metrics and "objective" in r.metrics]
+        trial_results = [grid[i] for i in range(len(grid))]
+        finished = [r for r in trial_results if r.error is None and r.metrics and "objective" in r.metrics]
         expected = expected_trials(s, space)
         if len(finished) < expected:  # Ctrl-C (Tune saves its state and returns) or failed trials
             raise SearchIncomplete(
@@ -222,6 +223,8 @@ def _close_stopped_trials(tracker: Tracker, parent_id: str | None) -> None:
 
     client = MlflowClient(tracker.uri)
     exp = client.get_experiment_by_name(tracker.experiment)
+    if exp is None:
+        return
     for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
         if r.info.status == "RUNNING" and r.data.tags.get("oal.kind") == "trial":
             client.set_terminated(r.info.run_id, "KILLED")
