@@ -110,8 +110,9 @@ def prepare_shared(cfg: C.OALConfig) -> None:
 
 
 def manifests(out: Path) -> dict[Path, float]:
-    """Stage manifests and their mtimes: a shared stage rebuilt inside an arm would inflate its wall time."""
-    return {p: p.stat().st_mtime for p in out.glob("*/*/stage.json")}
+    """Shared stages' manifests and their mtimes (each trial writes its own in its folder, left out): a shared
+    stage rebuilt inside an arm would inflate its wall time."""
+    return {p: p.stat().st_mtime for p in out.glob("*/*/stage.json") if "-trial-" not in p.parent.parent.name}
 
 
 def trained_epochs(cfg: C.OALConfig, trial: str) -> int:
