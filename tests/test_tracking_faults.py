@@ -5,6 +5,7 @@ whose S3 server must stay up) and stops its S3 server for real."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -24,13 +25,20 @@ def dead_s3(tmp_path, monkeypatch):
     s3_port, mlflow_port = free_ports(2)
     stack = Stack(state_dir=tmp_path / "stack", s3_port=s3_port, mlflow_port=mlflow_port, access_key="testing",
                   secret_key="testing", echo=lambda _: None)
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         env = stack.up(["s3", "mlflow"])
-        for k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        # MLFLOW_TRACKING_URI too: mlflow.set_tracking_uri (the Tracker calls it) writes it into os.environ,
+        # and later tests and their subprocesses would find this dead server there.
+        for k in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                  "AWS_SECRET_ACCESS_KEY"):
             monkeypatch.setenv(k, env[k])
         yield stack, env
     finally:
         stack.down()
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None unsets: the process-wide default back
 
 
 def test_s3_down_fails_the_stage_and_the_pipeline_run(dead_s3, tmp_path):
