@@ -60,23 +60,11 @@ def log(msg: str) -> None:
 
 def connect() -> dict[str, float]:
     """Join the running head (never start one: a head started here would die with this process)."""
-    import logging
-
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    address = os.environ.get("RAY_ADDRESS") or "auto"
-    if address.startswith("http"):
-        address = "auto"  # an http:// RAY_ADDRESS is the job server; a driver joins through the GCS
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    except ConnectionError as e:
-        sys.exit(f"no Ray head at '{address}' ({str(e).rstrip('.')}): {START_HELP}")
-    except Exception as e:  # a refused token comes as one of several exception types
-        if "auth" in str(e).lower() or "token" in str(e).lower():
-            sys.exit(f"the Ray head refused the connection ({e}); RAY_AUTH_MODE=token and the head's token "
-                     f"(~/.ray/auth_token) are needed: {START_HELP}")
-        raise
+    from jobs import common
+
+    common.connect(log_to_driver=False)
     return ray.cluster_resources()
 
 

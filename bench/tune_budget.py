@@ -45,8 +45,6 @@ from oal import config as C
 REPO = Path(__file__).resolve().parent.parent
 AUROC_GOAL = 0.5  # the issue: ASHA's best within 0.5 AUROC points of full-budget random search...
 EPOCH_GOAL = 0.35  # ...using at most 35% of its epochs
-START_HELP = ("start one with `python -m cluster.stack up --services ray` and load its client environment "
-              "with `. .stack/env` (RAY_ADDRESS, RAY_AUTH_MODE=token)")
 
 
 def log(msg: str) -> None:
@@ -72,19 +70,12 @@ def runtime_env(address: str) -> dict[str, Any]:
 
 def connect() -> float:
     """Join the running head (never start one here: it would die with this process); returns its CPUs."""
-    import logging
-
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    address = os.environ.get("RAY_ADDRESS") or "auto"
-    if address.startswith("http"):
-        address = "auto"  # an http:// RAY_ADDRESS is the job server; a driver joins through the GCS
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
-                 runtime_env=runtime_env(address))
-    except ConnectionError as e:
-        sys.exit(f"no Ray head at '{address}' ({str(e).rstrip('.')}): {START_HELP}")
+    from jobs import common
+
+    address = common.driver_address()
+    common.connect(address, log_to_driver=False, runtime_env=runtime_env(address))
     return float(ray.cluster_resources().get("CPU", 0))
 
 

@@ -9,6 +9,7 @@ import re
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from oal import config as C
 
@@ -38,18 +39,22 @@ def load(args: argparse.Namespace) -> C.OALConfig:
     return C.from_dict({**C.to_dict(cfg), "output_dir": str(Path(cfg.output_dir).resolve())})
 
 
-def connect(address: str | None = None) -> None:
+def driver_address(address: str | None = None) -> str:
+    """The address a driver joins: `address`, else RAY_ADDRESS, else `auto`."""
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    # RAY_ADDRESS=http://...:8265 is the job server's address (for `ray job submit`); a driver joins the
+    # cluster through the GCS, which `auto` finds on this machine.
+    return "auto" if address.startswith("http") else address
+
+
+def connect(address: str | None = None, **init_options: Any) -> None:
     """Attach to a running Ray cluster, or explain how to get one. Inside `ray job submit` this finds the
-    job's cluster by itself."""
+    job's cluster by itself. `init_options` go to `ray.init` (e.g. log_to_driver, runtime_env)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    if address.startswith("http"):
-        # RAY_ADDRESS=http://...:8265 is the job server's address (for `ray job submit`); a driver joins
-        # the cluster through the GCS, which `auto` finds on this machine.
-        address = "auto"
+    address = driver_address(address)
     if os.environ.get("RAY_AUTH_MODE") != "token":
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     hostport = re.fullmatch(r"(?:ray://)?([\w.-]+):(\d+)", address)
@@ -57,7 +62,7 @@ def connect(address: str | None = None) -> None:
         # Nothing listens there: say so now instead of after Ray's minutes of reconnecting.
         sys.exit(f"no Ray cluster at '{address}' (nothing accepts connections there); {START_HELP}")
     try:
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, **{"log_to_driver": True, "logging_level": logging.WARNING, **init_options})
     except ConnectionError as e:
         gcs = re.search(r"([\w.-]+):(\d+)\)?\.?$", str(e).strip())  # Ray names the GCS address it tried
         if gcs and _answers(gcs.group(1), int(gcs.group(2))):

@@ -69,7 +69,6 @@ class ActorPool:
         self._args = (C.to_dict(cfg.diffusion), class_names, ray.put(outliers), cfg.seed, k.use_gpu,
                       max(1, int(k.synth_cpus_per_actor)))
         self.actors: list[Any] = [self._remote.remote(*self._args) for _ in range(size or k.synth_actors)]
-        self.replaced = 0
 
     def replace(self, dead: Any) -> Any:
         import ray
@@ -77,7 +76,6 @@ class ActorPool:
         ray.kill(dead)  # already dead: only frees the handle
         self.actors.remove(dead)
         self.actors.append(self._remote.remote(*self._args))
-        self.replaced += 1
         return self.actors[-1]
 
     def wait_ready(self) -> None:
@@ -110,7 +108,7 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
         own = pool is None
         pool = pool or ActorPool(cfg, class_names, outliers, min(k.synth_actors, len(queue)))
         running: dict[Any, tuple[Any, ShardSpec]] = {}
-        replaced, t0, done = pool.replaced, time.perf_counter(), 0
+        replaced, t0, done = 0, time.perf_counter(), 0  # actors replaced during this call
         bar = tqdm(total=sum(s.count for s in queue), desc="latent outliers (ray)", unit="outlier",
                    disable=not progress, dynamic_ncols=True)
         idle = list(pool.actors)
@@ -126,12 +124,12 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
                 except (RayActorError, RayTaskError) as e:
                     if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
                         raise  # a bug in the shard's computation: retrying would fail again
-                    if pool.replaced - replaced >= k.synth_max_replacements:
-                        raise RuntimeError(f"{pool.replaced - replaced + 1} synthesis actors died "
-                                           f"(cluster.synth_max_replacements={k.synth_max_replacements}); "
-                                           f"last error: {e}") from None
+                    replaced += 1
+                    if replaced > k.synth_max_replacements:
+                        raise RuntimeError(f"{replaced} synthesis actors died (cluster.synth_max_replacements="
+                                           f"{k.synth_max_replacements}); last error: {e}") from None
                     log.warning("synthesis actor died on shard %d; shard re-queued, actor replaced (%d/%d)",
-                                spec.index, pool.replaced - replaced + 1, k.synth_max_replacements)
+                                spec.index, replaced, k.synth_max_replacements)
                     queue.appendleft(spec)
                     idle.append(pool.replace(actor))
                     continue
@@ -145,7 +143,7 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
                 pool.shutdown()
         seconds = time.perf_counter() - t0
         log.info("synthesis on Ray: %d outliers in %.1f s (%.2f outliers/s, %d actor(s) replaced)",
-                 done, seconds, done / max(seconds, 1e-9), pool.replaced - replaced)
+                 done, seconds, done / max(seconds, 1e-9), replaced)
     from oal.diffusion import model_id
 
     return finalize(d, plan, out, cfg.seed, model_id(d, cfg.seed), fingerprint)

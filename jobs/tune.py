@@ -70,14 +70,13 @@ def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective
     base = C.from_dict(base_dict)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id)
-    if stages.is_done(stages.stage_dir(cfg, "student"), stages.student_fp(cfg)):
-        log.info("trial %s finished before the search was interrupted: replaying its reports", trial_id)
-        for row in json.loads((stages.stage_dir(cfg, "student") / stages.MANIFEST).read_text())["history"]:
-            tune.report(with_objective(row, objective))
-        return
     run_id = _trial_mlflow_run(cfg, base, mlflow_info, trial_id)
-    run_stage(cfg, "student", progress=False, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
-              objective=objective, run_name=f"{cfg.name}-student")
+    res = run_stage(cfg, "student", progress=False, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
+                    objective=objective, run_name=f"{cfg.name}-student")
+    if res.skipped:  # up to date: trained before the search was interrupted
+        log.info("trial %s finished before the search was interrupted: replaying its reports", trial_id)
+        for row in (stages.read_manifest(res.dir) or {})["history"]:
+            tune.report(with_objective(row, objective))
     if run_id:
         from mlflow.tracking import MlflowClient
 

@@ -140,11 +140,11 @@ class Tracker:
         flat = C.flatten(C.to_dict(cfg))
         mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
         # The first artifact: an unreachable store fails the run here, before any work.
-        with self._artifact_store("store artifacts"):
+        with self._writes_fail_clearly("store artifacts"):
             mlflow.log_text(C.to_yaml(cfg), "config.yaml")
 
     @contextmanager
-    def _artifact_store(self, what: str) -> Iterator[None]:
+    def _writes_fail_clearly(self, what: str) -> Iterator[None]:
         """Turns a failed MLflow write into one error naming the tracking server and the S3 endpoint."""
         try:
             yield
@@ -177,7 +177,7 @@ class Tracker:
         """Log a finished stage's manifest, files and (when not already streamed) per-epoch metrics."""
         if not self.enabled:
             return
-        with self._artifact_store(f"record the {result.name} stage's files"):
+        with self._writes_fail_clearly(f"record the {result.name} stage's files"):
             self._record_stage(result, report, student, cfg, live_metrics)
 
     def _record_stage(self, result: Any, report: Any, student: Any, cfg: C.OALConfig | None,

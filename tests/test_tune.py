@@ -73,14 +73,14 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
     overrides = [*QUICK, f"output_dir={tmp_path}", "name=tq", "search.num_samples=4", "search.max_concurrent=2",
                  "tracking.experiment=oal-tune-test", "tracking.system_metrics=false"]
     # 1. The search as a user runs it, stopped with Ctrl-C once two of its four trials have finished.
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", "--config", "digits", "--no-progress", *overrides],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while len(_trial_dirs(tmp_path, "tq")) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=180)
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", "--config", "digits", "--no-progress",
+                                 *overrides], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while len(_trial_dirs(tmp_path, "tq")) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
     first = _trial_dirs(tmp_path, "tq")
     out = (tmp_path / "first.log").read_text()
     assert 2 <= len(first) < 4, out[-3000:]
