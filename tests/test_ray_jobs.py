@@ -23,9 +23,12 @@ REPO = Path(__file__).parents[1]
 def ray_driver(ray_head):
     import ray
 
-    ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
+    ours = not ray.is_initialized()  # a driver another test module left connected joined the same head
+    if ours:
+        ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     yield ray
-    ray.shutdown()
+    if ours:
+        ray.shutdown()
 
 
 def _cfg(tmp_path, *extra):
