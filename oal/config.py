@@ -55,6 +55,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # optimizer step every N batches
     mixed_precision: str = "no"  # no | fp16 | bf16 (fp16 only on GPU)
     checkpoint_every: int = 1  # save a resumable checkpoint every N epochs
+    precise_bn: int = 2048  # training images that recompute BatchNorm statistics after each epoch (0: off)
 
 
 @dataclass
@@ -297,6 +298,10 @@ def validate(cfg: OALConfig) -> None:
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 1:
             raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")
+    for key in ("teacher.precise_bn", "student.precise_bn"):
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value < 0:
+            raise ConfigError(f"'{key}' is {value}; expected an integer >= 0 (0 turns it off)")
     for w in ("w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat"):
         if getattr(cfg.loss, w) < 0:
             raise ConfigError(f"'loss.{w}' is {getattr(cfg.loss, w)}; loss weights must be >= 0")

@@ -41,6 +41,8 @@ def test_bad_choice_and_range():
         load_config(None, ["loss.w_micl_knn=-1"])
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_config(None, ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match="'student.precise_bn' is -1; expected an integer >= 0"):
+        load_config(None, ["student.precise_bn=-1"])
 
 
 def test_override_without_equals_and_unknown_preset():

@@ -74,9 +74,10 @@ def _two_rank_loop(config):
     cfg = TrainConfig(epochs=1, lr=0.1)
     acc = make_accelerator("cpu", cfg)
     fit(net, data, cfg, Path(config["out"]) / f"rank{rank}", batch_size=8, seed=0, accelerator=acc, progress=False)
-    # Parameters, not buffers: BatchNorm running statistics are per rank by design (rank 0's are saved).
     params = {k: v.detach() for k, v in net.named_parameters()}
-    torch.save({"world": acc.num_processes, "state": params}, Path(config["out"]) / f"weights{rank}.pt")
+    # BatchNorm statistics: recomputed after the epoch on each rank's share of the images, then averaged.
+    stats = {k: v for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    torch.save({"world": acc.num_processes, "state": params, "stats": stats}, Path(config["out"]) / f"weights{rank}.pt")
     ray.train.report({"done": 1})
 
 
@@ -95,6 +96,7 @@ def test_two_gloo_workers_hold_equal_weights(ray_driver, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), k
         trained += 1
     assert trained > 10
+    assert len(w0["stats"]) > 4 and all(torch.allclose(a, w1["stats"][k], atol=1e-6) for k, a in w0["stats"].items())
     # and training moved them away from rank 1's own (different) initialisation
     torch.manual_seed(101)
     from oal.models import build_student

@@ -130,3 +130,56 @@ def test_train_stage_does_not_depend_on_the_process_seed(tmp_path):
         weights.append(torch.load(res.checkpoint, weights_only=False)["modules"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """`_data()` with noise drawn from the global RNG on every read, as random-crop/flip augmentation does."""
+
+    def __init__(self, scale: float):
+        self.base, self.scale = _data(), scale
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + self.scale * torch.randn_like(x), y
+
+
+def _fit_plain(out, data, precise_bn):
+    torch.manual_seed(123)
+    net = build_student("resnet_tiny", 3)
+    fit(net, data, TrainConfig(epochs=3, lr=0.05, precise_bn=precise_bn), out, batch_size=16, seed=7, device="cpu",
+        resume=False, progress=False)
+    return net
+
+
+def test_precise_bn_changes_only_batchnorm_statistics(tmp_path):
+    """PreciseBN leaves the training itself alone (same weights, even with augmentation that draws from the
+    global RNG: its pass must not move that stream), and its statistics are those of the final weights on the
+    training images, not the momentum average."""
+    on = _fit_plain(tmp_path / "on", _Augmented(0.1), precise_bn=48)
+    off = _fit_plain(tmp_path / "off", _Augmented(0.1), precise_bn=0)
+    for (k, a), b in zip(on.named_parameters(), off.parameters()):
+        assert torch.equal(a, b), k
+    exact_net = _fit_plain(tmp_path / "exact", _data(), precise_bn=48)
+    # The stem's BatchNorm sees the stem convolution's output: its exact per-channel mean over all 48 images
+    # (3 batches of 16, equal sizes, so the cumulative average of batch means is the mean).
+    bn = exact_net.stem[1]
+    x = torch.stack([img for img, _ in _data()])
+    with torch.no_grad():
+        exact = exact_net.stem[0](x).mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, exact, atol=1e-5)
+    lagging = _fit_plain(tmp_path / "lagging", _data(), precise_bn=0).stem[1].running_mean
+    assert (lagging - exact).abs().max() > 10 * (bn.running_mean - exact).abs().max()
+
+
+def test_precise_bn_skips_networks_without_batchnorm():
+    from accelerate import Accelerator
+
+    from oal.train import recompute_bn_stats
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3), torch.nn.LayerNorm(3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert not recompute_bn_stats(net, _data(), 48, 16, Accelerator(cpu=True), seed=0)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
