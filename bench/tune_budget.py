@@ -1,6 +1,6 @@
 """Search budget: ASHA vs full-budget random search over the loss weights (jobs/tune.py), on `digits`.
 
-    . .stack/env && python -m bench.tune_budget [--quick] [--trials 8] [--epochs 20] [--seed 0] [--out DIR]
+    . .stack/env && python -m bench.tune_budget [--quick] [--trials 16] [--epochs 20] [--seed 0] [--out DIR]
 
 Needs a running Ray head (token auth), e.g. `python -m cluster.stack up --services ray && . .stack/env`.
 Both arms call `jobs.tune.run` on the same preset, seed, random searcher and number of trials, so the
@@ -142,18 +142,19 @@ def run_arm(cfg: C.OALConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.tune_budget", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: quick overrides, 4 trials of 3 epochs by default")
-    p.add_argument("--trials", type=int, default=None, help="trials per arm (search.num_samples); default 8")
+    p.add_argument("--trials", type=int, default=None, help="trials per arm (search.num_samples); default 16")
     p.add_argument("--epochs", type=int, default=None,
                    help="student epochs: FIFO's budget per trial, ASHA's max_t; default 20 (the preset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the searcher and of training (both arms)")
     p.add_argument("--concurrent", type=int, default=2, help="trials at once (search.max_concurrent)")
     p.add_argument("--grace", type=int, default=1, help="ASHA grace period, epochs")
-    p.add_argument("--reduction", type=float, default=3.0, help="ASHA reduction factor")
+    p.add_argument("--reduction", type=float, default=C.SearchConfig.reduction_factor,
+                   help="ASHA reduction factor (default: the config's, 4)")
     p.add_argument("--out", type=Path, default=None,
                    help="run folder, kept (reusing its shared stages); default: a temporary one, deleted")
     p.add_argument("overrides", nargs="*", help="more dotted overrides for both arms, e.g. teacher.epochs=10")
     args = p.parse_args(argv)
-    args.trials = args.trials or (4 if args.quick else 8)
+    args.trials = args.trials or (4 if args.quick else 16)
     args.epochs = args.epochs or (3 if args.quick else 20)
     os.environ.setdefault("TQDM_DISABLE", "1")
     # `. .stack/env` names a tracking server that may not be running; the Tracker passed to `run` is off too.

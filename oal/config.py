@@ -151,7 +151,7 @@ class SearchConfig:
     metric: str = "val/ood_auroc"  # validation OOD AUROC: never a test OOD set
     max_id_acc_drop: float = 0.02  # a trial losing more ID val accuracy than this vs the baseline cannot win
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: float = 3.0  # ASHA: keep the top 1/factor at each rung
+    reduction_factor: float = 4.0  # ASHA: keep the top 1/factor at each rung (Ray's default)
     retrain_best: bool = False  # retrain the best weights and evaluate on the test OOD sets
 
 
