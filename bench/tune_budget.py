@@ -139,6 +139,92 @@ def run_arm(cfg: C.OALConfig) -> dict[str, Any]:
     return {"summary": summary, "wall": wall, "rebuilt": rebuilt, "full": full, "trained": trained}
 
 
+def arm_trials(cfg: C.OALConfig, scheduler: str) -> list[str]:
+    """Trial ids of an arm, from the copy of its trials table that `run_arm` keeps."""
+    table = (cfg.run_dir / "tune" / f"trials-{scheduler}.md").read_text().splitlines()
+    return [ln.split("|")[1].strip() for ln in table if ln.startswith("| ") and not ln.startswith("| trial ")]
+
+
+def replay(cfg: C.OALConfig, trials: list[str], orders: int, seed: int) -> dict[str, Any]:
+    """ASHA replayed over the FIFO arm's recorded per-epoch results: Ray's own `ASHAScheduler` (this config's
+    grace period and reduction factor) decides on each result, as in a search where every trial trains as it
+    did under FIFO. One real ASHA run is one draw of the order in which trials start and report; here the
+    start order is shuffled and each trial's epoch time (its measured mean) scaled by a random factor in
+    [0.85, 1.15], `orders` times, with `search.max_concurrent` trials at once. Returns the spread of the epochs
+    used and of the best objective's distance from FIFO's, and how often the issue's goal holds."""
+    import heapq
+    from types import SimpleNamespace
+
+    import numpy as np
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from jobs import tune as jtune
+    from jobs.train import with_objective
+    from oal import stages
+
+    def trial(trial_id: str) -> Any:  # all the scheduler reads of a trial
+        return SimpleNamespace(trial_id=trial_id)
+
+    base = stages.read_manifest(stages.stage_dir(jtune.baseline_config(cfg), "student"))
+    hist: dict[str, list[dict]] = {}
+    for t in trials:
+        m = stages.read_manifest(stages.stage_dir(replace(cfg, name=f"{cfg.name}-trial-{t}"), "student"))
+        if base is None or m is None or len(m["history"]) != cfg.student.epochs:
+            raise SystemExit(f"replay: trial {t} or the baseline under {cfg.run_dir.parent} has no full history")
+        hist[t] = m["history"]
+    assert base is not None
+    objective = {"metric": cfg.search.metric,
+                 "min_id_acc": float(base["history"][-1]["val/id_accuracy"]) - cfg.search.max_id_acc_drop}
+    obj = {t: [with_objective(r, objective)["objective"] for r in h] for t, h in hist.items()}
+    epoch_s = {t: float(np.mean([r["epoch_seconds"] for r in h])) for t, h in hist.items()}
+    fifo_best = max(o[-1] for o in obj.values())
+    rng = np.random.default_rng(seed)
+    fractions, gaps = [], []
+    for _ in range(orders):
+        sched = ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max",
+                              max_t=cfg.student.epochs, grace_period=cfg.search.grace_period,
+                              reduction_factor=cfg.search.reduction_factor)
+        waiting = [trials[i] for i in rng.permutation(len(trials))]
+        speed = {t: epoch_s[t] * rng.uniform(0.85, 1.15) for t in trials}
+        events: list[tuple[float, str, int]] = []  # (time of the result, trial, epoch)
+        last: dict[str, tuple[int, float]] = {}
+
+        def start(now: float) -> None:
+            t = waiting.pop(0)
+            sched.on_trial_add(None, trial(t))  # type: ignore[arg-type]
+            heapq.heappush(events, (now + speed[t], t, 1))
+
+        for _ in range(min(cfg.search.max_concurrent, len(waiting))):
+            start(0.0)
+        while events:
+            now, t, e = heapq.heappop(events)
+            last[t] = (e, obj[t][e - 1])
+            action = sched.on_trial_result(None, trial(t),  # type: ignore[arg-type]
+                                           {"training_iteration": e, "objective": obj[t][e - 1]})
+            if action == TrialScheduler.STOP or e == cfg.student.epochs:
+                if waiting:
+                    start(now)
+            else:
+                heapq.heappush(events, (now + speed[t], t, e + 1))
+        fractions.append(sum(e for e, _ in last.values()) / (cfg.student.epochs * len(trials)))
+        gaps.append(100 * (max(o for _, o in last.values()) - fifo_best))
+    f, g = np.array(fractions), np.array(gaps)
+    return {"orders": orders, "fifo_best": fifo_best, "fraction_mean": float(f.mean()), "fraction_p10": float(np.quantile(f, 0.1)),
+            "fraction_p90": float(np.quantile(f, 0.9)), "gap_mean": float(g.mean()), "gap_median": float(np.median(g)),
+            "p_epochs": float((f <= EPOCH_GOAL).mean()), "p_auroc": float((g >= -AUROC_GOAL).mean()),
+            "p_goal": float(((f <= EPOCH_GOAL) & (g >= -AUROC_GOAL)).mean())}
+
+
+def replay_lines(r: dict[str, Any], cfg: C.OALConfig) -> list[str]:
+    s = cfg.search
+    return [f"Replay of ASHA over FIFO's results: Ray's ASHAScheduler (grace {s.grace_period}, reduction factor {s.reduction_factor:g}, "
+            f"{s.max_concurrent} at once) over the FIFO arm's recorded per-epoch results, {r['orders']} random start "
+            f"orders and epoch times: epochs {100 * r['fraction_mean']:.1f}% on average (10-90%: "
+            f"{100 * r['fraction_p10']:.1f}-{100 * r['fraction_p90']:.1f}%), best objective {r['gap_mean']:+.2f} "
+            f"points on average (median {r['gap_median']:+.2f}); the goal holds in {100 * r['p_goal']:.0f}% of the "
+            f"orders (epochs: {100 * r['p_epochs']:.0f}%, AUROC: {100 * r['p_auroc']:.0f}%).", ""]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.tune_budget", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: quick overrides, 4 trials of 3 epochs by default")
@@ -152,10 +238,20 @@ def main(argv: list[str] | None = None) -> None:
                    help="ASHA reduction factor (default: the config's, 4)")
     p.add_argument("--out", type=Path, default=None,
                    help="run folder, kept (reusing its shared stages); default: a temporary one, deleted")
+    p.add_argument("--replay-orders", type=int, default=500,
+                   help="start orders for the replay of ASHA over FIFO's results (0: no replay)")
+    p.add_argument("--replay-only", action="store_true",
+                   help="no search: replay ASHA over the FIFO arm kept in --out by an earlier run")
     p.add_argument("overrides", nargs="*", help="more dotted overrides for both arms, e.g. teacher.epochs=10")
     args = p.parse_args(argv)
     args.trials = args.trials or (4 if args.quick else 16)
     args.epochs = args.epochs or (3 if args.quick else 20)
+    if args.replay_only:
+        if args.out is None:
+            p.error("--replay-only needs --out: the folder of an earlier run")
+        cfg = arm_config(args.out.resolve(), "asha", args)
+        print("\n".join(replay_lines(replay(cfg, arm_trials(cfg, "fifo"), args.replay_orders, args.seed), cfg)))
+        return
     os.environ.setdefault("TQDM_DISABLE", "1")
     # `. .stack/env` names a tracking server that may not be running; the Tracker passed to `run` is off too.
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -176,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
             a = arms[s]
             log(f"{s}: {a['summary']['epochs_consumed']} epochs, best objective "
                 f"{a['summary']['best']['objective']:.4f}, {a['wall']:.0f} s")
+        replayed = (replay(cfgs["asha"], [t["trial"] for t in arms["fifo"]["summary"]["trials"]], args.replay_orders,
+                           args.seed) if args.replay_orders > 0 else None)  # before a temporary folder goes
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
@@ -215,7 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, arm in (("FIFO", f), ("ASHA", a)):
         if arm["rebuilt"]:
             lines.append(f"Warning: the {name} arm rebuilt {', '.join(arm['rebuilt'])}; its wall time includes them.")
-    lines += ["", f"Runtime: {time.perf_counter() - t0:.0f} s, of which {prep:.0f} s the shared stages.", ""]
+    lines.append("")
+    if replayed is not None:
+        lines += replay_lines(replayed, cfgs["asha"])
+    lines += [f"Runtime: {time.perf_counter() - t0:.0f} s, of which {prep:.0f} s the shared stages.", ""]
     print("\n".join(lines))
 
 

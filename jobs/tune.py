@@ -136,13 +136,17 @@ def _scheduler(s: C.SearchConfig, epochs: int) -> Any:
     return FIFOScheduler()
 
 
+def baseline_config(cfg: C.OALConfig) -> C.OALConfig:
+    """The teacher-free, outlier-free student of the ID-accuracy constraint, in its own run folder."""
+    return replace(cfg, name=f"{cfg.name}-baseline",
+                   loss=replace(cfg.loss, w_logit_kd=0.0, w_feat_kd=0.0, w_micl_knn=0.0, w_micl_lat=0.0))
+
+
 def baseline_accuracy(cfg: C.OALConfig, progress: bool) -> float:
-    """ID validation accuracy of the teacher-free, outlier-free student (the constraint's reference)."""
+    """ID validation accuracy of the baseline student (the constraint's reference), at its last epoch."""
     from jobs.train import run_stage
 
-    base = replace(cfg, name=f"{cfg.name}-baseline",
-                   loss=replace(cfg.loss, w_logit_kd=0.0, w_feat_kd=0.0, w_micl_knn=0.0, w_micl_lat=0.0))
-    res = run_stage(base, "student", progress)
+    res = run_stage(baseline_config(cfg), "student", progress)
     history = json.loads((res.dir / stages.MANIFEST).read_text())["history"]
     return float(history[-1]["val/id_accuracy"])
 

@@ -128,7 +128,8 @@ def recompute_bn_stats(net: nn.Module, train_set: Dataset, images: int, batch_si
     if acc.num_processes > 1:
         for m in bns:
             for buf in (m.running_mean, m.running_var):
-                buf.copy_(acc.reduce(buf, reduction="mean"))
+                if buf is not None:  # always, with track_running_stats
+                    buf.copy_(acc.reduce(buf, reduction="mean"))
     return True
 
 
