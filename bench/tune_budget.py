@@ -1,6 +1,7 @@
 """Search budget: ASHA vs full-budget random search over the loss weights (jobs/tune.py), on `digits`.
 
     . .stack/env && python -m bench.tune_budget [--quick] [--trials 16] [--epochs 20] [--seed 0] [--out DIR]
+    python -m bench.tune_budget --replay-only --out DIR [--grace 1] [--reduction 4]
 
 Needs a running Ray head (token auth), e.g. `python -m cluster.stack up --services ray && . .stack/env`.
 Both arms call `jobs.tune.run` on the same preset, seed, random searcher and number of trials, so the
@@ -14,6 +15,12 @@ ASHA stops trains on until Tune kills it, so Tune's count is low); the best tria
 accuracy, all at its last epoch as `jobs.tune.summarize` ranks trials, and the search's wall time; then the ratios
 against the issue's goal: ASHA's best objective within 0.5 AUROC points of FIFO's, using at most 35% of
 FIFO's epochs (judged on the epochs trained).
+
+One real ASHA run is one draw: its decisions depend on which trials start first and report first. So the
+benchmark then replays Ray's own `ASHAScheduler` over the FIFO arm's recorded per-epoch results (every trial
+trains the same in both arms) in `--replay-orders` random start orders and epoch times, and prints how the
+epochs used and the best objective spread, and in how many orders the goal holds. `--replay-only --out DIR`
+replays a kept earlier run with other ASHA flags, in seconds and without Ray.
 
 Both arms share one run folder: the stages before the student (teacher, embeddings, anchors, k-NN and
 latent outliers, the baseline student of the ID-accuracy constraint) are built once, untimed, before the
