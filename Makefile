@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PRESET ?= digits
 
 .PHONY: demo demo-local stack-up stack-down stack-status test test-fast lint bench-quality bench-overhead \
-	bench-synthesis bench-ray bench-tune clean
+	bench-synthesis bench-ray bench-tune bench-precise-bn clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -65,6 +65,9 @@ bench-ray: $(STAMP)
 bench-tune: $(STAMP)
 	$(BIN)/python -m cluster.stack up --services ray
 	. .stack/env && $(BIN)/python -m bench.tune_budget
+
+bench-precise-bn: $(STAMP)
+	$(BIN)/python -m bench.precise_bn
 
 clean:
 	rm -rf runs .pytest_cache
