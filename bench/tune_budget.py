@@ -152,13 +152,14 @@ def arm_trials(cfg: C.OALConfig, scheduler: str) -> list[str]:
     return [ln.split("|")[1].strip() for ln in table if ln.startswith("| ") and not ln.startswith("| trial ")]
 
 
-def replay(cfg: C.OALConfig, trials: list[str], orders: int, seed: int) -> dict[str, Any]:
+def replay(cfg: C.OALConfig, trials: list[str], orders: int, seed: int, subset: int | None = None) -> dict[str, Any]:
     """ASHA replayed over the FIFO arm's recorded per-epoch results: Ray's own `ASHAScheduler` (this config's
     grace period and reduction factor) decides on each result, as in a search where every trial trains as it
     did under FIFO. One real ASHA run is one draw of the order in which trials start and report; here the
     start order is shuffled and each trial's epoch time (its measured mean) scaled by a random factor in
     [0.85, 1.15], `orders` times, with `search.max_concurrent` trials at once. Returns the spread of the epochs
-    used and of the best objective's distance from FIFO's, and how often the issue's goal holds."""
+    used and of the best objective's distance from FIFO's, and how often the issue's goal holds. With `subset`,
+    each order searches a random `subset` of the trials instead (FIFO's best is then that subset's)."""
     import heapq
     from types import SimpleNamespace
 
@@ -184,15 +185,19 @@ def replay(cfg: C.OALConfig, trials: list[str], orders: int, seed: int) -> dict[
                  "min_id_acc": float(base["history"][-1]["val/id_accuracy"]) - cfg.search.max_id_acc_drop}
     obj = {t: [with_objective(r, objective)["objective"] for r in h] for t, h in hist.items()}
     epoch_s = {t: float(np.mean([r["epoch_seconds"] for r in h])) for t, h in hist.items()}
-    fifo_best = max(o[-1] for o in obj.values())
     rng = np.random.default_rng(seed)
+    k = subset or len(trials)
+    if not 0 < k <= len(trials):
+        raise SystemExit(f"replay: --replay-trials is {k}; expected 1 to the {len(trials)} trials of the FIFO arm")
     fractions, gaps = [], []
     for _ in range(orders):
+        drawn = [trials[i] for i in rng.permutation(len(trials))[:k]]
+        fifo_best = max(obj[t][-1] for t in drawn)
         sched = ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max",
                               max_t=cfg.student.epochs, grace_period=cfg.search.grace_period,
                               reduction_factor=cfg.search.reduction_factor)
-        waiting = [trials[i] for i in rng.permutation(len(trials))]
-        speed = {t: epoch_s[t] * rng.uniform(0.85, 1.15) for t in trials}
+        waiting = list(drawn)  # in a random order
+        speed = {t: epoch_s[t] * rng.uniform(0.85, 1.15) for t in drawn}
         events: list[tuple[float, str, int]] = []  # (time of the result, trial, epoch)
         last: dict[str, tuple[int, float]] = {}
 
@@ -213,23 +218,26 @@ def replay(cfg: C.OALConfig, trials: list[str], orders: int, seed: int) -> dict[
                     start(now)
             else:
                 heapq.heappush(events, (now + speed[t], t, e + 1))
-        fractions.append(sum(e for e, _ in last.values()) / (cfg.student.epochs * len(trials)))
+        fractions.append(sum(e for e, _ in last.values()) / (cfg.student.epochs * k))
         gaps.append(100 * (max(o for _, o in last.values()) - fifo_best))
     f, g = np.array(fractions), np.array(gaps)
-    return {"orders": orders, "fifo_best": fifo_best, "fraction_mean": float(f.mean()), "fraction_p10": float(np.quantile(f, 0.1)),
+    return {"orders": orders, "trials": k, "fifo_best": fifo_best,  # the last order's (all: every order's)
+            "fraction_mean": float(f.mean()), "fraction_p10": float(np.quantile(f, 0.1)),
             "fraction_p90": float(np.quantile(f, 0.9)), "gap_mean": float(g.mean()), "gap_median": float(np.median(g)),
             "p_epochs": float((f <= EPOCH_GOAL).mean()), "p_auroc": float((g >= -AUROC_GOAL).mean()),
             "p_goal": float(((f <= EPOCH_GOAL) & (g >= -AUROC_GOAL)).mean())}
 
 
-def replay_lines(r: dict[str, Any], cfg: C.OALConfig) -> list[str]:
+def replay_lines(r: dict[str, Any], cfg: C.OALConfig, arm_size: int) -> list[str]:
     s = cfg.search
-    return [f"Replay of ASHA over FIFO's results: Ray's ASHAScheduler (grace {s.grace_period}, reduction factor {s.reduction_factor:g}, "
-            f"{s.max_concurrent} at once) over the FIFO arm's recorded per-epoch results, {r['orders']} random start "
-            f"orders and epoch times: epochs {100 * r['fraction_mean']:.1f}% on average (10-90%: "
-            f"{100 * r['fraction_p10']:.1f}-{100 * r['fraction_p90']:.1f}%), best objective {r['gap_mean']:+.2f} "
-            f"points on average (median {r['gap_median']:+.2f}); the goal holds in {100 * r['p_goal']:.0f}% of the "
-            f"orders (epochs: {100 * r['p_epochs']:.0f}%, AUROC: {100 * r['p_auroc']:.0f}%).", ""]
+    picked = "" if r["trials"] == arm_size else f", each a random {r['trials']} of its {arm_size} trials"
+    return [f"Replay of ASHA over FIFO's results: Ray's ASHAScheduler (grace {s.grace_period}, reduction factor "
+            f"{s.reduction_factor:g}, {s.max_concurrent} at once) over the FIFO arm's recorded per-epoch results, "
+            f"{r['orders']} random start orders and epoch times{picked}: epochs {100 * r['fraction_mean']:.1f}% on "
+            f"average (10-90%: {100 * r['fraction_p10']:.1f}-{100 * r['fraction_p90']:.1f}%), best objective "
+            f"{r['gap_mean']:+.2f} points on average (median {r['gap_median']:+.2f}); the goal holds in "
+            f"{100 * r['p_goal']:.0f}% of the orders (epochs: {100 * r['p_epochs']:.0f}%, AUROC: "
+            f"{100 * r['p_auroc']:.0f}%).", ""]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="run folder, kept (reusing its shared stages); default: a temporary one, deleted")
     p.add_argument("--replay-orders", type=int, default=500,
                    help="start orders for the replay of ASHA over FIFO's results (0: no replay)")
+    p.add_argument("--replay-trials", type=int, default=None,
+                   help="each replayed search draws this many of the FIFO arm's trials (default: all of them)")
     p.add_argument("--replay-only", action="store_true",
                    help="no search: replay ASHA over the FIFO arm kept in --out by an earlier run")
     p.add_argument("overrides", nargs="*", help="more dotted overrides for both arms, e.g. teacher.epochs=10")
@@ -257,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.out is None:
             p.error("--replay-only needs --out: the folder of an earlier run")
         cfg = arm_config(args.out.resolve(), "asha", args)
-        print("\n".join(replay_lines(replay(cfg, arm_trials(cfg, "fifo"), args.replay_orders, args.seed), cfg)))
+        trials = arm_trials(cfg, "fifo")
+        r = replay(cfg, trials, args.replay_orders, args.seed, args.replay_trials)
+        print("\n".join(replay_lines(r, cfg, len(trials))))
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
     # `. .stack/env` names a tracking server that may not be running; the Tracker passed to `run` is off too.
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"{s}: {a['summary']['epochs_consumed']} epochs, best objective "
                 f"{a['summary']['best']['objective']:.4f}, {a['wall']:.0f} s")
         replayed = (replay(cfgs["asha"], [t["trial"] for t in arms["fifo"]["summary"]["trials"]], args.replay_orders,
-                           args.seed) if args.replay_orders > 0 else None)  # before a temporary folder goes
+                           args.seed, args.replay_trials) if args.replay_orders > 0 else None)  # before the folder goes
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
@@ -322,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"Warning: the {name} arm rebuilt {', '.join(arm['rebuilt'])}; its wall time includes them.")
     lines.append("")
     if replayed is not None:
-        lines += replay_lines(replayed, cfgs["asha"])
+        lines += replay_lines(replayed, cfgs["asha"], len(f["summary"]["trials"]))
     lines += [f"Runtime: {time.perf_counter() - t0:.0f} s, of which {prep:.0f} s the shared stages.", ""]
     print("\n".join(lines))
 

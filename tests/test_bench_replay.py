@@ -61,3 +61,13 @@ def test_missing_history_is_one_clear_error(tmp_path):
     names = _trials(cfg, [[0.6] * (EPOCHS - 2)])
     with pytest.raises(SystemExit, match="trial t0 .* has no full history"):
         tb.replay(cfg, names, orders=1, seed=0)
+
+
+def test_subsets_compare_against_their_own_fifo_best(tmp_path):
+    cfg = tb.arm_config(tmp_path, "asha", _args())
+    names = _trials(cfg, [[0.5 + 0.05 * i + 0.001 * e for e in range(EPOCHS)] for i in range(6)])
+    r = tb.replay(cfg, names, orders=40, seed=0, subset=3)
+    assert r["trials"] == 3 and r["gap_mean"] == 0.0  # never-crossing curves: the subset's best always survives
+    assert r["fifo_best"] <= 0.5 + 0.05 * 5 + 0.001 * (EPOCHS - 1)
+    with pytest.raises(SystemExit, match="--replay-trials is 7; expected 1 to the 6 trials"):
+        tb.replay(cfg, names, orders=1, seed=0, subset=7)
