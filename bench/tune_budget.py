@@ -102,8 +102,7 @@ def prepare_shared(cfg: C.OALConfig) -> None:
     from jobs import tune as jtune
     from oal.tracking import Tracker
 
-    loss = replace(cfg.loss, **{w: max(getattr(cfg.loss, w), getattr(jtune.REFERENCE, w)) for w in cfg.search.weights})
-    full = pipeline.prepare(replace(cfg, loss=loss), Tracker(None), {}, progress=False)
+    full = pipeline.prepare(jtune.every_term(cfg), Tracker(None), {}, progress=False)
     jtune.baseline_accuracy(full, progress=False)
 
 
@@ -116,10 +115,11 @@ def manifests(out: Path) -> dict[Path, float]:
 def trained_epochs(cfg: C.OALConfig, trial: str) -> int:
     """Epochs a trial's Ray Train run finished: the newest epoch among its kept checkpoints (one per epoch).
     Tune counts only the results it took in; a trial that ASHA stops goes on training until it is killed."""
+    from jobs import tune as jtune
     from oal.storage import load_torch
     from oal.train import CHECKPOINT
 
-    name = f"{cfg.name}-trial-{trial}"  # jobs.tune.trial_config's run name; the trainer's is <name>-student
+    name = jtune.trial_name(cfg, trial)
     storage = Path(cfg.cluster.storage_path or Path(cfg.output_dir) / name / "ray")
     return max((int(load_torch(p, "checkpoint")["epoch"]) for p in storage.glob(f"{name}-student/checkpoint_*/{CHECKPOINT}")),
                default=0)
@@ -173,16 +173,15 @@ def replay(cfg: C.OALConfig, trials: list[str], orders: int, seed: int, subset: 
     def trial(trial_id: str) -> Any:  # all the scheduler reads of a trial
         return SimpleNamespace(trial_id=trial_id)
 
-    base = stages.read_manifest(stages.stage_dir(jtune.baseline_config(cfg), "student"))
-    hist: dict[str, list[dict]] = {}
-    for t in trials:
-        m = stages.read_manifest(stages.stage_dir(replace(cfg, name=f"{cfg.name}-trial-{t}"), "student"))
-        if base is None or m is None or len(m["history"]) != cfg.student.epochs:
-            raise SystemExit(f"replay: trial {t} or the baseline under {cfg.run_dir.parent} has no full history")
-        hist[t] = m["history"]
-    assert base is not None
-    objective = {"metric": cfg.search.metric,
-                 "min_id_acc": float(base["history"][-1]["val/id_accuracy"]) - cfg.search.max_id_acc_drop}
+    def history(run: C.OALConfig, what: str) -> list[dict]:
+        m = stages.read_manifest(stages.stage_dir(run, "student"))
+        if m is None or len(m["history"]) != cfg.student.epochs:
+            raise SystemExit(f"replay: {what} under {cfg.run_dir.parent} has no full history")
+        return list(m["history"])
+
+    base = history(jtune.baseline_config(cfg), "the baseline")
+    hist = {t: history(replace(cfg, name=jtune.trial_name(cfg, t)), f"trial {t}") for t in trials}
+    objective = jtune.objective_spec(cfg.search, float(base[-1]["val/id_accuracy"]))
     obj = {t: [with_objective(r, objective)["objective"] for r in h] for t, h in hist.items()}
     epoch_s = {t: float(np.mean([r["epoch_seconds"] for r in h])) for t, h in hist.items()}
     rng = np.random.default_rng(seed)

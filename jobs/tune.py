@@ -46,13 +46,30 @@ def param_space(s: C.SearchConfig) -> dict[str, Any]:
     return space
 
 
+def trial_name(base: C.OALConfig, trial_id: str) -> str:
+    """A trial's run name (its run folder under `output_dir`; its Ray Train run is `<name>-student`)."""
+    return f"{base.name}-trial-{trial_id}"
+
+
+def every_term(cfg: C.OALConfig) -> C.OALConfig:
+    """The config the shared stages are built for: each searched weight at least the reference's, so that
+    the outlier files exist for every term a trial may switch on."""
+    return replace(cfg, loss=replace(cfg.loss, **{w: max(getattr(cfg.loss, w), getattr(REFERENCE, w))
+                                                  for w in cfg.search.weights}))
+
+
+def objective_spec(s: C.SearchConfig, base_acc: float) -> dict[str, Any]:
+    """What `jobs.train.with_objective` needs: the searched metric and the least ID accuracy a trial may keep."""
+    return {"metric": s.metric, "min_id_acc": base_acc - s.max_id_acc_drop}
+
+
 def trial_config(base: C.OALConfig, params: dict[str, Any], trial_id: str) -> C.OALConfig:
     """The student config of one trial: searched weights applied, its own run folder."""
     weights: dict[str, Any] = {w: (float(params[w]) if params.get(f"{w}_on", True) else 0.0)
                                for w in base.search.weights}
     student = replace(base.student, lr=float(params["lr"])) if "lr" in params else base.student
     teacher = base.model.teacher_checkpoint or str(stages.stage_dir(base, "teacher") / "checkpoint.pt")
-    return replace(base, name=f"{base.name}-trial-{trial_id}", loss=replace(base.loss, **weights), student=student,
+    return replace(base, name=trial_name(base, trial_id), loss=replace(base.loss, **weights), student=student,
                    model=replace(base.model, teacher_checkpoint=teacher))
 
 
@@ -166,9 +183,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
     if tracker.enabled and parent_file.exists() and Path(json.loads(parent_file.read_text())["path"]).exists():
         resume_parent = json.loads(parent_file.read_text())["run_id"]
     with tracker.pipeline_run(cfg, kind="tune", resume_run_id=resume_parent) as parent_id:
-        full = pipeline.prepare(replace(cfg, loss=replace(
-            cfg.loss, **{w: max(getattr(cfg.loss, w), getattr(REFERENCE, w)) for w in s.weights})),
-            tracker, results, progress)  # outliers for every term that a trial may switch on
+        full = pipeline.prepare(every_term(cfg), tracker, results, progress)
         base_acc = baseline_accuracy(full, progress)
         log.info("baseline ID validation accuracy %.4f; trials may lose at most %.3f", base_acc, s.max_id_acc_drop)
         mlflow_info = {"uri": tracker.uri if tracker.enabled else None, "parent": parent_id, "experiment_id": None}
@@ -179,7 +194,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
         space = param_space(s)
         trainable = tune.with_resources(  # the trainer's workers hold the real resources
             tune.with_parameters(_trial, base_dict=C.to_dict(full), mlflow_info=mlflow_info,
-                                 objective={"metric": s.metric, "min_id_acc": base_acc - s.max_id_acc_drop}),
+                                 objective=objective_spec(s, base_acc)),
             {"cpu": 0.01})
         name = f"{cfg.name}-tune-{C.fingerprint(s, stages.student_fp(full))}"
         path = f"{storage.rstrip('/')}/{name}"
