@@ -83,8 +83,8 @@ def run_seed(base: list[str], seed: int, out: Path) -> dict[str, dict[str, float
     bench = build_benchmark(shared.data)
     t0 = time.perf_counter()
     stages.run_teacher(shared, bench, progress=False)
-    need_knn = any(v.loss.w_micl_knn > 0 for v in variants.values()) and shared.outliers.knn_path is None
-    need_lat = any(v.loss.w_micl_lat > 0 for v in variants.values()) and shared.outliers.latent_path is None
+    need_knn = any(v.loss.uses_knn for v in variants.values()) and shared.outliers.knn_path is None
+    need_lat = any(v.loss.uses_latent for v in variants.values()) and shared.outliers.latent_path is None
     outliers = shared.outliers
     if need_knn or need_lat:
         stages.run_embeddings(shared, bench)

@@ -2,10 +2,11 @@
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.pipeline --config digits
 
-teacher (Ray Train) -> embeddings -> anchors -> k-NN outliers (driver) -> latent outliers (actor pool)
--> student (Ray Train) -> evaluation (driver). Stopping and resubmitting the job redoes only what is
-missing: finished stages are skipped by fingerprint, and a training stage resumes from its last
-Ray Train checkpoint.
+base student, CE only (Ray Train) -> teacher (Ray Train) -> embeddings -> anchors -> k-NN outliers (driver)
+-> latent outliers (actor pool) -> OAL student (Ray Train; starts from the base student with
+model.student_init=base) -> evaluation of both (driver) -> results.md (CE baseline row, OAL row).
+Stopping and resubmitting the job redoes only what is missing: finished stages are skipped by
+fingerprint, and a training stage resumes from its last Ray Train checkpoint.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageR
     from jobs import synthesize as js
     from jobs import train as jt
 
+    if stages.needs_base(cfg):
+        with tracker.stage("base", cfg) as sr:
+            results["base"] = jt.run_stage(cfg, "base", progress, mlflow_run_id=sr.run_id)
+            tracker.record_stage(results["base"], live_metrics=True)
     with tracker.stage("teacher", cfg) as sr:
         results["teacher"] = jt.run_stage(cfg, "teacher", progress, mlflow_run_id=sr.run_id)
         tracker.record_stage(results["teacher"], live_metrics=True)
     L, O = cfg.loss, cfg.outliers
-    need_knn = L.w_micl_knn > 0 and O.knn_path is None
-    need_lat = L.w_micl_lat > 0 and O.latent_path is None
+    need_knn = L.uses_knn and O.knn_path is None
+    need_lat = L.uses_latent and O.latent_path is None
     if need_knn or need_lat:
         for name, fn in (("embeddings", stages.run_embeddings), ("anchors", stages.run_anchors),
                          ("knn", stages.run_knn)):
@@ -57,9 +62,14 @@ def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, st
     with tracker.stage("student", cfg) as sr:
         results["student"] = jt.run_stage(cfg, "student", progress, mlflow_run_id=sr.run_id)
         tracker.record_stage(results["student"], live_metrics=True)
+    if "base" in results:
+        with tracker.stage("eval_base", cfg):
+            results["eval_base"], report = stages.run_evaluate(cfg, of="base")
+            tracker.record_stage(results["eval_base"], report=report, cfg=cfg)
     with tracker.stage("eval", cfg):
         results["eval"], report = stages.run_evaluate(cfg)
         tracker.record_stage(results["eval"], report=report, student=results["student"], cfg=cfg)
+    tracker.log_comparison(stages.write_comparison(cfg))
 
 
 def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None) -> dict[str, stages.StageResult]:
@@ -84,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results.values():
         print(f"[{r.name}] {'skipped (up to date)' if r.skipped else 'done'}: {r.outputs}")
     print(Path(results["eval"].outputs["table"]).read_text())
+    print((cfg.run_dir / "results.md").read_text())
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Teacher fine-tune and OAL student training on Ray Train (v2), with Accelerate inside each worker.
+"""Teacher fine-tune, base (CE) student and OAL student training on Ray Train (v2), with Accelerate inside
+each worker.
 
 Each worker runs `oal.stages.train_stage` (the same loop as `oal train`) into a worker-local folder.
 Every epoch, all ranks call `ray.train.report` (a barrier) and rank 0 attaches the checkpoint; a worker
@@ -44,7 +45,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
             shutil.copyfile(Path(d) / CHECKPOINT, work / CHECKPOINT)
         if rank == 0:
             log.warning("%s: resuming from the reported checkpoint %s", stage, restored.path)
-    train_cfg = cfg.teacher if stage == "teacher" else cfg.student
+    train_cfg = stages.training_config(cfg, stage)
     if ctx.get_world_size() == 1:
         # One worker: Ray sets LOCAL_RANK, which makes Accelerate wrap the model in DDP over a group of one
         # (an all-reduce and bucket copies per step for nothing). Without it the loop runs as `oal train` does.
@@ -118,7 +119,7 @@ def check_resources(cfg: C.ClusterConfig) -> None:
 
 def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool = False,
               mlflow_run_id: str | None = None, **trainer_options: Any) -> stages.StageResult:
-    """Train `stage` (teacher | student) on Ray Train unless its outputs are up to date.
+    """Train `stage` (teacher | base | student) on Ray Train unless its outputs are up to date.
     `trainer_options`: `make_trainer`'s callbacks, objective and run_name (tuning)."""
     d, fp = stages.stage_dir(cfg, stage), stages.training_fp(cfg, stage)
     if not force and stages.is_done(d, fp):

@@ -25,7 +25,7 @@ from oal.storage import write_json, write_text
 from oal.tracking import Tracker
 
 log = logging.getLogger("oal.jobs.tune")
-REFERENCE = C.LossConfig()  # the reference's weights: 4, 8, 0.1, 0.2
+REFERENCE = C.REFERENCE_WEIGHTS  # the reference's weights: 4, 8, 0.1, 0.2 (energy variant: 2.5, 2.5)
 
 
 def param_space(s: C.SearchConfig) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def param_space(s: C.SearchConfig) -> dict[str, Any]:
     space: dict[str, Any] = {}
     f = s.range_factor
     for w in s.weights:
-        ref = getattr(REFERENCE, w)
+        ref = REFERENCE[w]
         if s.algorithm == "grid":
             space[w] = tune.grid_search(([0.0] if s.allow_zero else []) + [ref / f, ref, ref * f])
         else:
@@ -54,7 +54,7 @@ def trial_name(base: C.OALConfig, trial_id: str) -> str:
 def every_term(cfg: C.OALConfig) -> C.OALConfig:
     """The config the shared stages are built for: each searched weight at least the reference's, so that
     the outlier files exist for every term a trial may switch on."""
-    return replace(cfg, loss=replace(cfg.loss, **{w: max(getattr(cfg.loss, w), getattr(REFERENCE, w))
+    return replace(cfg, loss=replace(cfg.loss, **{w: max(getattr(cfg.loss, w), REFERENCE[w])
                                                   for w in cfg.search.weights}))
 
 
@@ -156,7 +156,7 @@ def _scheduler(s: C.SearchConfig, epochs: int) -> Any:
 def baseline_config(cfg: C.OALConfig) -> C.OALConfig:
     """The teacher-free, outlier-free student of the ID-accuracy constraint, in its own run folder."""
     return replace(cfg, name=f"{cfg.name}-baseline",
-                   loss=replace(cfg.loss, w_logit_kd=0.0, w_feat_kd=0.0, w_micl_knn=0.0, w_micl_lat=0.0))
+                   loss=replace(cfg.loss, **{w: 0.0 for w in C.LOSS_WEIGHTS}))  # type: ignore[arg-type]
 
 
 def baseline_accuracy(cfg: C.OALConfig, progress: bool) -> float:

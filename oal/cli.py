@@ -17,6 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oal", description="Outlier-aware learning for OOD detection (single process).")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {
+        "base": "train the student with cross-entropy alone (the CE baseline; the OAL student's start)",
         "teacher": "fine-tune the teacher on the ID training set",
         "embed": "teacher features of the ID training set, by class [C, N, D]",
         "anchors": "class anchors from the diffusion text encoder, and the teacher->conditioning projection",
@@ -33,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "evaluate":
-            s.add_argument("--checkpoint", help="student checkpoint (default: <run>/student/checkpoint.pt)")
+            s.add_argument("--checkpoint", help="checkpoint to score (default: <run>/<--of>/checkpoint.pt)")
+            s.add_argument("--of", choices=("student", "base"), default="student",
+                           help="whose checkpoint: the OAL student's or the base (CE) student's")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.epochs=3 loss.w_micl_knn=0")
     return p
 
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             print(C.to_yaml(cfg), end="")
+        elif args.command == "base":
+            _show(stages.run_base(cfg, progress=progress, force=args.force))
         elif args.command == "teacher":
             _show(stages.run_teacher(cfg, progress=progress, force=args.force))
         elif args.command == "embed":
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             _show(stages.run_student(cfg, progress=progress, force=args.force))
         elif args.command == "evaluate":
-            res, _ = stages.run_evaluate(cfg, checkpoint=args.checkpoint, force=args.force)
+            res, _ = stages.run_evaluate(cfg, checkpoint=args.checkpoint, force=args.force, of=args.of)
             _show(res)
             print(Path(res.outputs["table"]).read_text())
         elif args.command == "pipeline":
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in results.values():
                 _show(r)
             print(Path(results["eval"].outputs["table"]).read_text())
+            print((cfg.run_dir / "results.md").read_text())
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         if not _raised_by_us(e):  # a fault inside torch or a dependency: its traceback is the useful part
             traceback.print_exc()

@@ -24,9 +24,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    benchmark: str = "digits"  # registry name: digits | cifar10 | cifar100
-    root: str | None = None  # dataset folder (torchvision CIFAR layout); unused by digits
-    openood_root: str | None = None  # OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/)
+    benchmark: str = "digits"  # registry name: digits | cifar10 | cifar100 | imagenet200
+    root: str | None = None  # dataset folder (torchvision CIFAR layout); unused by digits and with openood_root
+    # OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/ or images_largescale/): ID train/val/test come
+    # from its lists (the leaderboard's split) and the OOD sets too; without it CIFAR comes from data.root
+    openood_root: str | None = None
     image_size: int = 32  # side of the square input the student sees (32 or 224 for CIFAR)
     batch_size: int = 64  # ID images per step (reference 128)
     eval_batch_size: int = 256  # images per forward pass during evaluation
@@ -40,13 +42,21 @@ class ModelConfig:
     teacher: str = "vit_tiny"  # registry name: vit_b16 | vit_tiny | resnet_tiny
     teacher_pretrained: str | None = None  # local weights file for the teacher's backbone (e.g. ViT-B/16 IN-21k)
     teacher_checkpoint: str | None = None  # the fine-tuned teacher; default <output_dir>/<name>/teacher/checkpoint.pt
+    # Side of the teacher's input; the student's batch is resized to it (reference: 224 whatever the student's
+    # size). None: the student's data.image_size
+    teacher_image_size: int | None = None
+    # The OAL student's starting weights: scratch (random) | base (the base stage's CE-trained student, as the
+    # reference fine-tunes a CE-trained ResNet-18)
+    student_init: str = "scratch"
+    base_checkpoint: str | None = None  # the CE-trained student; default <output_dir>/<name>/base/checkpoint.pt
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 5  # passes over the ID training set
-    optimizer: str = "sgd"  # sgd (reference: Nesterov SGD) | adamw (for ViT teachers trained from scratch)
+    optimizer: str = "sgd"  # sgd (reference: Nesterov SGD) | adam (reference teacher) | adamw (ViTs from scratch)
     lr: float = 0.005  # learning rate of the network being trained (reference 0.005)
+    head_lr: float | None = None  # learning rate of the classifier head; None: lr (reference teacher: 1e-4)
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum
     weight_decay: float = 5e-4  # L2 penalty on the network's weights
@@ -64,9 +74,27 @@ class LossConfig:
     w_feat_kd: float = 8.0  # weight of KL(DT(teacher features) || student features) (reference 8)
     w_micl_knn: float = 0.1  # weight of CLUB(k-NN outliers -> student features) (reference 0.1)
     w_micl_lat: float = 0.2  # weight of deep CLUB(latent outliers -> student features) (reference 0.2)
+    # The reference's energy_rl variant (its scripts use it instead of the two CLUB terms, weight 2.5 each):
+    # logistic regression of ID vs outlier on the logsumexp energy of features (outliers through their own DT)
+    w_energy_knn: float = 0.0  # weight of the energy regulariser on the k-NN outliers (reference variant 2.5)
+    w_energy_lat: float = 0.0  # weight of the energy regulariser on the latent outliers (reference variant 2.5)
     kd_temperature: float = 1.0  # softmax temperature of both KD terms
     club_training: str = "reference"  # reference: q-nets minimise the OAL loss | loglik: q-nets fit log q(y|x)
     outlier_batch_size: int = 128  # outliers drawn per step (capped by the ID batch's size)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.w_logit_kd > 0 or self.w_feat_kd > 0
+
+    @property
+    def uses_knn(self) -> bool:
+        """A term needs the k-NN outlier embeddings."""
+        return self.w_micl_knn > 0 or self.w_energy_knn > 0
+
+    @property
+    def uses_latent(self) -> bool:
+        """A term needs the latent outlier vectors."""
+        return self.w_micl_lat > 0 or self.w_energy_lat > 0
 
 
 @dataclass
@@ -92,6 +120,11 @@ class KNNConfig:
 class DiffusionConfig:
     model: str = "builtin-tiny"  # builtin-tiny (untrained, offline) | a local diffusers folder | a hub id
     prompt: str = "A high-quality image of the {}"  # {} is replaced by the class name
+    # The norm the k-NN outliers are scaled to, per class, before they are written into the text encoder's input
+    # token embedding: token_embedding (the class name's first sub-token's embedding row; what the reference's
+    # CIFAR-100 anchor file holds, norms 0.34-0.42) | encoder_mean (the mean over positions of the encoder output
+    # for the bare name; the reference's CIFAR-10 anchor file, norms about 27)
+    anchor_norm: str = "token_embedding"
     scheduler: str = "ddim"  # ddim | pndm (PLMS, the reference's) | dpm (DPM-Solver++)
     steps: int = 50  # denoising steps (reference 50)
     guidance_scale: float = 7.5  # classifier-free guidance (reference 7.5)
@@ -111,6 +144,8 @@ class DiffusionConfig:
 class EvalConfig:
     postprocessors: list[str] = field(default_factory=lambda: ["ebo", "msp", "mls", "knn"])  # scores to report
     primary: str = "ebo"  # postprocessor whose numbers head the results table
+    checkpoint: str = "last"  # which epoch's weights are evaluated: last | best (by ID val accuracy, as OpenOOD)
+    baseline: bool = True  # also train the base stage (CE only) and report it as the CE baseline row
     ebo_temperature: float = 1.0  # T in T * logsumexp(logits / T)
     knn_k: int = 10  # K of the KNN feature-space score
     plots: bool = True  # write ROC curves and score histograms as PNG
@@ -172,6 +207,7 @@ class OALConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.05))
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.1))  # the CE-only student
     student: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
@@ -190,6 +226,7 @@ class OALConfig:
 # Overrides that shrink the digits preset to a smoke run (tests, `bench.quality --quick`): seconds per stage.
 QUICK_OVERRIDES = (
     "teacher.epochs=3",
+    "base.epochs=2",
     "student.epochs=2",
     "knn.k=5",
     "knn.select=5",
@@ -220,6 +257,8 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _check_keys(base: DictConfig, other: Any, source: str, prefix: str = "") -> None:
     """Reject unknown keys with a message naming the key and listing the valid ones."""
+    if isinstance(other, DictConfig):
+        other = OmegaConf.to_container(other)  # unresolved: a preset's required `???` stays a plain value here
     for k, v in other.items():
         path = f"{prefix}{k}"
         if k not in base:
@@ -254,18 +293,61 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
             raise ConfigError(f"override '{item}' must look like key=value (e.g. student.epochs=3)")
     if overrides:
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    required: set[str] = set()  # a preset's `???` values; OmegaConf's merge skips them, so they are tracked here
     for source, layer in layers:
         _check_keys(cfg, layer, source)
+        required = (required - set(_set_keys(layer))) | set(_missing_keys(layer))
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except ValidationError as e:
             raise ConfigError(f"bad value for '{e.full_key}' (from {source}): {e.msg}") from None
         except (ConfigKeyError, OmegaConfBaseException) as e:
             raise ConfigError(f"config error (from {source}): {e}") from None
+    missing = sorted(required)
+    if missing:
+        where = f"preset '{preset}'" if preset else "the config"
+        raise ConfigError(f"{where} needs " + "; ".join(f"'{k}' ({PATH_HINTS.get(k, 'a value')})" for k in missing)
+                          + ". Give each on the command line, e.g. " + " ".join(f"{k}=..." for k in missing))
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, OALConfig)
     validate(obj)
     return obj
+
+
+# What a preset's required value (`???` in its YAML) is, for the error that asks for it.
+PATH_HINTS = {
+    "data.root": "folder holding torchvision's cifar-10-batches-py/ or cifar-100-python/",
+    "data.openood_root": "OpenOOD v1.5 data folder with benchmark_imglist/ and images_classic/ or images_largescale/",
+    "model.teacher_pretrained": "ViT-B/16 ImageNet-21k backbone weights file (.safetensors, .pth or .npz-converted .pt)",
+    "diffusion.model": "Stable Diffusion v1.4 in diffusers format: a folder with unet/, vae/, text_encoder/, "
+                       "tokenizer/, scheduler/",
+}
+
+
+def _set_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Leaf keys that a layer gives a value (not `???`)."""
+    out: list[str] = []
+    for k in node.keys():
+        path = f"{prefix}{k!s}"
+        if OmegaConf.is_missing(node, k):
+            continue
+        if isinstance(node[k], DictConfig):
+            out.extend(_set_keys(node[k], path + "."))
+        else:
+            out.append(path)
+    return out
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys a layer leaves `???` (a preset's required paths)."""
+    out: list[str] = []
+    for k in node.keys():
+        path = f"{prefix}{k!s}"
+        if OmegaConf.is_missing(node, k):
+            out.append(path)
+        elif isinstance(node[k], DictConfig):
+            out.extend(_missing_keys(node[k], path + "."))
+    return out
 
 
 _CHOICES = {
@@ -273,16 +355,28 @@ _CHOICES = {
     "loss.club_training": ("reference", "loglik"),
     "teacher.mixed_precision": ("no", "fp16", "bf16"),
     "student.mixed_precision": ("no", "fp16", "bf16"),
-    "teacher.optimizer": ("sgd", "adamw"),
+    "teacher.optimizer": ("sgd", "adam", "adamw"),
+    "base.optimizer": ("sgd", "adam", "adamw"),
+    "base.mixed_precision": ("no", "fp16", "bf16"),
+    "model.student_init": ("scratch", "base"),
+    "eval.checkpoint": ("last", "best"),
     "diffusion.scheduler": ("ddim", "pndm", "dpm"),
     "diffusion.dtype": ("auto", "fp32", "fp16", "bf16"),
     "diffusion.reduction": ("channel_row_mean", "channel_mean", "flatten"),
+    "diffusion.anchor_norm": ("token_embedding", "encoder_mean"),
     "diffusion.mode": ("latent", "pixel"),
     "search.algorithm": ("random", "grid", "optuna"),
     "search.scheduler": ("fifo", "asha"),
     "search.metric": ("val/ood_auroc", "val/id_accuracy"),
-    "student.optimizer": ("sgd", "adamw"),
+    "student.optimizer": ("sgd", "adam", "adamw"),
 }
+
+
+# The loss weights, and the reference's value of each (the energy pair: its energy_rl variant's). Ray Tune searches
+# around these.
+REFERENCE_WEIGHTS = {"w_logit_kd": 4.0, "w_feat_kd": 8.0, "w_micl_knn": 0.1, "w_micl_lat": 0.2,
+                     "w_energy_knn": 2.5, "w_energy_lat": 2.5}
+LOSS_WEIGHTS = tuple(REFERENCE_WEIGHTS)
 
 
 def validate(cfg: OALConfig) -> None:
@@ -291,21 +385,24 @@ def validate(cfg: OALConfig) -> None:
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value not in choices:
             raise ConfigError(f"'{key}' is {value!r}; expected one of {', '.join(choices)}")
-    for key in ("data.batch_size", "data.image_size", "teacher.epochs", "student.epochs", "eval.knn_k",
+    for key in ("data.batch_size", "data.image_size", "teacher.epochs", "base.epochs", "student.epochs", "eval.knn_k",
                 "teacher.grad_accum_steps", "student.grad_accum_steps", "loss.outlier_batch_size",
                 "diffusion.steps", "diffusion.num_outliers", "diffusion.batch_size", "diffusion.shard_size",
                 "cluster.synth_actors", "cluster.num_workers", "search.num_samples", "search.max_concurrent"):
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 1:
             raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")
-    for key in ("teacher.precise_bn", "student.precise_bn"):
+    for key in ("teacher.precise_bn", "base.precise_bn", "student.precise_bn"):
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 0:
             raise ConfigError(f"'{key}' is {value}; expected an integer >= 0 (0 turns it off)")
-    for w in ("w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat"):
+    for w in LOSS_WEIGHTS:
         if getattr(cfg.loss, w) < 0:
             raise ConfigError(f"'loss.{w}' is {getattr(cfg.loss, w)}; loss weights must be >= 0")
-    known = ("w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat")
+    if cfg.model.teacher_image_size is not None and cfg.model.teacher_image_size < 1:
+        raise ConfigError(f"'model.teacher_image_size' is {cfg.model.teacher_image_size}; expected a side >= 1 "
+                          f"or null (the student's data.image_size)")
+    known = LOSS_WEIGHTS
     bad = [w for w in cfg.search.weights if w not in known]
     if bad:
         raise ConfigError(f"'search.weights' names {bad}, which are not loss weights; valid: {', '.join(known)}")

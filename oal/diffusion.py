@@ -4,10 +4,12 @@ One code path serves (a) the built-in tiny model, built offline from configs wit
 weights (UNTRAINED: it exercises the machinery, its samples mean nothing), and (b) any Stable
 Diffusion in diffusers format, from a local folder or a hub id.
 
-Conditioning: the prompt "A high-quality image of the {class}" goes through the model's own
-tokenizer and text encoder; at the class token's position (the *last* sub-token of the class name,
-which in CLIP's causal encoder has seen the whole name) the encoder output is replaced by one
-outlier embedding. Every other position is left as the text encoder produced it.
+Conditioning, as the reference does it: the prompt "A high-quality image of the {class}" is tokenised by
+the model's own tokenizer; the text encoder's *input* token embedding at the class name's *first*
+sub-token is replaced by one outlier embedding, and the whole text transformer runs on that, so every
+later position (end-of-text and padding included) carries the outlier. The unconditional prompt is
+encoded unchanged. A class's anchor is the mean over positions of the encoder output for the bare class
+name; the k-NN outliers are scaled to its norm.
 """
 
 from __future__ import annotations
@@ -190,35 +192,75 @@ def encode_prompts(model: DiffusionModel, prompts: list[str]) -> torch.Tensor:
     return model.text_encoder(ids)[0].to(model.dtype)  # (B, L, E)
 
 
-def class_token_position(model: DiffusionModel, prompt_template: str, class_name: str) -> int:
-    """Index, in the encoded prompt, of the class name's last sub-token."""
-    prefix = _tokens(model.tokenizer, prompt_template.split("{}")[0].strip())
+def tokenize(model: DiffusionModel, prompts: list[str]) -> torch.Tensor:
+    """Token ids of each prompt, padded to the tokenizer's length as Stable Diffusion pipelines do: (B, L)."""
+    tok = model.tokenizer
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt")["input_ids"]
+
+
+def name_tokens(model: DiffusionModel, class_name: str) -> list[int]:
+    """The class name's token ids; a name the tokenizer turns into nothing cannot be conditioned on."""
     name = _tokens(model.tokenizer, class_name)
     if not name:
-        raise ValueError(f"class name {class_name!r} has no tokens")
-    pos = 1 + len(prefix) + len(name) - 1  # 1 for the start token
+        raise ValueError(f"the tokenizer of diffusion.model splits class name {class_name!r} into no tokens: "
+                         f"nothing to condition on; expected at least one token (rename the class, or use a "
+                         f"tokenizer whose vocabulary covers it)")
+    return name
+
+
+def class_token_position(model: DiffusionModel, prompt_template: str, class_name: str) -> int:
+    """Index, in the tokenised prompt, of the class name's first sub-token (the row the reference overwrites)."""
+    prefix = _tokens(model.tokenizer, prompt_template.split("{}")[0].strip())
+    name = name_tokens(model, class_name)
+    pos = 1 + len(prefix)  # 1 for the start token
     if pos >= model.tokenizer.model_max_length - 1:
         raise ValueError(f"prompt for {class_name!r} is longer than the tokenizer's {model.tokenizer.model_max_length}")
     full = [model.tokenizer.bos_token_id, *_tokens(model.tokenizer, prompt_template.format(class_name))]
-    if full[pos] != name[-1]:
+    if full[pos] != name[0]:
         raise ValueError(f"cannot locate the class token of {class_name!r} in the prompt {prompt_template!r}: "
                          f"the tokenizer splits it differently in context")
     return pos
 
 
 @torch.no_grad()
-def class_anchors(model: DiffusionModel, class_names: list[str], prompt_template: str) -> torch.Tensor:
-    """Anchor of each class: the encoder output at the class token's position: (C, E)."""
-    cond = encode_prompts(model, [prompt_template.format(c) for c in class_names])  # (C, L, E)
-    pos = torch.tensor([class_token_position(model, prompt_template, c) for c in class_names])
-    return cond[torch.arange(len(class_names)), pos].float().cpu()  # (C, E)
+def encode_with_outliers(model: DiffusionModel, ids: torch.Tensor, positions: torch.Tensor,
+                         embeddings: torch.Tensor) -> torch.Tensor:
+    """Text encoder output (B, L, E) of token ids (B, L) whose *input* token embedding at positions[b] is
+    replaced by embeddings[b] (B, E) before the transformer runs (the reference's conditioning). The encoder's
+    weights are never changed: a forward hook rewrites the embedding layer's output for this call only."""
+    layer = model.text_encoder.get_input_embeddings()
+    rows = torch.arange(len(ids), device=model.device)
+
+    def overwrite(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()  # (B, L, E_in)
+        out[rows, positions.to(model.device)] = embeddings.to(out.device, out.dtype)
+        return out
+
+    handle = layer.register_forward_hook(overwrite)
+    try:
+        return model.text_encoder(ids.to(model.device))[0].to(model.dtype)  # (B, L, E)
+    finally:
+        handle.remove()
 
 
-def replace_token(cond: torch.Tensor, positions: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """Copy of `cond` (B, L, E) with row b's token at positions[b] set to embeddings[b] (B, E)."""
-    out = cond.clone()
-    out[torch.arange(len(cond)), positions] = embeddings.to(cond.dtype)
-    return out
+@torch.no_grad()
+def class_anchors(model: DiffusionModel, class_names: list[str], prompt_template: str | None = None) -> torch.Tensor:
+    """Anchor of each class, as the reference computes it: the text encoder's output for the bare class name
+    (start, name, end and padding tokens), averaged over positions: (C, E). Only its norm is used (the scale
+    of the k-NN outliers) and, where the teacher's width differs, its direction (the projection's target)."""
+    for c in class_names:
+        name_tokens(model, c)
+    cond = encode_prompts(model, list(class_names))  # (C, L, E)
+    return cond.float().mean(dim=1).cpu()  # (C, E)
+
+
+@torch.no_grad()
+def token_embedding_norms(model: DiffusionModel, class_names: list[str]) -> torch.Tensor:
+    """Norm of each class name's first sub-token's row in the text encoder's input embedding: (C,)."""
+    rows = model.text_encoder.get_input_embeddings().weight  # (V, E)
+    ids = torch.tensor([name_tokens(model, c)[0] for c in class_names], device=rows.device)
+    return rows[ids].float().norm(dim=-1).cpu()  # (C,)
 
 
 # ---- sampling --------------------------------------------------------------------------------------

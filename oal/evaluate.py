@@ -222,6 +222,21 @@ def markdown_table(report: EvalReport, primary: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(rows: dict[str, tuple[dict, dict]], primary: str, benchmark: str) -> str:
+    """One row per trained network (label -> (results.json, stage manifest)): ID accuracy and the primary
+    postprocessor's near/far AUROC and FPR@95, in %."""
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    lines = [f"# `{benchmark}`: CE baseline vs OAL ({primary}, metrics in %)", "",
+             "| model | weights | ID acc | near AUROC | far AUROC | near FPR@95 | far FPR@95 |",
+             "|---|---|---|---|---|---|---|"]
+    for label, (res, manifest) in rows.items():
+        r = res["results"][primary]
+        lines.append(f"| {label} | {manifest.get('selected', 'last')} (epoch {manifest.get('epoch', '?')}) | "
+                     f"{pct(res['id_accuracy'])} | {pct(r['near']['auroc'])} | {pct(r['far']['auroc'])} | "
+                     f"{pct(r['near']['fpr95'])} | {pct(r['far']['fpr95'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(report: EvalReport, out_dir: str | Path, primary: str, plots: bool = True) -> list[Path]:
     out = Path(out_dir)
     write_json(report.to_dict(), out / "results.json")

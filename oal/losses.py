@@ -4,6 +4,9 @@ the CLUB mutual-information upper bound (Cheng et al., ICML 2020) between outlie
     loss = CE + w_logit_kd * KD(logits) + w_feat_kd * KD(DT(teacher feat), student feat)
               + w_micl_knn * CLUB(knn outliers -> student feat)
               + w_micl_lat * DEEP_CLUB(latent outliers -> student feat)
+              + w_energy_knn * ENERGY(knn outliers, student feat) + w_energy_lat * ENERGY(latent outliers, ...)
+
+The two energy terms are the reference's `energy_rl` variant (its scripts use them instead of the CLUB pair).
 """
 
 from __future__ import annotations
@@ -79,6 +82,25 @@ def deep_club(x_dim: int, y_dim: int) -> CLUB:
     return CLUB(x_dim, y_dim, mu_net=mu)
 
 
+class EnergyRegularizer(nn.Module):
+    """The reference's energy_rl term for one outlier set: the outliers are projected to the student's feature
+    width by their own DT projector; the energy (logsumexp over the feature dimension) of each ID feature and of
+    each projected outlier is classified ID vs outlier by a 1 -> 2 logistic regression, trained with
+    cross-entropy (label 1 = ID, 0 = outlier). Minimising it makes the two energies separable."""
+
+    def __init__(self, outlier_dim: int, student_dim: int):
+        super().__init__()
+        self.dt = DTProjector(outlier_dim, student_dim)
+        self.logistic = nn.Linear(1, 2)
+
+    def forward(self, feat: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+        e_id = torch.logsumexp(feat, dim=-1)  # (B,)
+        e_out = torch.logsumexp(self.dt(outliers), dim=-1)  # (M,)
+        energy = torch.cat([e_id, e_out]).unsqueeze(1)  # (B + M, 1)
+        labels = torch.cat([torch.ones(len(e_id)), torch.zeros(len(e_out))]).long().to(feat.device)  # (B + M,)
+        return F.cross_entropy(self.logistic(energy), labels)
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor
@@ -97,13 +119,17 @@ class OALLoss(nn.Module):
         if (self.use_logit_kd or self.use_feat_kd) and teacher_dim is None:
             raise ValueError("loss.w_logit_kd / loss.w_feat_kd > 0 need a teacher checkpoint; set both to 0 "
                              "to train without one")
-        for w, dim, key in ((cfg.w_micl_knn, knn_dim, "knn_path"), (cfg.w_micl_lat, latent_dim, "latent_path")):
+        for w, dim, key, name in ((cfg.w_micl_knn, knn_dim, "knn_path", "w_micl_knn"),
+                                  (cfg.w_micl_lat, latent_dim, "latent_path", "w_micl_lat"),
+                                  (cfg.w_energy_knn, knn_dim, "knn_path", "w_energy_knn"),
+                                  (cfg.w_energy_lat, latent_dim, "latent_path", "w_energy_lat")):
             if w > 0 and dim is None:
-                raise ValueError(f"a positive MICL weight needs outliers.{key}; give the file or set its "
-                                 f"weight (loss.w_micl_{key.split('_')[0]}) to 0")
+                raise ValueError(f"loss.{name} > 0 needs outliers.{key}; give the file or set loss.{name}=0")
         self.dt = DTProjector(teacher_dim, student_dim) if self.use_feat_kd and teacher_dim else None
         self.club_knn = CLUB(knn_dim, student_dim) if cfg.w_micl_knn > 0 and knn_dim else None
         self.club_lat = deep_club(latent_dim, student_dim) if cfg.w_micl_lat > 0 and latent_dim else None
+        self.energy_knn = EnergyRegularizer(knn_dim, student_dim) if cfg.w_energy_knn > 0 and knn_dim else None
+        self.energy_lat = EnergyRegularizer(latent_dim, student_dim) if cfg.w_energy_lat > 0 and latent_dim else None
 
     def _micl(self, club: CLUB, x: torch.Tensor, y: torch.Tensor, terms: dict, name: str) -> torch.Tensor:
         n = min(len(x), len(y))
@@ -137,6 +163,12 @@ class OALLoss(nn.Module):
         if self.club_lat is not None and latent is not None:
             terms["micl_lat"] = self._micl(self.club_lat, latent, feat, terms, "micl_lat")
             total = total + c.w_micl_lat * terms["micl_lat"]
+        if self.energy_knn is not None and knn is not None:
+            terms["energy_knn"] = self.energy_knn(feat, knn)
+            total = total + c.w_energy_knn * terms["energy_knn"]
+        if self.energy_lat is not None and latent is not None:
+            terms["energy_lat"] = self.energy_lat(feat, latent)
+            total = total + c.w_energy_lat * terms["energy_lat"]
         for k, v in terms.items():
             if k.endswith("_q_nll"):
                 total = total + v

@@ -63,14 +63,19 @@ class ResNet(nn.Module):
 
 
 class TimmClassifier(nn.Module):
-    """A timm model exposing `(logits, pre-logits features)`."""
+    """A timm model exposing `(logits, pre-logits features)`. With `input_size`, any other input side is resized
+    to it first (bilinear): the reference teacher sees 224x224 whatever size the student trains at."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, input_size: int | None = None):
         super().__init__()
         self.model = model  # a timm model: forward_features / forward_head / get_classifier
         self.feature_dim = int(model.num_features)
+        self.input_size = input_size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.input_size
+        if s is not None and tuple(x.shape[-2:]) != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)  # (B, 3, s, s)
         h = self.model.forward_features(x)
         feat = self.model.forward_head(h, pre_logits=True)  # (B, D)
         return self.model.get_classifier()(feat), feat
@@ -84,7 +89,7 @@ def _vit(arch: str, num_classes: int, image_size: int, **kw) -> Callable[[str | 
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=image_size, **kw)
         if pretrained:
             load_backbone(model, pretrained)
-        return TimmClassifier(model)
+        return TimmClassifier(model, input_size=image_size)
     return make
 
 
@@ -139,7 +144,16 @@ STUDENTS = ("resnet18_32", "resnet18_224", "resnet_tiny")
 TEACHERS = ("vit_b16", "vit_tiny", "resnet_tiny")
 
 
+def classifier_head(net: nn.Module) -> nn.Module:
+    """The final linear layer (its own learning rate in the reference teacher recipe)."""
+    if isinstance(net, TimmClassifier):
+        return net.model.get_classifier()
+    return net.fc  # type: ignore[return-value]
+
+
 def build_teacher(cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:
+    """The teacher, built for its own input side (`model.teacher_image_size`, else the student's `image_size`)."""
+    image_size = cfg.teacher_image_size or image_size
     teachers: dict[str, Callable[[str | None], Classifier]] = {
         # ViT-B/16 (768-d features); pretrained IN-21k weights come from model.teacher_pretrained.
         "vit_b16": _vit("vit_base_patch16_224", num_classes, image_size),

@@ -83,7 +83,12 @@ def _resume_ok(ckpt: Path, fp: str) -> bool:
 # ---- fingerprints: what each stage's output depends on ---------------------------------------------
 
 def teacher_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("teacher", cfg.data, cfg.model.teacher, cfg.model.teacher_pretrained, cfg.teacher, cfg.seed)
+    return C.fingerprint("teacher", cfg.data, cfg.model.teacher, cfg.model.teacher_pretrained,
+                         cfg.model.teacher_image_size, cfg.teacher, cfg.seed)
+
+
+def base_fp(cfg: C.OALConfig) -> str:
+    return C.fingerprint("base", cfg.data, cfg.model.student, cfg.base, cfg.seed)
 
 
 def embeddings_fp(cfg: C.OALConfig) -> str:
@@ -92,7 +97,7 @@ def embeddings_fp(cfg: C.OALConfig) -> str:
 
 def anchors_fp(cfg: C.OALConfig) -> str:
     d = cfg.diffusion
-    return C.fingerprint("anchors", embeddings_fp(cfg), d.model, d.prompt, d.projection_steps, cfg.seed)
+    return C.fingerprint("anchors", embeddings_fp(cfg), d.model, d.prompt, d.anchor_norm, d.projection_steps, cfg.seed)
 
 
 def knn_fp(cfg: C.OALConfig) -> str:
@@ -107,12 +112,14 @@ def latents_fp(cfg: C.OALConfig) -> str:
 
 
 def student_fp(cfg: C.OALConfig) -> str:
-    uses_teacher = cfg.loss.w_logit_kd > 0 or cfg.loss.w_feat_kd > 0
     teacher = _file_id(cfg.model.teacher_checkpoint) if cfg.model.teacher_checkpoint else teacher_fp(cfg)
-    return C.fingerprint("student", cfg.data, cfg.model.student, cfg.student, cfg.loss, cfg.seed,
-                         teacher if uses_teacher else None,
-                         _file_id(cfg.outliers.knn_path) if cfg.loss.w_micl_knn > 0 else None,
-                         _file_id(cfg.outliers.latent_path) if cfg.loss.w_micl_lat > 0 else None)
+    init = None
+    if cfg.model.student_init == "base":
+        init = (_file_id(cfg.model.base_checkpoint) if cfg.model.base_checkpoint else base_fp(cfg), cfg.eval.checkpoint)
+    return C.fingerprint("student", cfg.data, cfg.model.student, cfg.model.teacher_image_size, cfg.student,
+                         cfg.loss, cfg.seed, init, teacher if cfg.loss.uses_teacher else None,
+                         _file_id(cfg.outliers.knn_path) if cfg.loss.uses_knn else None,
+                         _file_id(cfg.outliers.latent_path) if cfg.loss.uses_latent else None)
 
 
 def _file_id(path: str | None) -> str | None:
@@ -132,18 +139,24 @@ def _val_fn(cfg: C.OALConfig, bench: Benchmark, device: str) -> Callable:
     return lambda net: validation_metrics(net, bench, cfg.eval, device, cfg.data.eval_batch_size)
 
 
-TRAINED = ("teacher", "student")
+TRAINED = ("teacher", "base", "student")
 
 
 def training_fp(cfg: C.OALConfig, stage: str) -> str:
-    return teacher_fp(cfg) if stage == "teacher" else student_fp(cfg)
+    return {"teacher": teacher_fp, "base": base_fp, "student": student_fp}[stage](cfg)
+
+
+def training_config(cfg: C.OALConfig, stage: str) -> C.TrainConfig:
+    return {"teacher": cfg.teacher, "base": cfg.base, "student": cfg.student}[stage]
 
 
 def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, out_dir: Path | None = None,
                 on_epoch_end: EpochHook | None = None, accelerator: Any = None, progress: bool = True) -> FitResult:
-    """Train the teacher (cross-entropy) or the OAL student (CE + KD from the frozen teacher + MICL against
-    the outlier files) into `out_dir` (default: the stage's folder), resuming from a checkpoint there that was
-    written for the same inputs. Used as is by `oal train` and inside each Ray Train worker."""
+    """Train the teacher (cross-entropy), the base student (cross-entropy: the CE baseline, and the OAL student's
+    starting point) or the OAL student (CE + KD from the frozen teacher + MICL against the outlier files,
+    starting from the base student's weights with `model.student_init=base`) into `out_dir` (default: the
+    stage's folder), resuming from a checkpoint there that was written for the same inputs. Used as is by
+    `oal train` and inside each Ray Train worker."""
     if stage not in TRAINED:
         raise ValueError(f"stage must be one of {TRAINED}; got {stage!r}")
     d, fp = out_dir or stage_dir(cfg, stage), training_fp(cfg, stage)
@@ -159,11 +172,17 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
         net = build_teacher(cfg.model, bench.num_classes, cfg.data.image_size)
         return fit(net, bench.train, cfg.teacher, d, **common,  # type: ignore[arg-type]
                    meta={"arch": cfg.model.teacher, "num_classes": bench.num_classes, "fingerprint": fp})
+    if stage == "base":
+        net = build_student(cfg.model.student, bench.num_classes)
+        return fit(net, bench.train, cfg.base, d, **common,  # type: ignore[arg-type]
+                   meta={"arch": cfg.model.student, "num_classes": bench.num_classes, "fingerprint": fp})
     L = cfg.loss
-    teacher = load_teacher(cfg, bench.num_classes) if (L.w_logit_kd > 0 or L.w_feat_kd > 0) else None
-    knn = load_outliers(cfg.outliers.knn_path, "k-NN outlier") if L.w_micl_knn > 0 else None
-    lat = load_outliers(cfg.outliers.latent_path, "latent outlier") if L.w_micl_lat > 0 else None
+    teacher = load_teacher(cfg, bench.num_classes) if L.uses_teacher else None
+    knn = load_outliers(cfg.outliers.knn_path, "k-NN outlier") if L.uses_knn else None
+    lat = load_outliers(cfg.outliers.latent_path, "latent outlier") if L.uses_latent else None
     net = build_student(cfg.model.student, bench.num_classes)
+    if cfg.model.student_init == "base":
+        load_base(cfg, net, bench.num_classes)
     loss = OALLoss(L, net.feature_dim, teacher.feature_dim if teacher is not None else None,
                    knn.shape[1] if knn is not None else None, lat.shape[1] if lat is not None else None)
     return fit(net, bench.train, cfg.student, d, **common, loss=loss, teacher=teacher,  # type: ignore[arg-type]
@@ -194,6 +213,32 @@ def _run_trained(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch
         return skipped(stage, d, fp)
     res = train_stage(cfg, stage, bench, None, on_epoch_end, accelerator, progress)
     return finish_training(cfg, stage, res.checkpoint, res.history, res.resumed_from_epoch)
+
+
+def run_base(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
+             accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
+    """Train the student with cross-entropy alone: the CE baseline, and the OAL student's starting weights."""
+    return _run_trained(cfg, "base", bench, on_epoch_end, accelerator, progress, force)
+
+
+def base_checkpoint(cfg: C.OALConfig) -> Path:
+    return Path(cfg.model.base_checkpoint or stage_dir(cfg, "base") / CHECKPOINT)
+
+
+def load_base(cfg: C.OALConfig, net: Classifier, num_classes: int) -> None:
+    """Start the OAL student from the base stage's weights (the epoch `eval.checkpoint` selects)."""
+    path = base_checkpoint(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"base checkpoint '{path}' does not exist (model.student_init=base); run the base "
+                                f"stage first (`oal base`), give model.base_checkpoint, or set "
+                                f"model.student_init=scratch")
+    meta = load_torch(path, "base checkpoint").get("meta", {})
+    arch, classes = meta.get("arch"), meta.get("num_classes")
+    if arch != cfg.model.student or classes != num_classes:
+        raise ValueError(f"base checkpoint '{path}' (model.base_checkpoint) holds a {arch} with {classes} classes; "
+                         f"expected model.student={cfg.model.student} with {num_classes} classes")
+    loaded = load_checkpoint_net(path, net, cfg.eval.checkpoint)
+    log.info("student starts from the base checkpoint %s (epoch %s, %s)", path, loaded["epoch"], cfg.eval.checkpoint)
 
 
 def run_teacher(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
@@ -229,7 +274,7 @@ def run_embeddings(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool
 
 def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
     """Class anchors from the diffusion model's text encoder, and the teacher -> conditioning projection."""
-    from oal.diffusion import class_anchors, fit_projection, load_model
+    from oal.diffusion import class_anchors, fit_projection, load_model, token_embedding_norms
 
     d, fp = stage_dir(cfg, "anchors"), anchors_fp(cfg)
     if not force and is_done(d, fp):
@@ -237,13 +282,15 @@ def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
     emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")
     model = load_model(cfg.diffusion, resolve_device(cfg.device), cfg.seed)
     anchors = class_anchors(model, emb["class_names"], cfg.diffusion.prompt)  # (C, E)
+    scales = (token_embedding_norms(model, emb["class_names"]) if cfg.diffusion.anchor_norm == "token_embedding"
+              else anchors.norm(dim=-1))  # (C,): the k-NN outliers' norm
     proj, acc = fit_projection(emb["embeddings"], anchors, cfg.diffusion.projection_steps, cfg.seed)
     log.info("anchors: %s; projection %d -> %d, nearest-anchor accuracy %.3f", model.model_id, proj.in_dim,
              proj.out_dim, acc)
-    save_torch({"anchors": anchors, "class_names": emb["class_names"], "projection": proj.state_dict(),
+    save_torch({"anchors": anchors, "scales": scales, "class_names": emb["class_names"], "projection": proj.state_dict(),
                 "in_dim": proj.in_dim, "out_dim": proj.out_dim, "model_id": model.model_id}, d / "anchors.pt")
     return _finish("anchors", d, fp, cfg, {"anchors": d / "anchors.pt"}, model_id=model.model_id,
-                   projection_accuracy=acc, anchor_norms=anchors.norm(dim=-1).tolist())
+                   projection_accuracy=acc, anchor_norm=cfg.diffusion.anchor_norm, outlier_norms=scales.tolist())
 
 
 def run_knn(cfg: C.OALConfig, force: bool = False) -> StageResult:
@@ -260,7 +307,7 @@ def run_knn(cfg: C.OALConfig, force: bool = False) -> StageResult:
     proj.load_state_dict(a["projection"])
     with torch.no_grad():
         projected = proj(emb.float())  # (C, N, E)
-    out = sample_outliers(projected, cfg.knn, cfg.seed, a["anchors"].norm(dim=-1))
+    out = sample_outliers(projected, cfg.knn, cfg.seed, a["scales"])
     save_torch({"outliers": out, "class_names": a["class_names"]}, d / "knn_outliers.pt")
     return _finish("knn", d, fp, cfg, {"outliers": d / "knn_outliers.pt"}, shape=list(out.shape))
 
@@ -316,26 +363,47 @@ def run_student(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: 
     return _run_trained(cfg, "student", bench, on_epoch_end, accelerator, progress, force)
 
 
+EVAL_DIRS = {"student": "eval", "base": "eval_base"}  # the stage folder of each trained network's evaluation
+
+
 def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchmark | None = None,
-                 out_dir: Path | None = None, force: bool = False) -> tuple[StageResult, EvalReport | None]:
-    """Score a student checkpoint on the ID test set and every near/far OOD test set."""
-    ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, "student") / CHECKPOINT
-    d = out_dir or stage_dir(cfg, "eval")
+                 out_dir: Path | None = None, force: bool = False,
+                 of: str = "student") -> tuple[StageResult, EvalReport | None]:
+    """Score a checkpoint (default: the `of` stage's, student or base) on the ID test set and every near/far OOD
+    test set, with the weights `eval.checkpoint` selects (last epoch, or best ID validation accuracy)."""
+    ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, of) / CHECKPOINT
+    name = EVAL_DIRS[of]
+    d = out_dir or stage_dir(cfg, name)
     fp = C.fingerprint("eval", _file_id(str(ckpt)) if checkpoint is None else str(ckpt), cfg.eval, cfg.data)
     if not force and is_done(d, fp):
-        return skipped("eval", d, fp), None
+        return skipped(name, d, fp), None
     bench = bench or build_benchmark(cfg.data)
-    meta = load_torch(ckpt, "student checkpoint").get("meta", {})
+    meta = load_torch(ckpt, f"{of} checkpoint").get("meta", {})
     arch = meta.get("arch", cfg.model.student)
     net = build_student(arch, bench.num_classes)
-    load_checkpoint_net(ckpt, net)
+    loaded = load_checkpoint_net(ckpt, net, cfg.eval.checkpoint)
     report = evaluate(net, bench, cfg.eval, resolve_device(cfg.device), cfg.data.eval_batch_size)
     files = write_report(report, d, cfg.eval.primary, cfg.eval.plots)
     primary = report.results[cfg.eval.primary]
-    return _finish("eval", d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
-                   checkpoint=str(ckpt), plots=[str(f) for f in files if f.suffix == ".png"],
+    return _finish(name, d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
+                   checkpoint=str(ckpt), epoch=loaded["epoch"], selected=cfg.eval.checkpoint,
+                   plots=[str(f) for f in files if f.suffix == ".png"],
                    id_accuracy=report.id_accuracy, near_auroc=primary.near["auroc"],
                    far_auroc=primary.far["auroc"]), report
+
+
+def write_comparison(cfg: C.OALConfig) -> Path:
+    """`<run>/results.md`: the CE baseline (base stage) and the OAL student side by side, primary score."""
+    from oal.evaluate import comparison_table
+
+    rows = {}
+    for label, name in (("CE (base stage)", "eval_base"), ("OAL (student)", "eval")):
+        m = read_manifest(stage_dir(cfg, name))
+        if m is not None:
+            rows[label] = (json.loads(Path(m["outputs"]["results"]).read_text()), m)
+    path = cfg.run_dir / "results.md"
+    write_text(comparison_table(rows, cfg.eval.primary, cfg.data.benchmark), path)
+    return path
 
 
 def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResult]:
@@ -344,10 +412,12 @@ def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResu
 
     bench = build_benchmark(cfg.data)
     results: dict[str, StageResult] = {}
+    if needs_base(cfg):
+        results["base"] = run_base(cfg, bench, progress=progress)
     results["teacher"] = run_teacher(cfg, bench, progress=progress)
     L, O = cfg.loss, cfg.outliers
-    need_knn = L.w_micl_knn > 0 and O.knn_path is None
-    need_lat = L.w_micl_lat > 0 and O.latent_path is None
+    need_knn = L.uses_knn and O.knn_path is None
+    need_lat = L.uses_latent and O.latent_path is None
     if need_knn or need_lat:
         results["embeddings"] = run_embeddings(cfg, bench)
         results["anchors"] = run_anchors(cfg)
@@ -359,5 +429,13 @@ def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResu
         O = replace(O, latent_path=results["latents"].outputs["vectors"])
     cfg = replace(cfg, outliers=O)
     results["student"] = run_student(cfg, bench, progress=progress)
+    if "base" in results:
+        results["eval_base"] = run_evaluate(cfg, bench=bench, of="base")[0]
     results["eval"] = run_evaluate(cfg, bench=bench)[0]
+    write_comparison(cfg)
     return results
+
+
+def needs_base(cfg: C.OALConfig) -> bool:
+    """The base stage runs when the student starts from it, or as the CE baseline row (`eval.baseline`)."""
+    return (cfg.model.student_init == "base" and cfg.model.base_checkpoint is None) or cfg.eval.baseline

@@ -23,11 +23,12 @@ from oal.diffusion import (
     class_token_position,
     decode,
     encode_prompts,
+    encode_with_outliers,
     load_model,
     model_id,
     reduce_latents,
-    replace_token,
     sample_latents,
+    tokenize,
 )
 from oal.storage import load_torch, save_torch, write_json
 
@@ -66,8 +67,7 @@ class LatentSynthesizer:
             raise ValueError(f"outlier embeddings are {outliers.shape[-1]}-d but {self.model.model_id}'s conditioning "
                              f"is {self.model.cond_dim}-d; project them first (the anchors stage does)")
         self.outliers = outliers.float()
-        prompts = [cfg.prompt.format(c) for c in class_names]
-        self.cond = encode_prompts(self.model, prompts)  # (C, L, E)
+        self.ids = tokenize(self.model, [cfg.prompt.format(c) for c in class_names])  # (C, L)
         self.uncond = encode_prompts(self.model, [""])  # (1, L, E)
         self.positions = torch.tensor([class_token_position(self.model, cfg.prompt, c) for c in class_names])
 
@@ -75,14 +75,13 @@ class LatentSynthesizer:
         c, m = self.outliers.shape[:2]
         gen = torch.Generator().manual_seed(spec.seed)
         ids = torch.arange(spec.start, spec.start + spec.count)
-        classes = ids % c  # classes in turn, as the reference samples them
+        classes = ids % c  # classes in turn (the reference draws one class at random per batch of 3)
         emb_ids = torch.randint(0, m, (spec.count,), generator=gen)
         lat, imgs = [], []
         for b in range(0, spec.count, self.cfg.batch_size):
             cls, eid = classes[b:b + self.cfg.batch_size], emb_ids[b:b + self.cfg.batch_size]
-            dev = self.model.device
-            cond = replace_token(self.cond[cls.to(dev)], self.positions[cls].to(dev),
-                                 self.outliers[cls, eid].to(dev))  # (B, L, E)
+            cond = encode_with_outliers(self.model, self.ids[cls], self.positions[cls],
+                                        self.outliers[cls, eid])  # (B, L, E)
             uncond = self.uncond.expand(len(cls), -1, -1)
             x = sample_latents(self.model, cond, uncond, self.cfg, gen)  # (B, 4, h, w)
             lat.append(x.float().cpu())

@@ -191,7 +191,7 @@ class Tracker:
             if (d / name).exists():
                 mlflow.log_artifact(str(d / name))
         manifest = json.loads((d / "stage.json").read_text())
-        if result.name in ("teacher", "student") and not live_metrics:
+        if result.name in ("teacher", "base", "student") and not live_metrics:
             for row in manifest.get("history", []):
                 step = int(row.get("epoch", 0))
                 mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in row.items()
@@ -200,12 +200,21 @@ class Tracker:
             mlflow.set_tag("latents_uri", str(d.resolve()))  # shards stay where they are: referenced, not copied
             if (d / "grid.png").exists():
                 mlflow.log_artifact(str(d / "grid.png"))
-        if result.name == "eval" and report is not None:
-            self._eval(report, d, cfg)
+        if result.name in ("eval", "eval_base") and report is not None:
+            self._eval(report, d, cfg, prefix="base_" if result.name == "eval_base" else "")
             if self.log_model and student is not None and cfg is not None:
                 self._model(cfg, Path(student.outputs["checkpoint"]))
 
-    def _eval(self, report: Any, d: Path, cfg: C.OALConfig | None) -> None:
+    def log_comparison(self, path: Path) -> None:
+        """The CE-baseline-vs-OAL table, on the pipeline's own run."""
+        if not self.enabled or self.parent_id is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        with self._writes_fail_clearly("record the results table"):
+            MlflowClient().log_artifact(self.parent_id, str(path))
+
+    def _eval(self, report: Any, d: Path, cfg: C.OALConfig | None, prefix: str = "") -> None:
         import mlflow
 
         metrics = {"id_accuracy": report.id_accuracy}
@@ -223,7 +232,7 @@ class Tracker:
             primary = report.results[cfg.eval.primary if cfg else "ebo"]
             for k, v in {"id_accuracy": report.id_accuracy, "near_auroc": primary.near["auroc"],
                          "far_auroc": primary.far["auroc"]}.items():
-                MlflowClient().log_metric(self.parent_id, k, v)
+                MlflowClient().log_metric(self.parent_id, prefix + k, v)
         for name in ("results.md", "results.json"):
             mlflow.log_artifact(str(d / name))
         if (d / "plots").is_dir():
@@ -239,7 +248,7 @@ class Tracker:
 
         meta = torch.load(checkpoint, map_location="cpu", weights_only=False).get("meta", {})
         net = build_student(meta.get("arch", cfg.model.student), meta["num_classes"]).eval()
-        load_checkpoint_net(checkpoint, net)
+        load_checkpoint_net(checkpoint, net, cfg.eval.checkpoint)  # the weights the evaluation scored
         x = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size)
         served = LogitsOnly(net).eval()
         with torch.no_grad():

@@ -134,10 +134,20 @@ def recompute_bn_stats(net: nn.Module, train_set: Dataset, images: int, batch_si
 
 
 def _param_groups(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> list[dict]:
-    groups = [{"params": list(net.parameters()), "lr": cfg.lr, "name": "net"}]
+    if cfg.head_lr is None:
+        groups = [{"params": list(net.parameters()), "lr": cfg.lr, "name": "net"}]
+    else:  # the reference teacher: backbone at 1e-6, head at 1e-4
+        from oal.models import classifier_head
+
+        head = {id(p) for p in classifier_head(net).parameters()}
+        groups = [{"params": [p for p in net.parameters() if id(p) not in head], "lr": cfg.lr, "name": "net"},
+                  {"params": [p for p in net.parameters() if id(p) in head], "lr": cfg.head_lr, "name": "head"}]
     if loss is not None:
         if loss.dt is not None:
             groups.append({"params": list(loss.dt.parameters()), "lr": cfg.dt_lr, "name": "dt"})
+        energy = [p for m in (loss.energy_knn, loss.energy_lat) if m is not None for p in m.parameters()]
+        if energy:  # the reference's energy_rl projectors and regressions: the DT projector's learning rate
+            groups.append({"params": energy, "lr": cfg.dt_lr, "name": "energy"})
         clubs = [p for m in (loss.club_knn, loss.club_lat) if m is not None for p in m.parameters()]
         if clubs:
             groups.append({"params": clubs, "lr": cfg.club_lr, "name": "club"})
@@ -187,6 +197,8 @@ def fit(
     optimizer: torch.optim.Optimizer
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(_param_groups(net, loss, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(_param_groups(net, loss, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.SGD(_param_groups(net, loss, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                     nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
@@ -195,6 +207,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.epochs)
     start_epoch = 0
     history: list[dict[str, float]] = []
+    best: dict[str, Any] | None = None  # the epoch with the best ID validation accuracy (OpenOOD's best.ckpt)
     if resume and ckpt_path.exists():
         state = load_torch(ckpt_path, "checkpoint")
         try:
@@ -207,6 +220,7 @@ def fit(
         _set_rng_state(state["rng"])
         start_epoch = state["epoch"]
         history = list(state.get("history", []))[:start_epoch]  # the epochs before the interruption
+        best = state.get("best")
     model, optimizer = acc.prepare(modules, optimizer)
     raw = acc.unwrap_model(model)
     if teacher is not None:
@@ -228,8 +242,9 @@ def fit(
             with acc.accumulate(model):
                 t_logits = t_feat = kb = lb = None
                 if teacher is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), acc.autocast():  # the frozen teacher in the run's mixed precision too
                         t_logits, t_feat = teacher(x)  # (B, K), (B, D_t)
+                    t_logits, t_feat = t_logits.float(), t_feat.float()
                 n_out = min(outlier_batch_size, len(x))
                 if knn is not None:
                     kb = knn[torch.randperm(len(knn), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_k)
@@ -257,13 +272,18 @@ def fit(
         if eval_fn is not None:
             metrics.update(eval_fn(raw.net))
         done = epoch + 1
+        val_acc = metrics.get("val/id_accuracy")
+        if val_acc is not None and (best is None or val_acc > best["val/id_accuracy"]):
+            best = {"epoch": done, "val/id_accuracy": val_acc,
+                    "net": {k: v.detach().cpu().clone() for k, v in raw.net.state_dict().items()}}
         history.append(metrics)
         if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_torch({"modules": raw.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": done,
-                            "history": history, "resumed_from_epoch": start_epoch, "meta": meta or {}}, ckpt_path)
+                            "history": history, "resumed_from_epoch": start_epoch, "meta": meta or {},
+                            "best": best}, ckpt_path)
             acc.wait_for_everyone()
         if acc.is_main_process and progress:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
@@ -285,15 +305,24 @@ def _check_finite(acc: Accelerator, total: torch.Tensor, terms: dict[str, torch.
             f"Last good checkpoint: '{ckpt}'" + ("" if ckpt.exists() else " (none written yet)"))
 
 
-def load_checkpoint_net(path: str | Path, net: nn.Module) -> dict[str, Any]:
-    """Load the network weights of a `fit` checkpoint into `net`; returns the checkpoint's meta."""
+def load_checkpoint_net(path: str | Path, net: nn.Module, which: str = "last") -> dict[str, Any]:
+    """Load the network weights of a `fit` checkpoint into `net`: those of its last epoch, or with `which="best"`
+    those of the epoch with the best ID validation accuracy (the last where no validation ran). Returns the
+    checkpoint's meta, with `epoch` set to the loaded epoch."""
     state = load_torch(path, "checkpoint")
     if not isinstance(state, dict) or "modules" not in state:
         raise ValueError(f"checkpoint '{path}' is not an OAL checkpoint (no 'modules' entry)")
-    weights = {k[len("net."):]: v for k, v in state["modules"].items() if k.startswith("net.")}
+    if which not in ("last", "best"):
+        raise ValueError(f"which checkpoint: 'last' or 'best' (eval.checkpoint); got {which!r}")
+    best = state.get("best") if which == "best" else None
+    if best is not None:
+        weights, epoch = best["net"], best["epoch"]
+    else:
+        weights = {k[len("net."):]: v for k, v in state["modules"].items() if k.startswith("net.")}
+        epoch = state.get("epoch")
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"checkpoint '{path}' does not fit the network "
                          f"{state.get('meta', {}).get('arch', '?')}: {str(e).splitlines()[0]}") from None
-    return state.get("meta", {})
+    return {**state.get("meta", {}), "epoch": epoch}

@@ -62,14 +62,18 @@ def test_pipeline_runs_knn_stage_and_resumes(tmp_path):
     assert (run / "latents" / "grid.png").read_bytes()[:4] == b"\x89PNG"
     student = json.loads((run / "student" / "stage.json").read_text())
     assert {"loss/micl_knn", "loss/micl_lat"} <= set(student["history"][0])
+    # the CE baseline (base stage) and the OAL student, side by side
+    table = (run / "results.md").read_text()
+    assert "| CE (base stage) | last (epoch 2) |" in table and "| OAL (student) | last (epoch 2) |" in table
+    assert table in r.stdout
     r = oal("pipeline", *common, cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 7
-    # a changed student setting redoes the student and evaluation only
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 9
+    # a changed student setting redoes the student and its evaluation only
     r = oal("pipeline", *common, "student.lr=0.01", cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 5
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 7
     # a changed sampler setting redoes synthesis and what follows, not the teacher or the k-NN outliers
     r = oal("pipeline", *common, "student.lr=0.01", "diffusion.guidance_scale=3", cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 4
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 6
 
 
 @pytest.mark.parametrize("args,code,needle", [

@@ -9,11 +9,12 @@ from oal.diffusion import (
     class_token_position,
     decode,
     encode_prompts,
+    encode_with_outliers,
     fit_projection,
     load_model,
     reduce_latents,
-    replace_token,
     sample_latents,
+    tokenize,
 )
 
 CFG = DiffusionConfig(steps=4, guidance_scale=7.5)
@@ -40,24 +41,46 @@ def test_class_token_position_and_anchors(model):
     pos = class_token_position(model, CFG.prompt, "zero")
     ids = model.tokenizer([CFG.prompt.format("zero")])["input_ids"][0]
     assert ids[pos] == model.tokenizer.word_ids("zero")[0]
-    # a two-word name: the anchor sits on its last word
+    # a two-word name: the outlier goes to its first word, as in the reference
     pos2 = class_token_position(model, CFG.prompt, "sea lion")
-    assert pos2 == pos + 1
+    assert pos2 == pos
+    ids2 = model.tokenizer([CFG.prompt.format("sea lion")])["input_ids"][0]
+    assert ids2[pos2] == model.tokenizer.word_ids("sea")[0]
     anchors = class_anchors(model, ["zero", "one", "sea lion"], CFG.prompt)
     assert anchors.shape == (3, 32)
-    cond = encode_prompts(model, [CFG.prompt.format("one")])
-    assert torch.allclose(anchors[1], cond[0, pos])
+    bare = encode_prompts(model, ["one"])  # (1, L, E): the bare class name, padded
+    assert torch.allclose(anchors[1], bare[0].mean(0))  # the mean over every position
+    assert not torch.allclose(anchors[1], encode_prompts(model, [CFG.prompt.format("one")])[0].mean(0))
 
 
-def test_replacement_changes_that_token_only(model):
-    cond = encode_prompts(model, [CFG.prompt.format("zero")] * 2)  # (2, L, E)
+def test_no_token_class_name_is_one_clear_error(model):
+    with pytest.raises(ValueError, match="splits class name '   ' into no tokens"):
+        class_anchors(model, ["zero", "   "])
+    with pytest.raises(ValueError, match="into no tokens"):
+        class_token_position(model, CFG.prompt, "")
+
+
+def test_outlier_enters_the_input_embedding_and_reaches_end_of_text(model):
+    prompts = [CFG.prompt.format("zero")] * 2
+    ids = tokenize(model, prompts)  # (2, L)
+    plain = encode_prompts(model, prompts)  # (2, L, E)
     pos = class_token_position(model, CFG.prompt, "zero")
-    emb = torch.randn(2, 32)
-    new = replace_token(cond, torch.tensor([pos, pos]), emb)
-    changed = (new != cond).any(-1)  # (2, L)
-    assert changed[:, pos].all() and changed.sum() == 2
-    assert torch.equal(new[:, pos], emb)
-    assert torch.equal(cond[:, :pos], new[:, :pos]) and torch.equal(cond[:, pos + 1:], new[:, pos + 1:])
+    eot = int((ids[0] == model.tokenizer.eos_token_id).nonzero()[0])
+    assert eot > pos
+    weights = model.text_encoder.get_input_embeddings().weight.clone()
+    new = encode_with_outliers(model, ids, torch.tensor([pos, pos]), torch.randn(2, 32))
+    changed = (new - plain).abs().amax(-1) > 1e-5  # (2, L)
+    # CLIP's text transformer is causal: positions before the class token cannot see the outlier, every
+    # later one does, the end-of-text token and the padding included
+    assert not changed[:, :pos].any()
+    assert changed[:, pos:].all() and changed[:, eot].all()
+    assert not torch.allclose(new[0], new[1])  # each row gets its own outlier
+    # the encoder is left as it was: no weight changed, no hook left behind
+    assert torch.equal(model.text_encoder.get_input_embeddings().weight, weights)
+    assert torch.allclose(encode_prompts(model, prompts), plain)
+    # writing back the token's own embedding reproduces the plain encoding
+    own = weights[ids[:, pos]]  # (2, E)
+    assert torch.allclose(encode_with_outliers(model, ids, torch.tensor([pos, pos]), own), plain, atol=1e-6)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "pndm", "dpm"])
@@ -69,7 +92,8 @@ def test_sampler_is_seeded_and_conditioned(model, scheduler):
     b = sample_latents(model, cond, uncond, cfg, torch.Generator().manual_seed(1))
     assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all() and torch.equal(a, b)
     pos = class_token_position(model, CFG.prompt, "zero")
-    other = replace_token(cond, torch.tensor([pos, pos]), 10 * torch.randn(2, 32))
+    ids = tokenize(model, [CFG.prompt.format("zero")] * 2)
+    other = encode_with_outliers(model, ids, torch.tensor([pos, pos]), 10 * torch.randn(2, 32))
     c = sample_latents(model, other, uncond, cfg, torch.Generator().manual_seed(1))
     assert not torch.allclose(a, c)  # the replaced embedding reaches the UNet
 

@@ -1,9 +1,13 @@
-"""CIFAR-10/100 from a local torchvision folder, and OpenOOD v1.5 image lists for the OOD sets.
+"""CIFAR-10/100 and ImageNet-200 from OpenOOD v1.5's image lists, or CIFAR from a local torchvision folder.
 
-Nothing is downloaded. `data.root` holds `cifar-10-batches-py/` or `cifar-100-python/` (torchvision's
-on-disk format). `data.openood_root` holds OpenOOD v1.5's `benchmark_imglist/<id>/*.txt` and
+Nothing is downloaded. `data.openood_root` holds OpenOOD v1.5's `benchmark_imglist/<id>/*.txt` and
 `images_classic/` (CIFAR) or `images_largescale/` (ImageNet-200); each list line is
-`<path relative to the images folder> <label>`.
+`<path relative to the images folder> <label>`. With it, the ID train/val/test split is OpenOOD's own
+(`train_<id>.txt`, `val_<id>.txt`, `test_<id>.txt`: for CIFAR 1,000 validation and 9,000 test images
+taken from the test split), the one the leaderboard's numbers are measured on, and the OOD sets come
+from the same tree. Without it, CIFAR comes from `data.root` in torchvision's on-disk format
+(`cifar-10-batches-py/` or `cifar-100-python/`), with every 10th test image as validation: not the
+leaderboard's split, and no OOD sets.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from torchvision import datasets, transforms
 
 from oal.config import DataConfig
 from oal.data import Benchmark, register
+from oal.data.names import CIFAR10_NAMES, CIFAR100_NAMES, imagenet_class_names
 
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),  # OpenOOD's values
     "imagenet200": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
@@ -65,13 +70,17 @@ class ImageList(Dataset):
 
 
 def _transforms(name: str, size: int) -> tuple[Callable, Callable]:
+    """OpenOOD v1.5's preprocessors: CIFAR resized to `size` (bilinear), then a 4-pixel-padded random crop and
+    a flip (at 224 too, as the reference trains); ImageNet-200 a random resized crop and a flip."""
     mean, std = MEAN_STD[name]
     norm = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if size == 32:
+    if name == "imagenet200":
+        train = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *norm])
+    elif size == 32:
         train = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *norm])
     else:
-        train = transforms.Compose([transforms.Resize(size), transforms.RandomCrop(size, padding=size // 8),
-                                    transforms.RandomHorizontalFlip(), *norm])
+        train = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size),
+                                    transforms.RandomHorizontalFlip(), transforms.RandomCrop(size, padding=4), *norm])
     test = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), *norm])
     return train, test
 
@@ -88,7 +97,33 @@ def openood_sets(name: str, root: str | None, transform: Callable) -> tuple[dict
     )
 
 
+def _from_lists(name: str, cfg: DataConfig, class_names: Callable[[ImageList], list[str]]) -> Benchmark:
+    """ID train/val/test and the OOD sets, all from OpenOOD v1.5 lists under `data.openood_root`."""
+    assert cfg.openood_root is not None
+    train_tf, test_tf = _transforms(name, cfg.image_size)
+    base = Path(cfg.openood_root)
+    lists = base / "benchmark_imglist" / name
+    images = base / ("images_largescale" if name == "imagenet200" else "images_classic")
+
+    def ds(stem: str, tf: Callable) -> ImageList:
+        return ImageList(lists / f"{stem}.txt", images, tf, ood=False)
+
+    train = ds(f"train_{name}", train_tf)
+    names = class_names(train)
+    labels = sorted({label for _, label in train.items})
+    if labels != list(range(len(names))):
+        raise ValueError(f"{lists / f'train_{name}.txt'}: labels must be 0..{len(names) - 1} for {name}'s "
+                         f"{len(names)} classes; found {len(labels)} distinct labels from {labels[0]} to {labels[-1]}")
+    ood_val, near, far = openood_sets(name, cfg.openood_root, test_tf)
+    return Benchmark(name=name, class_names=names, train=train, train_plain=ds(f"train_{name}", test_tf),
+                     val=ds(f"val_{name}", test_tf), test=ds(f"test_{name}", test_tf), ood_val=ood_val, near=near,
+                     far=far)
+
+
 def _cifar(name: str, cfg: DataConfig) -> Benchmark:
+    names = CIFAR10_NAMES if name == "cifar10" else CIFAR100_NAMES
+    if cfg.openood_root is not None:
+        return _from_lists(name, cfg, lambda _: list(names))
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     if cfg.root is None or not (Path(cfg.root) / folder).is_dir():
@@ -103,9 +138,10 @@ def _cifar(name: str, cfg: DataConfig) -> Benchmark:
     idx = torch.arange(len(test))
     val = torch.utils.data.Subset(test, idx[idx % 10 == 0].tolist())
     test_rest = torch.utils.data.Subset(test, idx[idx % 10 != 0].tolist())
-    ood_val, near, far = openood_sets(name, cfg.openood_root, test_tf)
-    return Benchmark(name=name, class_names=list(train.classes), train=train, train_plain=plain, val=val,
-                     test=test_rest, ood_val=ood_val, near=near, far=far)
+    if len(train.classes) != len(names):
+        raise ValueError(f"{name}: torchvision's folder has {len(train.classes)} classes, expected {len(names)}")
+    return Benchmark(name=name, class_names=list(names), train=train, train_plain=plain, val=val,
+                     test=test_rest)
 
 
 @register("cifar10")
@@ -120,20 +156,9 @@ def build_cifar100(cfg: DataConfig) -> Benchmark:
 
 @register("imagenet200")
 def build_imagenet200(cfg: DataConfig) -> Benchmark:
-    """ImageNet-200 entirely from OpenOOD v1.5 lists (train/val/test_imagenet200.txt)."""
+    """ImageNet-200 entirely from OpenOOD v1.5 lists (train/val/test_imagenet200.txt); class names are the
+    WordNet lemmas of the synset folders the training list names."""
     if cfg.openood_root is None:
         raise FileNotFoundError("imagenet200 needs data.openood_root (OpenOOD v1.5 benchmark_imglist/ + "
                                 "images_largescale/)")
-    train_tf, test_tf = _transforms("imagenet200", cfg.image_size)
-    base = Path(cfg.openood_root)
-    lists, images = base / "benchmark_imglist" / "imagenet200", base / "images_largescale"
-
-    def ds(stem: str, tf: Callable) -> ImageList:
-        return ImageList(lists / f"{stem}.txt", images, tf, ood=False)
-
-    train = ds("train_imagenet200", train_tf)
-    labels = sorted({label for _, label in train.items})
-    ood_val, near, far = openood_sets("imagenet200", cfg.openood_root, test_tf)
-    return Benchmark(name="imagenet200", class_names=[f"class {i}" for i in labels], train=train,
-                     train_plain=ds("train_imagenet200", test_tf), val=ds("val_imagenet200", test_tf),
-                     test=ds("test_imagenet200", test_tf), ood_val=ood_val, near=near, far=far)
+    return _from_lists("imagenet200", cfg, imagenet_class_names)
