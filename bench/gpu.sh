@@ -5,7 +5,10 @@
 # 1. the digits pipeline end to end on the GPU (every stage, device=cuda), summary written to OUTDIR, then
 #    again with the student in fp16 mixed precision (the first five stages must be skipped);
 # 2. bench.synthesis --sd-size: latent-only vs decode on a Stable-Diffusion-v1-sized model, fp16 512x512;
-# 3. bench.overhead on the GPU: the Accelerate loop against a plain PyTorch loop.
+# 3. bench.overhead on the GPU: the Accelerate loop against a plain PyTorch loop;
+# 4. recipe: the cifar100_32 and cifar100_oal presets end to end on CUDA, on the scale rehearsal's generated data
+#    (tests/realdata.py: an OpenOOD tree, a Stable-Diffusion-layout folder; sizes and epochs shrunk);
+# 5. hours: bench.paper_hours, GPU throughput of each stage of the paper's CIFAR-100 recipe and its GPU-hours.
 # Each step has its own time limit so that one slow step does not take the others' results with it.
 set -uo pipefail
 out=${1:-runs/gpu}
@@ -31,7 +34,7 @@ step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, its output into
   [ $rc -eq 0 ] || status=1
 }
 
-steps=" ${STEPS:-pipeline synthesis overhead} "
+steps=" ${STEPS:-pipeline synthesis overhead recipe hours} "
 runs=$(mktemp -d)
 if [[ $steps == *" pipeline "* ]]; then
   step pipeline 200 $py -m oal.cli pipeline --config digits --no-progress device=cuda "output_dir=$runs"
@@ -45,5 +48,16 @@ if [[ $steps == *" synthesis "* ]]; then
 fi
 if [[ $steps == *" overhead "* ]]; then
   step overhead 120 $py -m bench.overhead --device cuda --reps 3 --epochs 3
+fi
+if [[ $steps == *" recipe "* ]]; then
+  for preset in cifar100_32 cifar100_oal; do
+    overrides=$($py -m tests.realdata "$runs/data-$preset" "$preset" 2>/dev/null)
+    step "recipe_$preset" 150 $py -m oal.cli pipeline --config "$preset" --no-progress $overrides device=cuda \
+      "output_dir=$runs"
+    cp "$runs/$preset/results.md" "$out/recipe_${preset}_results.md"
+  done
+fi
+if [[ $steps == *" hours "* ]]; then
+  step hours 330 $py -m bench.paper_hours --out "$out/paper_hours.md"
 fi
 exit $status

@@ -171,7 +171,8 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
     if stage == "teacher":
         net = build_teacher(cfg.model, bench.num_classes, cfg.data.image_size)
         return fit(net, bench.train, cfg.teacher, d, **common,  # type: ignore[arg-type]
-                   meta={"arch": cfg.model.teacher, "num_classes": bench.num_classes, "fingerprint": fp})
+                   meta={"arch": cfg.model.teacher, "num_classes": bench.num_classes, "fingerprint": fp,
+                         "input_size": teacher_input_size(cfg)})
     if stage == "base":
         net = build_student(cfg.model.student, bench.num_classes)
         return fit(net, bench.train, cfg.base, d, **common,  # type: ignore[arg-type]
@@ -252,9 +253,17 @@ def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -
     if not Path(path).exists():
         raise FileNotFoundError(f"teacher checkpoint '{path}' does not exist; run `oal teacher` first, or set "
                                 f"loss.w_logit_kd=0 loss.w_feat_kd=0 to train without a teacher")
+    meta = load_torch(path, "teacher checkpoint").get("meta", {})
+    if meta.get("input_size", teacher_input_size(cfg)) != teacher_input_size(cfg):
+        raise ValueError(f"teacher checkpoint '{path}' was trained at {meta['input_size']} px; this config builds the "
+                         f"teacher at {teacher_input_size(cfg)} px (model.teacher_image_size)")
     net = build_teacher(cfg.model, num_classes, cfg.data.image_size)
     load_checkpoint_net(path, net)
     return net.eval()
+
+
+def teacher_input_size(cfg: C.OALConfig) -> int:
+    return cfg.model.teacher_image_size or cfg.data.image_size
 
 
 def run_embeddings(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool = False) -> StageResult:

@@ -283,3 +283,46 @@ def make_sd_folder(path: Path, cross_attention_dim: int = 32, seed: int = 0, fp1
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
+
+
+# ---- the scale rehearsal: a paper preset at full shape, shrunk only in sizes and epochs -------------------
+
+def teacher_weights(path: Path, image_size: int = 224, seed: int = 0) -> Path:
+    """A backbone file for `model.teacher_pretrained`: a 2-block, 64-wide timm ViT (8 px patches) at
+    `image_size`, saved as a plain state dict, as ViT-B/16 weights would be."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=image_size, patch_size=8, embed_dim=64,
+                            depth=2, num_heads=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(vit.state_dict(), path)
+    return path
+
+
+def rehearsal(root: Path, preset: str, seed: int = 0) -> list[str]:
+    """Write an OpenOOD v1.5 tree, a teacher weights file and a Stable-Diffusion-layout folder under `root`, and
+    return the overrides that run `preset` on them: the three paths, then sizes and epochs only (the teacher is
+    a smaller timm ViT at the preset's own input size; k-NN, sampling and training shrunk to seconds)."""
+    benchmark = "cifar10" if preset.startswith("cifar10_") else "cifar100"
+    tree = make_openood_tree(root / "openood", benchmark, train_per_class=2, val_per_class=1, test_per_class=1,
+                             ood_per_set=6, seed=seed)
+    return [
+        f"data.openood_root={tree['root']}",
+        f"model.teacher_pretrained={teacher_weights(root / 'vit_tiny.pth')}",
+        f"diffusion.model={make_sd_folder(root / 'sd', seed=seed)}",
+        "model.teacher=vit_tiny",  # a 2-block, 64-wide ViT instead of ViT-B/16: same timm code, a smaller size
+        "data.num_workers=0",
+        "teacher.epochs=1", "base.epochs=1", "student.epochs=1",
+        "knn.per_class_cap=2", "knn.k=1", "knn.select=2", "knn.pic_nums=2", "knn.rounds=1", "knn.candidates=20",
+        "diffusion.resolution=16", "diffusion.steps=2", "diffusion.num_outliers=6", "diffusion.shard_size=3",
+        "diffusion.projection_steps=20", "diffusion.grid_samples=3",
+        "eval.plots=false",
+    ]
+
+
+if __name__ == "__main__":  # python -m tests.realdata ROOT PRESET: writes the data, prints the overrides
+    import sys
+
+    print(" ".join(rehearsal(Path(sys.argv[1]), sys.argv[2])))
