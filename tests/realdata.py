@@ -319,6 +319,7 @@ def rehearsal(root: Path, preset: str, seed: int = 0) -> list[str]:
         "diffusion.resolution=16", "diffusion.steps=2", "diffusion.num_outliers=6", "diffusion.shard_size=3",
         "diffusion.projection_steps=20", "diffusion.grid_samples=3",
         "eval.plots=false",
+        "cluster.cpus_per_worker=2",  # both cores of a 2-core CI machine for each training stage's one worker
     ]
 
 
