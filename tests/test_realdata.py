@@ -163,6 +163,7 @@ def test_tree_builds_the_project_benchmark(tree: dict) -> None:
 
     bench = build_benchmark(DataConfig(benchmark="cifar100", openood_root=str(tree["root"])))
     assert len(bench.class_names) == tree["num_classes"] == 100
+    assert bench.class_names[:2] == ["apples", "aquarium fish"]  # the reference's prompt names, not folder names
     assert [str(p.relative_to(tree["images_dir"])) for p, _ in bench.test.items] == tree["test_paths"]
     assert [label for _, label in bench.test.items] == tree["test_labels"]
     assert len(bench.train) == tree["counts"]["train_cifar100"] and len(bench.val) == 100
@@ -183,4 +184,22 @@ def test_sd_class_token_position(sd: tuple) -> None:
     ids = tok(template.format("aquarium fish"))["input_ids"]
     span = range(8, 19)  # a qu a r i u m</w> f i s h</w>
     assert tok.convert_ids_to_tokens(ids[span.start]) == "a" and tok.convert_ids_to_tokens(ids[span.stop - 1]) == "h</w>"
-    assert class_token_position(model, template, "aquarium fish") in (span.start, span.stop - 1)  # first or last piece
+    assert class_token_position(model, template, "aquarium fish") == span.start  # the first piece, as the reference
+
+
+def test_outlier_reaches_end_of_text_through_real_clip(sd: tuple) -> None:
+    """With the CLIP tokenizer and text model: the input-embedding write at the class's first sub-token changes
+    every later position, the end-of-text token included, and none before it."""
+    import torch
+
+    from oal.diffusion import class_token_position, encode_prompts, encode_with_outliers, tokenize
+
+    _, model = sd
+    prompt = "A high-quality image of the aquarium fish"
+    ids = tokenize(model, [prompt])  # (1, 77)
+    pos = class_token_position(model, "A high-quality image of the {}", "aquarium fish")
+    eot = int((ids[0] == model.tokenizer.eos_token_id).nonzero()[0])
+    plain = encode_prompts(model, [prompt])
+    new = encode_with_outliers(model, ids, torch.tensor([pos]), torch.randn(1, model.cond_dim))
+    changed = (new - plain).abs().amax(-1)[0] > 1e-5  # (77,)
+    assert not changed[:pos].any() and changed[pos:].all() and bool(changed[eot])
