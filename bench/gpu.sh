@@ -41,7 +41,7 @@ if [[ $steps == *" pipeline "* ]]; then
   cp "$runs/digits/eval/results.md" "$out/pipeline_results.md"
   step pipeline_fp16 120 $py -m oal.cli pipeline --config digits --no-progress device=cuda "output_dir=$runs" \
     student.mixed_precision=fp16
-  echo "stages skipped in the fp16 rerun: $(grep -c 'skipped (up to date)' "$out/pipeline_fp16.log") (expected 5)"
+  echo "stages skipped in the fp16 rerun: $(grep -c 'skipped (up to date)' "$out/pipeline_fp16.log") (expected 7)"
 fi
 if [[ $steps == *" synthesis "* ]]; then
   step synthesis_sd 200 $py -m bench.synthesis --sd-size --steps 20 --batch 8 --reps 3

@@ -62,9 +62,9 @@ def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, st
     with tracker.stage("student", cfg) as sr:
         results["student"] = jt.run_stage(cfg, "student", progress, mlflow_run_id=sr.run_id)
         tracker.record_stage(results["student"], live_metrics=True)
-    if "base" in results:
+    if cfg.eval.baseline:
         with tracker.stage("eval_base", cfg):
-            results["eval_base"], report = stages.run_evaluate(cfg, of="base")
+            results["eval_base"], report = stages.run_evaluate(cfg, str(stages.base_checkpoint(cfg)), of="base")
             tracker.record_stage(results["eval_base"], report=report, cfg=cfg)
     with tracker.stage("eval", cfg):
         results["eval"], report = stages.run_evaluate(cfg)

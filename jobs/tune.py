@@ -68,9 +68,14 @@ def trial_config(base: C.OALConfig, params: dict[str, Any], trial_id: str) -> C.
     weights: dict[str, Any] = {w: (float(params[w]) if params.get(f"{w}_on", True) else 0.0)
                                for w in base.search.weights}
     student = replace(base.student, lr=float(params["lr"])) if "lr" in params else base.student
-    teacher = base.model.teacher_checkpoint or str(stages.stage_dir(base, "teacher") / "checkpoint.pt")
     return replace(base, name=trial_name(base, trial_id), loss=replace(base.loss, **weights), student=student,
-                   model=replace(base.model, teacher_checkpoint=teacher))
+                   model=shared_checkpoints(base))
+
+
+def shared_checkpoints(base: C.OALConfig) -> C.ModelConfig:
+    """The search's own teacher and base student, for a run under another name (a trial, the baseline, the best)."""
+    teacher = base.model.teacher_checkpoint or str(stages.stage_dir(base, "teacher") / "checkpoint.pt")
+    return replace(base.model, teacher_checkpoint=teacher, base_checkpoint=str(stages.base_checkpoint(base)))
 
 
 def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective: dict) -> None:
@@ -155,7 +160,7 @@ def _scheduler(s: C.SearchConfig, epochs: int) -> Any:
 
 def baseline_config(cfg: C.OALConfig) -> C.OALConfig:
     """The teacher-free, outlier-free student of the ID-accuracy constraint, in its own run folder."""
-    return replace(cfg, name=f"{cfg.name}-baseline",
+    return replace(cfg, name=f"{cfg.name}-baseline", model=shared_checkpoints(cfg),
                    loss=replace(cfg.loss, **{w: 0.0 for w in C.LOSS_WEIGHTS}))  # type: ignore[arg-type]
 
 

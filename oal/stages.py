@@ -92,7 +92,7 @@ def base_fp(cfg: C.OALConfig) -> str:
 
 
 def embeddings_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("embeddings", teacher_fp(cfg), cfg.knn.per_class_cap)
+    return C.fingerprint("embeddings", teacher_fp(cfg), cfg.eval.checkpoint, cfg.knn.per_class_cap)
 
 
 def anchors_fp(cfg: C.OALConfig) -> str:
@@ -112,7 +112,8 @@ def latents_fp(cfg: C.OALConfig) -> str:
 
 
 def student_fp(cfg: C.OALConfig) -> str:
-    teacher = _file_id(cfg.model.teacher_checkpoint) if cfg.model.teacher_checkpoint else teacher_fp(cfg)
+    teacher = (_file_id(cfg.model.teacher_checkpoint) if cfg.model.teacher_checkpoint else teacher_fp(cfg),
+               cfg.eval.checkpoint)
     init = None
     if cfg.model.student_init == "base":
         init = (_file_id(cfg.model.base_checkpoint) if cfg.model.base_checkpoint else base_fp(cfg), cfg.eval.checkpoint)
@@ -182,7 +183,7 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
     knn = load_outliers(cfg.outliers.knn_path, "k-NN outlier") if L.uses_knn else None
     lat = load_outliers(cfg.outliers.latent_path, "latent outlier") if L.uses_latent else None
     net = build_student(cfg.model.student, bench.num_classes)
-    if cfg.model.student_init == "base":
+    if cfg.model.student_init == "base" and not common["resume"]:  # a resumed run loads its own checkpoint
         load_base(cfg, net, bench.num_classes)
     loss = OALLoss(L, net.feature_dim, teacher.feature_dim if teacher is not None else None,
                    knn.shape[1] if knn is not None else None, lat.shape[1] if lat is not None else None)
@@ -258,7 +259,7 @@ def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -
         raise ValueError(f"teacher checkpoint '{path}' was trained at {meta['input_size']} px; this config builds the "
                          f"teacher at {teacher_input_size(cfg)} px (model.teacher_image_size)")
     net = build_teacher(cfg.model, num_classes, cfg.data.image_size)
-    load_checkpoint_net(path, net)
+    load_checkpoint_net(path, net, cfg.eval.checkpoint)  # the reference distils from the teacher's best.ckpt
     return net.eval()
 
 
@@ -383,7 +384,7 @@ def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchma
     ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, of) / CHECKPOINT
     name = EVAL_DIRS[of]
     d = out_dir or stage_dir(cfg, name)
-    fp = C.fingerprint("eval", _file_id(str(ckpt)) if checkpoint is None else str(ckpt), cfg.eval, cfg.data)
+    fp = C.fingerprint("eval", _file_id(str(ckpt)), cfg.eval, cfg.data)
     if not force and is_done(d, fp):
         return skipped(name, d, fp), None
     bench = bench or build_benchmark(cfg.data)
@@ -406,7 +407,8 @@ def write_comparison(cfg: C.OALConfig) -> Path:
     from oal.evaluate import comparison_table
 
     rows = {}
-    for label, name in (("CE (base stage)", "eval_base"), ("OAL (student)", "eval")):
+    names = (("CE (base stage)", "eval_base"),) if cfg.eval.baseline else ()
+    for label, name in (*names, ("OAL (student)", "eval")):
         m = read_manifest(stage_dir(cfg, name))
         if m is not None:
             rows[label] = (json.loads(Path(m["outputs"]["results"]).read_text()), m)
@@ -438,13 +440,14 @@ def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResu
         O = replace(O, latent_path=results["latents"].outputs["vectors"])
     cfg = replace(cfg, outliers=O)
     results["student"] = run_student(cfg, bench, progress=progress)
-    if "base" in results:
-        results["eval_base"] = run_evaluate(cfg, bench=bench, of="base")[0]
+    if cfg.eval.baseline:
+        results["eval_base"] = run_evaluate(cfg, str(base_checkpoint(cfg)), bench=bench, of="base")[0]
     results["eval"] = run_evaluate(cfg, bench=bench)[0]
     write_comparison(cfg)
     return results
 
 
 def needs_base(cfg: C.OALConfig) -> bool:
-    """The base stage runs when the student starts from it, or as the CE baseline row (`eval.baseline`)."""
-    return (cfg.model.student_init == "base" and cfg.model.base_checkpoint is None) or cfg.eval.baseline
+    """The base stage trains when the student starts from it or it is the CE baseline row (`eval.baseline`),
+    unless `model.base_checkpoint` gives a CE-trained student already (that one is then evaluated)."""
+    return cfg.model.base_checkpoint is None and (cfg.model.student_init == "base" or cfg.eval.baseline)

@@ -273,7 +273,7 @@ def fit(
             metrics.update(eval_fn(raw.net))
         done = epoch + 1
         val_acc = metrics.get("val/id_accuracy")
-        if val_acc is not None and (best is None or val_acc > best["val/id_accuracy"]):
+        if val_acc is not None and (best is None or val_acc >= best["val/id_accuracy"]):  # ties: the later epoch
             best = {"epoch": done, "val/id_accuracy": val_acc,
                     "net": {k: v.detach().cpu().clone() for k, v in raw.net.state_dict().items()}}
         history.append(metrics)

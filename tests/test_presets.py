@@ -74,6 +74,7 @@ REFERENCE = [
     (("imagenet200_oal",), "knn.rounds", 25, "scripts/get_embed_in1k.py"),
     (("cifar100_oal", "cifar100_32"), "diffusion.anchor_norm", "token_embedding", "token_embed_c100.npy"),
     (("cifar10_oal", "cifar10_32"), "diffusion.anchor_norm", "encoder_mean", "token_embed_c10.npy"),
+    (("imagenet200_oal",), "diffusion.anchor_norm", "encoder_mean", "outlier_generation/scripts/get_token_embed.py"),
     # Stable Diffusion sampling: outlier_generation/outlier_generate.py, generate_outliers_in_pixel_space.sh
     (ALL, "diffusion.prompt", "A high-quality image of the {}", "outlier_generation/outlier_generate.py"),
     (ALL, "diffusion.scheduler", "pndm", "outlier_generation/generate_outliers_in_pixel_space.sh (--plms)"),

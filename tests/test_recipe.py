@@ -196,3 +196,15 @@ def test_energy_weights_in_the_total_and_need_their_outliers():
         OALLoss(cfg, student_dim=8, knn_dim=6)
     groups = {g["name"] for g in _param_groups(build_student("resnet_tiny", 3), loss, TrainConfig())}
     assert "energy" in groups
+
+
+def test_tune_trials_and_baseline_share_the_search_base_and_teacher(tmp_path):
+    from jobs.tune import baseline_config, trial_config
+
+    cfg = load_config("digits", [f"output_dir={tmp_path}", "model.student_init=base"])
+    shared_base = str(tmp_path / "digits" / "base" / CHECKPOINT)
+    for run in (trial_config(cfg, {w: 0.3 for w in cfg.search.weights}, "t1"), baseline_config(cfg)):
+        assert run.name != cfg.name  # its own run folder...
+        assert run.model.base_checkpoint == shared_base  # ...but the search's base student and teacher
+        assert run.model.teacher_checkpoint == str(tmp_path / "digits" / "teacher" / CHECKPOINT)
+        assert not stages.needs_base(run)  # no second base training inside a trial

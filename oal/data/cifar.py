@@ -81,7 +81,8 @@ def _transforms(name: str, size: int) -> tuple[Callable, Callable]:
     else:
         train = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size),
                                     transforms.RandomHorizontalFlip(), transforms.RandomCrop(size, padding=4), *norm])
-    test = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), *norm])
+    pre = size * 256 // 224 if name == "imagenet200" else size  # OpenOOD: ImageNet resized to 256, cropped to 224
+    test = transforms.Compose([transforms.Resize(pre), transforms.CenterCrop(size), *norm])
     return train, test
 
 
