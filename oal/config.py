@@ -227,6 +227,7 @@ class OALConfig:
 QUICK_OVERRIDES = (
     "teacher.epochs=3",
     "base.epochs=2",
+    "eval.baseline=false",  # no base stage unless a test asks for the CE baseline row
     "student.epochs=2",
     "knn.k=5",
     "knn.select=5",

@@ -49,7 +49,7 @@ def test_teacher_train_evaluate_then_skip(tmp_path):
 
 
 def test_pipeline_runs_knn_stage_and_resumes(tmp_path):
-    common = ["--no-progress", *QUICK, f"output_dir={tmp_path}"]
+    common = ["--no-progress", *QUICK, f"output_dir={tmp_path}", "eval.baseline=true"]
     r = oal("pipeline", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "digits"

@@ -35,7 +35,7 @@ def tracked_run(stack, tmp_path_factory):
         if not ray.is_initialized():
             ray.init(address="auto", logging_level="WARNING")
         cfg = load_config("digits", [*QUICK, f"output_dir={out}", "name=tracked", "tracking.experiment=oal-test",
-                          "eval.plots=true"])
+                          "eval.plots=true", "eval.baseline=true"])
         import logging
 
         handler = logging.FileHandler(log)
@@ -70,8 +70,10 @@ def test_parent_and_child_runs(tracked_run):
     assert parent.data.params["student.epochs"] == "2" and parent.data.params["loss.w_feat_kd"] == "8.0"
     assert parent.data.tags["diffusion_untrained"] == "true" and len(parent.data.tags["git_commit"]) >= 7
     assert 0 < parent.data.metrics["id_accuracy"] <= 1
+    assert 0 < parent.data.metrics["base_id_accuracy"] <= 1  # the CE baseline's headline numbers beside OAL's
+    assert {"base_near_auroc", "base_far_auroc", "near_auroc", "far_auroc"} <= set(parent.data.metrics)
     kids = _children(tracked_run)
-    assert set(kids) == {"teacher", "embeddings", "anchors", "knn", "latents", "student", "eval"}
+    assert set(kids) == {"base", "teacher", "embeddings", "anchors", "knn", "latents", "student", "eval_base", "eval"}
     assert all(k.info.status == "FINISHED" for k in kids.values())
 
 
