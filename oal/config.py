@@ -297,7 +297,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     required: set[str] = set()  # a preset's `???` values; OmegaConf's merge skips them, so they are tracked here
     for source, layer in layers:
         _check_keys(cfg, layer, source)
-        required = (required - set(_set_keys(layer))) | set(_missing_keys(layer))
+        required = (required - set(_leaf_keys(layer, False))) | set(_leaf_keys(layer, True))
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except ValidationError as e:
@@ -325,29 +325,17 @@ PATH_HINTS = {
 }
 
 
-def _set_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Leaf keys that a layer gives a value (not `???`)."""
+def _leaf_keys(node: DictConfig, missing: bool, prefix: str = "") -> list[str]:
+    """Leaf keys a layer leaves `???` (missing=True: a preset's required paths) or gives a value (False)."""
     out: list[str] = []
     for k in node.keys():
         path = f"{prefix}{k!s}"
         if OmegaConf.is_missing(node, k):
-            continue
-        if isinstance(node[k], DictConfig):
-            out.extend(_set_keys(node[k], path + "."))
-        else:
-            out.append(path)
-    return out
-
-
-def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Keys a layer leaves `???` (a preset's required paths)."""
-    out: list[str] = []
-    for k in node.keys():
-        path = f"{prefix}{k!s}"
-        if OmegaConf.is_missing(node, k):
-            out.append(path)
+            out += [path] if missing else []
         elif isinstance(node[k], DictConfig):
-            out.extend(_missing_keys(node[k], path + "."))
+            out.extend(_leaf_keys(node[k], missing, path + "."))
+        elif not missing:
+            out.append(path)
     return out
 
 
