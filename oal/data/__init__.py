@@ -44,4 +44,4 @@ def build_benchmark(cfg: DataConfig) -> Benchmark:
     return BENCHMARKS[cfg.benchmark](cfg)
 
 
-from oal.data import cifar, digits  # noqa: E402,F401  (registration side effects)
+from oal.data import cifar, digits, fashion  # noqa: E402,F401  (registration side effects)
