@@ -2,7 +2,8 @@
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.pipeline --config digits
 
-base student, CE only (Ray Train) -> teacher (Ray Train) -> embeddings -> anchors -> k-NN outliers (driver)
+base student, CE only (Ray Train) -> teacher (Ray Train) -> built-in diffusion model on the ID images, with
+diffusion.model=builtin-ldm (Ray Train) -> embeddings -> anchors -> k-NN outliers (driver)
 -> latent outliers (actor pool) -> OAL student (Ray Train; starts from the base student with
 model.student_init=base) -> evaluation of both (driver) -> results.md (CE baseline row, OAL row).
 Stopping and resubmitting the job redoes only what is missing: finished stages are skipped by
@@ -36,6 +37,10 @@ def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageR
     with tracker.stage("teacher", cfg) as sr:
         results["teacher"] = jt.run_stage(cfg, "teacher", progress, mlflow_run_id=sr.run_id)
         tracker.record_stage(results["teacher"], live_metrics=True)
+    if stages.needs_diffusion(cfg):
+        with tracker.stage("diffusion", cfg) as sr:
+            results["diffusion"] = jt.run_stage(cfg, "diffusion", progress, mlflow_run_id=sr.run_id)
+            tracker.record_stage(results["diffusion"], live_metrics=True)
     L, O = cfg.loss, cfg.outliers
     need_knn = L.uses_knn and O.knn_path is None
     need_lat = L.uses_latent and O.latent_path is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,7 @@ def run_stage(cfg: C.OALConfig, progress: bool = True, force: bool = False) -> s
     if not force and stages.is_done(out, fp):
         return stages.skipped("latents", out, fp)
     knn = load_torch(stages.stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
+    cfg = replace(cfg, diffusion=stages.diffusion_config(cfg))  # builtin-ldm: the trained checkpoint's path
     manifest = run_pool(cfg, out, knn["class_names"], knn["outliers"], fp, progress)
     return stages.finish_latents(cfg, manifest)
 

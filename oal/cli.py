@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     helps = {
         "base": "train the student with cross-entropy alone (the CE baseline; the OAL student's start)",
         "teacher": "fine-tune the teacher on the ID training set",
+        "diffusion": "train the built-in latent diffusion model on the ID images (diffusion.model=builtin-ldm)",
         "embed": "teacher features of the ID training set, by class [C, N, D]",
         "anchors": "class anchors from the diffusion text encoder, and the teacher->conditioning projection",
         "knn": "k-NN boundary outlier embeddings [C, M, E]",
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             _show(stages.run_base(cfg, progress=progress, force=args.force))
         elif args.command == "teacher":
             _show(stages.run_teacher(cfg, progress=progress, force=args.force))
+        elif args.command == "diffusion":
+            _show(stages.run_diffusion(cfg, progress=progress, force=args.force))
         elif args.command == "embed":
             _show(stages.run_embeddings(cfg, force=args.force))
         elif args.command == "anchors":

@@ -24,8 +24,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    benchmark: str = "digits"  # registry name: digits | cifar10 | cifar100 | imagenet200
-    root: str | None = None  # dataset folder (torchvision CIFAR layout); unused by digits and with openood_root
+    benchmark: str = "digits"  # registry name: digits | fashion | cifar10 | cifar100 | imagenet200
+    # dataset folder (torchvision CIFAR layout; for fashion: the idx files, flat or FashionMNIST/raw); unused by
+    # digits and with openood_root
+    root: str | None = None
     # OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/ or images_largescale/): ID train/val/test come
     # from its lists (the leaderboard's split) and the OOD sets too; without it CIFAR comes from data.root
     openood_root: str | None = None
@@ -33,7 +35,8 @@ class DataConfig:
     batch_size: int = 64  # ID images per step (reference 128)
     eval_batch_size: int = 256  # images per forward pass during evaluation
     num_workers: int = 0  # DataLoader worker processes
-    split_seed: int = 0  # seed of the digits benchmark's stratified splits
+    split_seed: int = 0  # seed of the digits and fashion benchmarks' splits
+    train_per_class: int | None = None  # cap on ID training images per class (fashion; None: all)
 
 
 @dataclass
@@ -118,7 +121,10 @@ class KNNConfig:
 
 @dataclass
 class DiffusionConfig:
-    model: str = "builtin-tiny"  # builtin-tiny (untrained, offline) | a local diffusers folder | a hub id
+    # builtin-tiny (untrained, random weights: exercises the machinery) | builtin-ldm (trained on the ID training
+    # images by the diffusion stage, see ldm.*) | a local diffusers folder | a hub id
+    model: str = "builtin-tiny"
+    checkpoint: str | None = None  # builtin-ldm's weights; default <output_dir>/<name>/diffusion/checkpoint.pt
     prompt: str = "A high-quality image of the {}"  # {} is replaced by the class name
     # The norm the k-NN outliers are scaled to, per class, before they are written into the text encoder's input
     # token embedding: token_embedding (the class name's first sub-token's embedding row; what the reference's
@@ -135,9 +141,32 @@ class DiffusionConfig:
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
     reduction: str = "channel_row_mean"  # latent -> vector: channel_row_mean (reference) | channel_mean | flatten
     mode: str = "latent"  # latent (never decoded) | pixel (also decode, for the pixel-space comparison)
+    # What conditions each sample: outliers (a k-NN outlier embedding written at the class token: OAL) | class (the
+    # plain class prompt, no outlier: an ablation, in-distribution-looking samples)
+    conditioning: str = "outliers"
     max_nonfinite_fraction: float = 0.1  # fail if more than this fraction of latents is NaN/inf
     projection_steps: int = 300  # steps to learn the teacher->conditioning projection (widths differ)
     grid_samples: int = 16  # latent outliers decoded into a grid image, for looking only (0: none)
+
+
+@dataclass
+class LDMConfig:
+    """The built-in latent diffusion model the diffusion stage trains on the ID images (diffusion.model=builtin-ldm):
+    the autoencoder first, then the text-conditioned UNet (oal/ldm.py)."""
+
+    vae_epochs: int = 2  # autoencoder passes over the ID training set
+    epochs: int = 10  # UNet passes over the ID training set (after the autoencoder's)
+    batch_size: int = 64  # images per step
+    vae_lr: float = 2e-3  # AdamW learning rate of the autoencoder
+    lr: float = 1e-3  # AdamW learning rate of the UNet (warm-up, then cosine decay)
+    weight_decay: float = 0.0  # AdamW weight decay of both
+    kl_weight: float = 1e-4  # weight of the autoencoder's KL term (per latent element) beside its reconstruction MSE
+    cond_dropout: float = 0.1  # share of images trained with the empty prompt (for classifier-free guidance)
+    # The text encoder learns with the UNet (latent diffusion's own recipe); false: frozen, as Stable Diffusion's CLIP
+    train_text_encoder: bool = True
+    eval_samples: int = 32  # samples per class for the class-conditional accuracy (judged by the teacher)
+    grid_per_class: int = 8  # samples per class in the decoded grid image (0: none)
+    mixed_precision: str = "no"  # no | fp16 | bf16 (fp16 only on GPU)
 
 
 @dataclass
@@ -212,6 +241,7 @@ class OALConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -354,6 +384,8 @@ _CHOICES = {
     "diffusion.reduction": ("channel_row_mean", "channel_mean", "flatten"),
     "diffusion.anchor_norm": ("token_embedding", "encoder_mean"),
     "diffusion.mode": ("latent", "pixel"),
+    "diffusion.conditioning": ("outliers", "class"),
+    "ldm.mixed_precision": ("no", "fp16", "bf16"),
     "search.algorithm": ("random", "grid", "optuna"),
     "search.scheduler": ("fifo", "asha"),
     "search.metric": ("val/ood_auroc", "val/id_accuracy"),
@@ -377,7 +409,8 @@ def validate(cfg: OALConfig) -> None:
     for key in ("data.batch_size", "data.image_size", "teacher.epochs", "base.epochs", "student.epochs", "eval.knn_k",
                 "teacher.grad_accum_steps", "student.grad_accum_steps", "loss.outlier_batch_size",
                 "diffusion.steps", "diffusion.num_outliers", "diffusion.batch_size", "diffusion.shard_size",
-                "cluster.synth_actors", "cluster.num_workers", "search.num_samples", "search.max_concurrent"):
+                "cluster.synth_actors", "cluster.num_workers", "search.num_samples", "search.max_concurrent",
+                "ldm.batch_size", "ldm.epochs", "ldm.vae_epochs"):
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 1:
             raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")

@@ -27,7 +27,8 @@ import torch.nn as nn
 from oal.config import DiffusionConfig
 
 log = logging.getLogger("oal.diffusion")
-BUILTIN = "builtin-tiny"
+BUILTIN = "builtin-tiny"  # untrained, random weights: exercises the machinery
+TRAINED = "builtin-ldm"  # the built-in model trained on the ID data by the diffusion stage (oal.ldm)
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -104,7 +105,6 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 def build_tiny(seed: int = 0) -> tuple[Any, Any, Any, WordTokenizer, dict]:
     """The built-in tiny model: UNet (4x8x8 latents), VAE (16x16 pixels), 2-layer CLIP text encoder (32-d)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
@@ -114,19 +114,33 @@ def build_tiny(seed: int = 0) -> tuple[Any, Any, Any, WordTokenizer, dict]:
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=16)
-    tok = WordTokenizer()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        max_position_embeddings=tok.model_max_length, projection_dim=32,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    text, tok = tiny_text_encoder()
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     return unet, vae, text, tok, dict(sched.config)  # type: ignore[attr-defined]
 
 
+def tiny_text_encoder(seed: int | None = None) -> tuple[Any, WordTokenizer]:
+    """A 2-layer, 32-d CLIP text encoder with the built-in word tokenizer (seeded when `seed` is given)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    tok = WordTokenizer()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        max_position_embeddings=tok.model_max_length, projection_dim=32,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    return text, tok
+
+
 def model_id(cfg: DiffusionConfig, seed: int) -> str:
     """How the model is named in every log, manifest and run: the built-in one says it is untrained."""
-    return f"{BUILTIN} (untrained, random weights, seed {seed})" if cfg.model == BUILTIN else cfg.model
+    if cfg.model == BUILTIN:
+        return f"{BUILTIN} (untrained, random weights, seed {seed})"
+    if cfg.model == TRAINED:
+        return f"{TRAINED} (trained on the ID training images by the diffusion stage: {cfg.checkpoint})"
+    return cfg.model
 
 
 def load_model(cfg: DiffusionConfig, device: str | torch.device = "cpu", seed: int = 0) -> DiffusionModel:
@@ -136,6 +150,13 @@ def load_model(cfg: DiffusionConfig, device: str | torch.device = "cpu", seed: i
     if cfg.model == BUILTIN:
         unet, vae, text, tok, sched = build_tiny(seed)
         log.warning("diffusion model: %s - its latents exercise the pipeline only", model_id(cfg, seed))
+    elif cfg.model == TRAINED:
+        from oal import ldm
+
+        if cfg.checkpoint is None:
+            raise ValueError(f"diffusion.model={TRAINED} needs the diffusion stage's checkpoint (diffusion.checkpoint; "
+                             f"the pipeline fills it in)")
+        unet, vae, text, tok, sched = ldm.load_trained(cfg.checkpoint)
     else:
         unet, vae, text, tok, sched = _load_diffusers(cfg.model, dtype)
     for m in (unet, vae, text):

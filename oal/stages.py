@@ -16,7 +16,7 @@ import torch
 
 from oal import config as C
 from oal.data import Benchmark, build_benchmark
-from oal.evaluate import EvalReport, evaluate, validation_metrics, write_report
+from oal.evaluate import EvalReport, accuracy, collect, evaluate, validation_metrics, write_report
 from oal.losses import OALLoss
 from oal.models import Classifier, build_student, build_teacher
 from oal.storage import load_torch, save_torch, write_json, write_text
@@ -91,13 +91,47 @@ def base_fp(cfg: C.OALConfig) -> str:
     return C.fingerprint("base", cfg.data, cfg.model.student, cfg.base, cfg.seed)
 
 
+def diffusion_fp(cfg: C.OALConfig) -> str:
+    return C.fingerprint("diffusion", cfg.data, cfg.ldm, cfg.diffusion.prompt, cfg.seed)
+
+
+def trained_diffusion(cfg: C.OALConfig) -> bool:
+    from oal.diffusion import TRAINED as LDM
+
+    return cfg.diffusion.model == LDM
+
+
+def diffusion_config(cfg: C.OALConfig) -> C.DiffusionConfig:
+    """`cfg.diffusion` with builtin-ldm's checkpoint filled in (the diffusion stage's, unless given)."""
+    from dataclasses import replace
+
+    if trained_diffusion(cfg) and cfg.diffusion.checkpoint is None:
+        return replace(cfg.diffusion, checkpoint=str((stage_dir(cfg, "diffusion") / CHECKPOINT).resolve()))
+    return cfg.diffusion
+
+
+def _diffusion_id(cfg: C.OALConfig) -> str | None:
+    """What the diffusion model's weights depend on: the diffusion stage's inputs, or a given checkpoint's bytes."""
+    if not trained_diffusion(cfg):
+        return None
+    return _file_id(cfg.diffusion.checkpoint) if cfg.diffusion.checkpoint else diffusion_fp(cfg)
+
+
+def needs_diffusion(cfg: C.OALConfig) -> bool:
+    """The diffusion stage trains when the outlier stages run with builtin-ldm and no checkpoint is given."""
+    L, O = cfg.loss, cfg.outliers
+    outliers = (L.uses_knn and O.knn_path is None) or (L.uses_latent and O.latent_path is None)
+    return outliers and trained_diffusion(cfg) and cfg.diffusion.checkpoint is None
+
+
 def embeddings_fp(cfg: C.OALConfig) -> str:
     return C.fingerprint("embeddings", teacher_fp(cfg), cfg.eval.checkpoint, cfg.knn.per_class_cap)
 
 
 def anchors_fp(cfg: C.OALConfig) -> str:
     d = cfg.diffusion
-    return C.fingerprint("anchors", embeddings_fp(cfg), d.model, d.prompt, d.anchor_norm, d.projection_steps, cfg.seed)
+    return C.fingerprint("anchors", embeddings_fp(cfg), d.model, d.prompt, d.anchor_norm, d.projection_steps, cfg.seed,
+                         *((_diffusion_id(cfg),) if trained_diffusion(cfg) else ()))
 
 
 def knn_fp(cfg: C.OALConfig) -> str:
@@ -107,7 +141,7 @@ def knn_fp(cfg: C.OALConfig) -> str:
 def latents_fp(cfg: C.OALConfig) -> str:
     from dataclasses import replace
 
-    d = replace(cfg.diffusion, grid_samples=0, batch_size=0)  # neither changes what is sampled
+    d = replace(cfg.diffusion, grid_samples=0, batch_size=0, checkpoint=None)  # none changes what is sampled
     return C.fingerprint("latents", knn_fp(cfg), d, cfg.seed)
 
 
@@ -140,22 +174,23 @@ def _val_fn(cfg: C.OALConfig, bench: Benchmark, device: str) -> Callable:
     return lambda net: validation_metrics(net, bench, cfg.eval, device, cfg.data.eval_batch_size)
 
 
-TRAINED = ("teacher", "base", "student")
+TRAINED = ("teacher", "base", "student", "diffusion")
 
 
 def training_fp(cfg: C.OALConfig, stage: str) -> str:
-    return {"teacher": teacher_fp, "base": base_fp, "student": student_fp}[stage](cfg)
+    return {"teacher": teacher_fp, "base": base_fp, "student": student_fp, "diffusion": diffusion_fp}[stage](cfg)
 
 
-def training_config(cfg: C.OALConfig, stage: str) -> C.TrainConfig:
-    return {"teacher": cfg.teacher, "base": cfg.base, "student": cfg.student}[stage]
+def training_config(cfg: C.OALConfig, stage: str) -> C.TrainConfig | C.LDMConfig:
+    return cfg.ldm if stage == "diffusion" else {"teacher": cfg.teacher, "base": cfg.base, "student": cfg.student}[stage]
 
 
 def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, out_dir: Path | None = None,
                 on_epoch_end: EpochHook | None = None, accelerator: Any = None, progress: bool = True) -> FitResult:
     """Train the teacher (cross-entropy), the base student (cross-entropy: the CE baseline, and the OAL student's
     starting point) or the OAL student (CE + KD from the frozen teacher + MICL against the outlier files,
-    starting from the base student's weights with `model.student_init=base`) into `out_dir` (default: the
+    starting from the base student's weights with `model.student_init=base`), or the built-in latent diffusion
+    model (diffusion: autoencoder, then UNet, on the ID images; `oal.ldm`) into `out_dir` (default: the
     stage's folder), resuming from a checkpoint there that was written for the same inputs. Used as is by
     `oal train` and inside each Ray Train worker."""
     if stage not in TRAINED:
@@ -165,6 +200,12 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
     # them too, or a Ray worker (random seed at start) trains another network than `oal train` does.
     torch.manual_seed(cfg.seed)
     bench = bench or build_benchmark(cfg.data)
+    if stage == "diffusion":
+        from oal import ldm
+
+        return ldm.fit_ldm(bench.train_plain, bench.class_names, cfg.diffusion.prompt, cfg.data.image_size, cfg.ldm,
+                           d, seed=cfg.seed, device=cfg.device, on_epoch_end=on_epoch_end, meta={"fingerprint": fp},
+                           resume=_resume_ok(d / CHECKPOINT, fp), progress=progress, accelerator=accelerator)
     device = resolve_device(cfg.device)
     common = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, device=cfg.device, eval_fn=_val_fn(cfg, bench, device),
                   on_epoch_end=on_epoch_end, progress=progress, num_workers=cfg.data.num_workers,
@@ -205,7 +246,71 @@ def finish_training(cfg: C.OALConfig, stage: str, checkpoint: Path, history: lis
 
         with atomic_path(target) as tmp:
             shutil.copyfile(checkpoint, tmp)
+    if stage == "diffusion":
+        return finish_diffusion(cfg, target, history, resumed_from_epoch)
     return _finish(stage, d, fp, cfg, {"checkpoint": target}, history=history, resumed_from_epoch=resumed_from_epoch)
+
+
+def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str, float]],
+                     resumed_from_epoch: int) -> StageResult:
+    """Measure the trained diffusion model before anything uses it: the fine-tuned teacher names the class of
+    `ldm.eval_samples` samples of each class's prompt (the class-conditional accuracy), beside the teacher's own
+    accuracy on real ID validation images; a decoded grid of `ldm.grid_per_class` samples per class."""
+    from oal import ldm
+    from oal.diffusion import load_model
+
+    d, fp = stage_dir(cfg, "diffusion"), diffusion_fp(cfg)
+    bench = build_benchmark(cfg.data)
+    dcfg = replace_checkpoint(cfg, checkpoint)
+    model = load_model(dcfg, resolve_device(cfg.device), cfg.seed)
+    teacher = load_teacher(cfg, bench.num_classes)
+    n = max(cfg.ldm.eval_samples, cfg.ldm.grid_per_class)
+    quality, images = ldm.class_conditional_accuracy(model, teacher, bench.class_names, dcfg, n, cfg.seed,
+                                                     cfg.data.image_size)
+    teacher_real = accuracy(collect(teacher, bench.val, cfg.data.eval_batch_size, resolve_device(cfg.device)))
+    quality = {**quality, "samples_per_class": n, "teacher_val_accuracy": teacher_real,
+               "teacher_fingerprint": teacher_fp(cfg), "guidance_scale": dcfg.guidance_scale, "steps": dcfg.steps,
+               "scheduler": dcfg.scheduler}
+    log.info("diffusion: class-conditional accuracy %.3f (%d samples per class, judged by the teacher, whose accuracy "
+             "on real ID validation images is %.3f); per class: %s", quality["accuracy"], n, teacher_real,
+             ", ".join(f"{k} {v:.2f}" for k, v in quality["per_class"].items()))
+    write_json(quality, d / "quality.json")
+    outputs = {"checkpoint": checkpoint, "quality": d / "quality.json"}
+    if cfg.ldm.grid_per_class > 0:
+        outputs["grid"] = save_grid(images[:, : cfg.ldm.grid_per_class].flatten(0, 1), d / "grid.png",
+                                    nrow=cfg.ldm.grid_per_class)
+    return _finish("diffusion", d, fp, cfg, outputs, history=history, resumed_from_epoch=resumed_from_epoch,
+                   class_accuracy=quality["accuracy"], teacher_val_accuracy=teacher_real)
+
+
+def replace_checkpoint(cfg: C.OALConfig, checkpoint: Path) -> C.DiffusionConfig:
+    from dataclasses import replace
+
+    return replace(cfg.diffusion, checkpoint=str(checkpoint))
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int, min_cell: int = 64) -> Path:
+    """Images (N, 3, H, W) in [0, 1] as one PNG, each cell enlarged (nearest) to at least `min_cell` px a side."""
+    from torchvision.utils import save_image
+
+    from oal.storage import atomic_path
+
+    side = images.shape[-1]
+    if side < min_cell:
+        factor = -(-min_cell // side)
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    with atomic_path(path) as tmp:
+        save_image(images, tmp, format="png", nrow=nrow, padding=2, pad_value=1.0)
+    return path
+
+
+def run_diffusion(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
+                  accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
+    """Train the built-in latent diffusion model on the ID training images (diffusion.model=builtin-ldm)."""
+    if not trained_diffusion(cfg):
+        raise ValueError(f"the diffusion stage trains the built-in model: set diffusion.model=builtin-ldm (it is "
+                         f"{cfg.diffusion.model!r}, which is used as it is)")
+    return _run_trained(cfg, "diffusion", bench, on_epoch_end, accelerator, progress, force)
 
 
 def _run_trained(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch_end: EpochHook | None,
@@ -290,7 +395,7 @@ def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
     if not force and is_done(d, fp):
         return skipped("anchors", d, fp)
     emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")
-    model = load_model(cfg.diffusion, resolve_device(cfg.device), cfg.seed)
+    model = load_model(diffusion_config(cfg), resolve_device(cfg.device), cfg.seed)
     anchors = class_anchors(model, emb["class_names"], cfg.diffusion.prompt)  # (C, E)
     scales = (token_embedding_norms(model, emb["class_names"]) if cfg.diffusion.anchor_norm == "token_embedding"
               else anchors.norm(dim=-1))  # (C,): the k-NN outliers' norm
@@ -331,7 +436,7 @@ def run_latents(cfg: C.OALConfig, force: bool = False, progress: bool = True) ->
     if not force and is_done(d, fp):
         return skipped("latents", d, fp)
     knn = load_torch(stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
-    manifest = synthesize(cfg.diffusion, knn["class_names"], knn["outliers"], d, cfg.seed,
+    manifest = synthesize(diffusion_config(cfg), knn["class_names"], knn["outliers"], d, cfg.seed,
                           resolve_device(cfg.device), fp, progress=progress)
     return finish_latents(cfg, manifest)
 
@@ -350,21 +455,16 @@ def finish_latents(cfg: C.OALConfig, manifest: dict[str, Any]) -> StageResult:
 
 def write_grid(cfg: C.OALConfig, shard_dir: Path, path: Path) -> Path:
     """Decode the first `grid_samples` latent outliers into one PNG grid (for looking only)."""
-    from torchvision.utils import save_image
-
     from oal.diffusion import decode, load_model
-    from oal.storage import atomic_path
 
     lat = []
     for f in sorted(shard_dir.glob("shard_*.pt")):
         lat.append(load_torch(f, "shard")["latents"])
         if sum(len(x) for x in lat) >= cfg.diffusion.grid_samples:
             break
-    model = load_model(cfg.diffusion, resolve_device(cfg.device), cfg.seed)
+    model = load_model(diffusion_config(cfg), resolve_device(cfg.device), cfg.seed)
     images = decode(model, torch.cat(lat)[: cfg.diffusion.grid_samples].to(model.device))  # (G, 3, H, W)
-    with atomic_path(path) as tmp:
-        save_image(images, tmp, format="png", nrow=8)
-    return path
+    return save_grid(images.float().cpu(), path, nrow=8)
 
 
 def run_student(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
@@ -426,6 +526,8 @@ def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResu
     if needs_base(cfg):
         results["base"] = run_base(cfg, bench, progress=progress)
     results["teacher"] = run_teacher(cfg, bench, progress=progress)
+    if needs_diffusion(cfg):
+        results["diffusion"] = run_diffusion(cfg, bench, progress=progress)
     L, O = cfg.loss, cfg.outliers
     need_knn = L.uses_knn and O.knn_path is None
     need_lat = L.uses_latent and O.latent_path is None

@@ -67,6 +67,7 @@ class LatentSynthesizer:
             raise ValueError(f"outlier embeddings are {outliers.shape[-1]}-d but {self.model.model_id}'s conditioning "
                              f"is {self.model.cond_dim}-d; project them first (the anchors stage does)")
         self.outliers = outliers.float()
+        self.class_names = list(class_names)
         self.ids = tokenize(self.model, [cfg.prompt.format(c) for c in class_names])  # (C, L)
         self.uncond = encode_prompts(self.model, [""])  # (1, L, E)
         self.positions = torch.tensor([class_token_position(self.model, cfg.prompt, c) for c in class_names])
@@ -80,8 +81,11 @@ class LatentSynthesizer:
         lat, imgs = [], []
         for b in range(0, spec.count, self.cfg.batch_size):
             cls, eid = classes[b:b + self.cfg.batch_size], emb_ids[b:b + self.cfg.batch_size]
-            cond = encode_with_outliers(self.model, self.ids[cls], self.positions[cls],
-                                        self.outliers[cls, eid])  # (B, L, E)
+            if self.cfg.conditioning == "class":  # the ablation: the class's own prompt, no outlier in it
+                cond = encode_prompts(self.model, [self.cfg.prompt.format(self.class_names[int(c)]) for c in cls])
+            else:
+                cond = encode_with_outliers(self.model, self.ids[cls], self.positions[cls],
+                                            self.outliers[cls, eid])  # (B, L, E)
             uncond = self.uncond.expand(len(cls), -1, -1)
             x = sample_latents(self.model, cond, uncond, self.cfg, gen)  # (B, 4, h, w)
             lat.append(x.float().cpu())

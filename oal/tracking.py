@@ -191,11 +191,18 @@ class Tracker:
             if (d / name).exists():
                 mlflow.log_artifact(str(d / name))
         manifest = json.loads((d / "stage.json").read_text())
-        if result.name in ("teacher", "base", "student") and not live_metrics:
+        if result.name in ("teacher", "base", "student", "diffusion") and not live_metrics:
             for row in manifest.get("history", []):
                 step = int(row.get("epoch", 0))
                 mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in row.items()
                                     if isinstance(v, (int, float)) and k != "epoch"}, step=step)
+        if result.name == "diffusion":
+            for name in ("quality.json", "grid.png"):
+                if (d / name).exists():
+                    mlflow.log_artifact(str(d / name))
+            if "class_accuracy" in manifest:
+                mlflow.log_metrics({"class_conditional_accuracy": manifest["class_accuracy"],
+                                    "teacher_val_accuracy": manifest["teacher_val_accuracy"]})
         if result.name == "latents":
             mlflow.set_tag("latents_uri", str(d.resolve()))  # shards stay where they are: referenced, not copied
             if (d / "grid.png").exists():

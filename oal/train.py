@@ -22,7 +22,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from oal.config import TrainConfig
+from oal.config import LDMConfig, TrainConfig
 from oal.losses import OALLoss
 from oal.storage import load_torch, save_torch
 
@@ -41,14 +41,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_accelerator(device: str, cfg: TrainConfig) -> Accelerator:
+def make_accelerator(device: str, cfg: TrainConfig | LDMConfig) -> Accelerator:
     device = resolve_device(device)
     if device == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("mixed_precision=fp16 needs a GPU; use 'no' or 'bf16' on CPU")
     # cpu=True matters inside Ray Train: without it Accelerate on CPU ignores the gloo group and every
     # rank trains alone (see STACK-NOTES).
     return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision,
-                       gradient_accumulation_steps=cfg.grad_accum_steps)
+                       gradient_accumulation_steps=getattr(cfg, "grad_accum_steps", 1))
 
 
 def load_outliers(path: str | None, what: str) -> torch.Tensor | None:

@@ -15,6 +15,8 @@ from tests.conftest import QUICK
 
 pytestmark = [pytest.mark.stack, pytest.mark.ray, pytest.mark.slow]
 SENTINEL = "SENTINEL-secret-9f3b1c"
+# The diffusion stage too: the built-in model trained on the ID images, one epoch per phase
+LDM = ("diffusion.model=builtin-ldm", "ldm.vae_epochs=1", "ldm.epochs=1", "ldm.eval_samples=2", "ldm.grid_per_class=2")
 DOCS = Path(__file__).parents[1] / "docs"
 
 
@@ -35,7 +37,7 @@ def tracked_run(stack, tmp_path_factory):
         if not ray.is_initialized():
             ray.init(address="auto", logging_level="WARNING")
         cfg = load_config("digits", [*QUICK, f"output_dir={out}", "name=tracked", "tracking.experiment=oal-test",
-                          "eval.plots=true", "eval.baseline=true"])
+                          "eval.plots=true", "eval.baseline=true", *LDM])
         import logging
 
         handler = logging.FileHandler(log)
@@ -68,13 +70,39 @@ def test_parent_and_child_runs(tracked_run):
     parent = tracked_run["parent"]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["student.epochs"] == "2" and parent.data.params["loss.w_feat_kd"] == "8.0"
-    assert parent.data.tags["diffusion_untrained"] == "true" and len(parent.data.tags["git_commit"]) >= 7
+    assert parent.data.tags["diffusion_untrained"] == "false" and len(parent.data.tags["git_commit"]) >= 7
     assert 0 < parent.data.metrics["id_accuracy"] <= 1
     assert 0 < parent.data.metrics["base_id_accuracy"] <= 1  # the CE baseline's headline numbers beside OAL's
     assert {"base_near_auroc", "base_far_auroc", "near_auroc", "far_auroc"} <= set(parent.data.metrics)
     kids = _children(tracked_run)
-    assert set(kids) == {"base", "teacher", "embeddings", "anchors", "knn", "latents", "student", "eval_base", "eval"}
+    assert set(kids) == {"base", "teacher", "diffusion", "embeddings", "anchors", "knn", "latents", "student",
+                         "eval_base", "eval"}
     assert all(k.info.status == "FINISHED" for k in kids.values())
+
+
+def test_diffusion_stage_on_ray_train_is_measured_and_logged(tracked_run):
+    """The built-in model trained on Ray Train: per-epoch losses of both phases, its class-conditional accuracy
+    (a fraction the teacher judged), the quality file and the decoded grid, all in its MLflow run."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    run = _children(tracked_run)["diffusion"]
+    m = run.data.metrics
+    assert 0.0 <= m["class_conditional_accuracy"] <= 1.0 and 0.0 < m["teacher_val_accuracy"] <= 1.0
+    client = MlflowClient()
+    assert [x.step for x in client.get_metric_history(run.info.run_id, "loss_reconstruction")] == [1]
+    assert [x.step for x in client.get_metric_history(run.info.run_id, "loss_noise_mse")] == [2]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"quality.json", "grid.png", "stage.json"} <= names
+    d = tracked_run["out"] / "tracked" / "diffusion"
+    quality = json.loads((d / "quality.json").read_text())
+    assert quality["samples_per_class"] == 2 and set(quality["per_class"]) == {"zero", "one", "two", "three", "four",
+                                                                              "five"}
+    assert quality["accuracy"] == pytest.approx(m["class_conditional_accuracy"])
+    # later stages used the trained model, not the untrained one
+    anchors = json.loads((tracked_run["out"] / "tracked" / "anchors" / "stage.json").read_text())
+    assert anchors["model_id"].startswith("builtin-ldm (trained")
 
 
 def test_metrics_per_epoch_and_per_ood_set(tracked_run):

@@ -1,0 +1,294 @@
+"""The built-in latent diffusion model (`diffusion.model=builtin-ldm`), trained on the ID training images by the
+`diffusion` stage, so that offline runs synthesise outliers from a model that has learnt something.
+
+It has Stable Diffusion's three parts, small: an autoencoder (diffusers `AutoencoderKL`, 4 latent channels,
+factor 4: 32 px images -> 4x8x8 latents), a text-conditioned UNet (`UNet2DConditionModel`, cross-attention on
+the text encoder's output) and a CLIP text encoder (`CLIPTextModel`, the built-in word tokenizer). Stable
+Diffusion's CLIP comes trained and stays frozen; ours starts from seeded random weights, under which the six
+prompts differ too little for the UNet to follow them in a few hundred CPU steps, so by default it learns with
+the UNet, as latent diffusion's own text transformer did (`ldm.train_text_encoder`). Training, as latent
+diffusion trains: first the autoencoder (reconstruction + a small KL term), then the UNet (and the text
+encoder) on the scaled latents of the training images (epsilon prediction, Stable Diffusion's DDPM noise
+schedule), with the prompt "A high-quality image of the {class}" and, for `ldm.cond_dropout` of the images, the empty prompt
+(classifier-free guidance). Anchors, outlier conditioning and sampling then run exactly as with Stable
+Diffusion (`oal.diffusion`).
+
+Its quality is measured, not assumed: `class_conditional_accuracy` samples each class's prompt and asks the
+fine-tuned teacher which class it sees.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from oal.config import DiffusionConfig, LDMConfig
+from oal.storage import load_torch, save_torch
+from oal.train import CHECKPOINT, FitResult, _rng_state, _set_rng_state, make_accelerator
+
+NAME = "builtin-ldm"
+VAE_FACTOR = 4
+
+
+def build(image_size: int, seed: int, scaling_factor: float = 1.0) -> tuple[Any, Any, Any, Any, dict]:
+    """Untrained parts, seeded: UNet (4 x s/4 x s/4 latents), VAE (s px), text encoder and tokenizer, scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from oal.diffusion import tiny_text_encoder
+
+    if image_size % VAE_FACTOR:
+        raise ValueError(f"builtin-ldm works on images whose side is a multiple of {VAE_FACTOR}; data.image_size is "
+                         f"{image_size}")
+    text, tok = tiny_text_encoder(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=scaling_factor)
+    unet = UNet2DConditionModel(sample_size=image_size // VAE_FACTOR, in_channels=4, out_channels=4,
+                                block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=text.config.hidden_size, attention_head_dim=8, norm_num_groups=8)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    return unet, vae, text, tok, dict(sched.config)  # type: ignore[attr-defined]
+
+
+def load_trained(path: str | Path) -> tuple[Any, Any, Any, Any, dict]:
+    """The parts of a model the diffusion stage trained (its checkpoint's last epoch)."""
+    state = load_torch(path, "builtin-ldm checkpoint")
+    meta = state.get("meta", {})
+    if meta.get("kind") != NAME or state.get("scaling_factor") is None:
+        raise ValueError(f"'{path}' is not a finished builtin-ldm checkpoint of the diffusion stage (diffusion.model="
+                         f"{NAME}); run the diffusion stage (`oal diffusion`) first")
+    unet, vae, text, tok, sched = build(meta["image_size"], meta["seed"], state["scaling_factor"])
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+        module.load_state_dict(state["modules"][name])
+    return unet, vae, text, tok, sched
+
+
+class _VAEStep(nn.Module):
+    """Autoencoder loss in one forward (so DDP syncs it): reconstruction MSE + kl_weight * KL to N(0, I)."""
+
+    def __init__(self, vae: Any, kl_weight: float):
+        super().__init__()
+        self.vae: Any = vae
+        self.kl_weight = kl_weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.sample()).sample  # (B, 3, H, W)
+        mse, kl = F.mse_loss(rec, x), post.kl().mean() / x[0].numel()
+        return mse + self.kl_weight * kl, {"reconstruction": mse, "kl": kl}
+
+
+class _UNetStep(nn.Module):
+    """Epsilon-prediction loss of the UNet on noised latents, conditioned on the text encoder's output for each
+    image's prompt (`prompt_ids` row `cls[b]`); the text encoder learns with the UNet unless it is frozen."""
+
+    def __init__(self, unet: Any, text: Any, prompt_ids: torch.Tensor, train_text: bool):
+        super().__init__()
+        self.unet: Any = unet
+        self.text: Any = text.requires_grad_(train_text)
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        self.train_text = train_text
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, cls: torch.Tensor,
+                noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            conds = self.text(self.prompt_ids)[0]  # (C + 1, L, E)
+        mse = F.mse_loss(self.unet(noisy, t, encoder_hidden_states=conds[cls]).sample, noise)
+        return mse, {"noise_mse": mse}
+
+
+class _WithIndex(Dataset):
+    """(image, label, index): the UNet phase looks each image's latent up by its index."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, y = self.ds[i]
+        return x, y, i
+
+
+@torch.no_grad()
+def _encode_all(vae: Any, images: Dataset, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training image's latent: (N, 4, h, w) each, on CPU."""
+    means, stds = [], []
+    for x, _ in DataLoader(images, batch_size=256):
+        post = vae.encode(x.to(device)).latent_dist
+        means.append(post.mean.float().cpu())
+        stds.append(post.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def fit_ldm(
+    train_set: Dataset,
+    class_names: list[str],
+    prompt: str,
+    image_size: int,
+    cfg: LDMConfig,
+    out_dir: str | Path,
+    *,
+    seed: int,
+    device: str = "auto",
+    on_epoch_end: Callable[[int, dict[str, float], Path], None] | None = None,
+    meta: dict[str, Any] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+) -> FitResult:
+    """Train the autoencoder for `cfg.vae_epochs`, then the UNet for `cfg.epochs`, on `train_set` (images in
+    [-1, 1], labels the class index). One checkpoint (`out_dir/checkpoint.pt`, written atomically every epoch)
+    holds both phases; `on_epoch_end(epoch, metrics, checkpoint)` runs on every rank after each epoch (Ray Train
+    reports there), epochs counted across both phases."""
+    from diffusers import DDPMScheduler
+
+    from oal.diffusion import WordTokenizer
+
+    acc = accelerator or make_accelerator(device, cfg)
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    torch.manual_seed(seed)
+    unet, vae, text, tok, _ = build(image_size, seed)
+    assert isinstance(tok, WordTokenizer)
+    ids = tok([prompt.format(c) for c in class_names] + [""])["input_ids"]  # each class's prompt, then the empty one
+    vae_step, unet_step = _VAEStep(vae, cfg.kl_weight), _UNetStep(unet, text, ids, cfg.train_text_encoder)
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=cfg.weight_decay)
+    unet_opt = torch.optim.AdamW([p for p in unet_step.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    sampler: DistributedSampler = DistributedSampler(train_set, num_replicas=acc.num_processes,
+                                                     rank=acc.process_index, shuffle=True, seed=seed)
+    loader = DataLoader(_WithIndex(train_set), batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
+    # Cosine decay over the UNet's steps, after a short warm-up (not passed to `prepare`: one step per process).
+    unet_steps = len(loader) * cfg.epochs
+    warm = max(1, unet_steps // 20)
+    unet_sched = torch.optim.lr_scheduler.LambdaLR(
+        unet_opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, unet_steps) / unet_steps)))
+    total = cfg.vae_epochs + cfg.epochs
+    start, history = 0, []
+    scaling: float | None = None  # set when the UNet phase starts
+    if resume and ckpt_path.exists():
+        state = load_torch(ckpt_path, "checkpoint")
+        try:
+            for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+                module.load_state_dict(state["modules"][name])
+            vae_opt.load_state_dict(state["vae_optimizer"])
+            unet_opt.load_state_dict(state["unet_optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"checkpoint '{ckpt_path}' does not match this builtin-ldm configuration: "
+                             f"{str(e).splitlines()[0]}") from None
+        unet_sched.load_state_dict(state["unet_scheduler"])
+        _set_rng_state(state["rng"])
+        start, history = state["epoch"], list(state["history"])[: state["epoch"]]
+    vae_model, unet_model, vae_opt, unet_opt = acc.prepare(vae_step, unet_step, vae_opt, unet_opt)
+    noise_sched: Any = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                num_train_timesteps=1000, clip_sample=False)
+    latent_mean = latent_std = None
+    for epoch in range(start, total):
+        sampler.set_epoch(epoch)
+        phase = "vae" if epoch < cfg.vae_epochs else "unet"
+        if phase == "unet" and latent_mean is None:
+            vae.eval()
+            latent_mean, latent_std = _encode_all(vae, train_set, cfg.batch_size, acc.device)
+            # LDM's rule: latents scaled to unit variance. The autoencoder is frozen from here on, so a resumed run
+            # computes the same factor (from every training image, on every rank).
+            scaling = float(1.0 / latent_mean.std())
+            vae.register_to_config(scaling_factor=scaling)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + acc.process_index)
+        sums: dict[str, torch.Tensor] = {}
+        n, t0 = 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{total}", disable=not (progress and acc.is_main_process),
+                   leave=False, dynamic_ncols=True)
+        model = vae_model if phase == "vae" else unet_model
+        model.train()
+        for batch_idx, (x, y, idx) in enumerate(bar):
+            if phase == "vae":
+                loss, terms = vae_model(x.to(acc.device))
+                opt = vae_opt
+            else:
+                assert latent_mean is not None and latent_std is not None and scaling is not None
+                z = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling
+                noise = torch.randn(z.shape, generator=gen)
+                t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z),), generator=gen)
+                noisy = noise_sched.add_noise(z, noise, t)
+                drop = torch.rand(len(y), generator=gen) < cfg.cond_dropout
+                cls = torch.where(drop, len(class_names), y)  # the empty prompt for a share of the images
+                loss, terms = unet_model(noisy.to(acc.device), t.to(acc.device), cls.to(acc.device),
+                                         noise.to(acc.device))
+                opt = unet_opt
+            if not torch.isfinite(loss.detach()):
+                raise RuntimeError(f"builtin-ldm: non-finite {phase} loss at epoch {epoch + 1}, step {batch_idx + 1}; "
+                                   f"lower ldm.lr / ldm.vae_lr. Last good checkpoint: '{ckpt_path}'")
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if phase == "unet":
+                unet_sched.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            n += 1
+        metrics = {f"loss/{k}": float(v) / max(n, 1) for k, v in sums.items()}
+        metrics.update({"epoch": epoch + 1, "epoch_seconds": time.perf_counter() - t0,
+                        "lr": (vae_opt if phase == "vae" else unet_opt).param_groups[0]["lr"]})
+        history.append(metrics)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_torch({"modules": {"unet": acc.unwrap_model(unet_model).unet.state_dict(),
+                                    "vae": acc.unwrap_model(vae_model).vae.state_dict(),
+                                    "text_encoder": acc.unwrap_model(unet_model).text.state_dict()},
+                        "vae_optimizer": vae_opt.state_dict(), "unet_optimizer": unet_opt.state_dict(),
+                        "unet_scheduler": unet_sched.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
+                        "history": history, "resumed_from_epoch": start, "scaling_factor": scaling,
+                        "meta": {**(meta or {}), "kind": NAME, "image_size": image_size, "seed": seed,
+                                 "class_names": list(class_names), "prompt": prompt}}, ckpt_path)
+        acc.wait_for_everyone()
+        if acc.is_main_process and progress:
+            tqdm.write(f"{phase} epoch {epoch + 1}/{total}: "
+                       + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, metrics, ckpt_path)
+    return FitResult(checkpoint=ckpt_path, history=history, resumed_from_epoch=start)
+
+
+@torch.no_grad()
+def class_conditional_accuracy(model: Any, classifier: nn.Module, class_names: list[str], cfg: DiffusionConfig,
+                               per_class: int, seed: int, image_size: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Sample `per_class` images of each class's prompt (classifier-free guidance, the synthesis settings of
+    `cfg`), decode them and let `classifier` (the fine-tuned teacher, its inputs normalised to [-1, 1]) name the
+    class. Returns {accuracy, per_class} and the decoded images (C, per_class, 3, H, W) in [0, 1]."""
+    from oal.diffusion import decode, encode_prompts, sample_latents
+
+    gen = torch.Generator().manual_seed(seed)
+    conds = encode_prompts(model, [cfg.prompt.format(c) for c in class_names])  # (C, L, E)
+    uncond = encode_prompts(model, [""])  # (1, L, E)
+    classifier = classifier.to(model.device).eval()
+    images, correct = [], []
+    for c in range(len(class_names)):
+        imgs = []
+        for b in range(0, per_class, cfg.batch_size):
+            k = min(cfg.batch_size, per_class - b)
+            lat = sample_latents(model, conds[c:c + 1].expand(k, -1, -1), uncond.expand(k, -1, -1), cfg, gen)
+            imgs.append(decode(model, lat).float())  # (k, 3, H, W) in [0, 1]
+        x = torch.cat(imgs)
+        if x.shape[-1] != image_size:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        logits = classifier((x - 0.5) / 0.5)[0]  # (per_class, C): back to the model's [-1, 1] input space
+        correct.append((logits.argmax(-1) == c).float().mean().item())
+        images.append(x.cpu())
+    return ({"accuracy": sum(correct) / len(correct), "per_class": dict(zip(class_names, correct))},
+            torch.stack(images))

@@ -1,0 +1,111 @@
+"""The built-in latent diffusion model trained by the diffusion stage: training, resume, loading, its measure."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+from oal import ldm
+from oal.config import DiffusionConfig, LDMConfig
+from oal.diffusion import TRAINED, load_model, sample_latents
+
+NAMES = ["dark", "bright"]
+PROMPT = "A high-quality image of the {}"
+
+
+def _images(n: int = 24, size: int = 16) -> TensorDataset:
+    """Two classes: dark (-0.8) and bright (+0.8) squares with a little noise, in [-1, 1]."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 2
+    x = (y.float() * 1.6 - 0.8)[:, None, None, None] + 0.05 * torch.randn(n, 3, size, size, generator=g)
+    return TensorDataset(x.clamp(-1, 1), y)
+
+
+CFG = LDMConfig(vae_epochs=1, epochs=2, batch_size=8, eval_samples=2, grid_per_class=2)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=False)
+    return {f"{m}.{k}": v for m, sd in state["modules"].items() for k, v in sd.items()}
+
+
+def test_trains_both_phases_into_one_loadable_checkpoint(tmp_path):
+    res = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, CFG, tmp_path, seed=0, device="cpu", progress=False)
+    assert [h["epoch"] for h in res.history] == [1, 2, 3]
+    assert "loss/reconstruction" in res.history[0] and "loss/noise_mse" in res.history[2]
+    state = torch.load(res.checkpoint, weights_only=False)
+    assert state["meta"]["kind"] == ldm.NAME and state["meta"]["image_size"] == 16
+    assert state["scaling_factor"] > 0
+    model = load_model(DiffusionConfig(model=TRAINED, checkpoint=str(res.checkpoint)), "cpu")
+    assert model.vae.config.scaling_factor == pytest.approx(state["scaling_factor"])
+    assert model.latent_size(None) == 4 and not model.untrained and "trained on the ID" in model.model_id
+    cond = torch.zeros(2, model.tokenizer.model_max_length, model.cond_dim)
+    lat = sample_latents(model, cond, cond, DiffusionConfig(steps=2), torch.Generator().manual_seed(0))
+    assert lat.shape == (2, 4, 4, 4) and torch.isfinite(lat).all()
+
+
+def test_an_autoencoder_only_checkpoint_is_not_a_model(tmp_path):
+    def stop(epoch, metrics, ckpt):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        ldm.fit_ldm(_images(), NAMES, PROMPT, 16, CFG, tmp_path, seed=0, device="cpu", progress=False,
+                    on_epoch_end=stop)
+    with pytest.raises(ValueError, match="not a finished builtin-ldm checkpoint"):
+        ldm.load_trained(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])  # at the end of the autoencoder phase; inside the UNet phase
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, stop_after):
+    whole = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, CFG, tmp_path / "whole", seed=0, device="cpu", progress=False)
+
+    def stop(epoch, metrics, ckpt):
+        if epoch == stop_after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        ldm.fit_ldm(_images(), NAMES, PROMPT, 16, CFG, tmp_path / "cut", seed=0, device="cpu", progress=False,
+                    on_epoch_end=stop)
+    resumed = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, CFG, tmp_path / "cut", seed=0, device="cpu", progress=False)
+    assert resumed.resumed_from_epoch == stop_after  # the resume path ran
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a, b = _weights(whole.checkpoint), _weights(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=f"{k} differs after resume")
+
+
+class _Always(nn.Module):
+    """A 'classifier' that names class `c` for every image."""
+
+    def __init__(self, c: int, n: int):
+        super().__init__()
+        self.c, self.n = c, n
+
+    def forward(self, x):
+        logits = torch.zeros(len(x), self.n)
+        logits[:, self.c] = 1.0
+        return logits, x.flatten(1)
+
+
+def test_class_conditional_accuracy_counts_what_the_judge_says(tmp_path):
+    res = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, replace(CFG, epochs=1), tmp_path, seed=0, device="cpu",
+                      progress=False)
+    model = load_model(DiffusionConfig(model=TRAINED, checkpoint=str(res.checkpoint)), "cpu")
+    dcfg = DiffusionConfig(model=TRAINED, steps=2, batch_size=2)
+    quality, images = ldm.class_conditional_accuracy(model, _Always(1, 2), NAMES, dcfg, 3, seed=0, image_size=16)
+    assert quality["per_class"] == {"dark": 0.0, "bright": 1.0} and quality["accuracy"] == pytest.approx(0.5)
+    assert images.shape == (2, 3, 3, 16, 16) and 0 <= float(images.min()) and float(images.max()) <= 1
+
+
+def test_image_side_must_fit_the_autoencoder():
+    with pytest.raises(ValueError, match="multiple of 4; data.image_size is 30"):
+        ldm.build(30, seed=0)
