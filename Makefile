@@ -3,9 +3,9 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PRESET ?= digits
+PRESET ?= fashion
 
-.PHONY: demo demo-local stack-up stack-down stack-status test test-fast lint bench-quality bench-overhead \
+.PHONY: data demo demo-local stack-up stack-down stack-status test test-fast lint bench-quality bench-overhead \
 	bench-synthesis bench-ray bench-tune bench-precise-bn clean
 
 $(STAMP): pyproject.toml
@@ -17,15 +17,19 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Run the main job on the embedded default (digits): local stack (Ray head, MLflow, S3) if not up, then
-## `ray job submit` of the pipeline
-demo: $(STAMP)
+## Run the main job on the embedded default (fashion: Fashion-MNIST from Debian's package, fetched without root
+## if missing): local stack (Ray head, MLflow, S3) if not up, then `ray job submit` of the pipeline
+demo: $(STAMP) data
 	$(BIN)/python -m cluster.stack up
 	. .stack/env && PATH="$(CURDIR)/$(BIN):$$PATH" ray job submit --address "$$RAY_API_SERVER_ADDRESS" --working-dir . \
 		--runtime-env cluster/runtime_env.yaml -- python -m jobs.pipeline --config $(PRESET) output_dir=$(CURDIR)/runs
 
+## The embedded datasets: Fashion-MNIST's idx files (digits ships inside scikit-learn)
+data: $(STAMP)
+	@if [ "$(PRESET)" = fashion ]; then $(BIN)/python -m oal.data fashion; fi
+
 ## The same pipeline in one process, no Ray, no servers
-demo-local: $(STAMP)
+demo-local: $(STAMP) data
 	$(BIN)/oal pipeline --config $(PRESET)
 
 stack-up: $(STAMP)
