@@ -1,12 +1,16 @@
-"""OOD-detection quality of OAL's loss terms, added one at a time, on the embedded `digits` benchmark.
+"""OOD-detection quality of OAL's loss terms and of its outliers' source, one variant per row, on an embedded
+benchmark (default `fashion`; `--quick` runs tiny `digits` settings).
 
-    python -m bench.quality [--seeds 0 1 2] [--out runs/bench-quality] [--quick] [key=value ...]
+    python -m bench.quality [--preset fashion] [--seeds 0 1 2] [--out runs/bench-quality] [--quick] [key=value ...]
 
-For each seed the shared stages (teacher, embeddings, anchors, k-NN outliers, latent outliers) run
-once under `<out>/q-seed<s>/`; every variant then trains and evaluates its own student under
-`<out>/q-seed<s>-<variant>/`, reading the shared teacher (`model.teacher_checkpoint`) and outlier files. All stages keep their
-skip-if-done manifests, so an interrupted benchmark resumes and a finished one re-prints at once.
-Scores are EBO (energy) on the student's logits; metrics follow OpenOOD v1.5 (see oal/evaluate.py).
+For each seed the shared stages (base CE student, teacher, the diffusion model trained on the ID images,
+embeddings, anchors, k-NN outliers, latent outliers) run once under `<out>/q-seed<s>/`, plus two more outlier
+chains for the ablations: `q-seed<s>-untrained` (the same stages with the untrained built-in model) and
+`q-seed<s>-class` (latents from the trained model conditioned on the plain class prompt, no outlier). Every
+variant then trains and evaluates its own student under `<out>/q-seed<s>-<variant>/`, reading the shared
+teacher, base student and outlier files. Stages keep their skip-if-done manifests: an interrupted benchmark
+resumes, a finished one re-prints at once. Scores are EBO (energy) on the student's logits; metrics follow
+OpenOOD v1.5 (oal/evaluate.py). Writes `<out>/quality.md`, `quality.json` and `quality.png`.
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ import numpy as np
 from oal import config as C
 from oal import stages
 from oal.data import build_benchmark
-from oal.diffusion import BUILTIN
+from oal.diffusion import BUILTIN, TRAINED
 from oal.evaluate import load_report
+from oal.storage import load_torch
 
 POSTPROCESSOR = "ebo"
 
 # Tiny settings for a smoke run (shared with the tests); no decoded grid needed here.
-QUICK = [*C.QUICK_OVERRIDES, "diffusion.grid_samples=0"]
+QUICK = [*C.QUICK_OVERRIDES, "diffusion.grid_samples=0", "ldm.vae_epochs=1", "ldm.epochs=1", "ldm.eval_samples=2",
+         "ldm.grid_per_class=0"]
+NO_OUTLIER_TERMS = ("loss.w_micl_knn=0", "loss.w_micl_lat=0", "loss.w_energy_knn=0", "loss.w_energy_lat=0")
 
 
 @dataclass(frozen=True)
@@ -39,14 +46,22 @@ class Variant:
     label: str  # row label in the table
     slug: str  # suffix of the variant's run name
     overrides: tuple[str, ...]  # applied after the user's overrides, so they always hold
+    chain: str = "main"  # whose outlier files: main | untrained (untrained diffusion model) | class (class prompt)
 
 
+BASE_ROW = "CE + EBO (base stage)"
 VARIANTS = (
-    Variant("CE + EBO (baseline)", "ce",
-            ("loss.w_logit_kd=0", "loss.w_feat_kd=0", "loss.w_micl_knn=0", "loss.w_micl_lat=0")),
-    Variant("+ logit/feature KD", "kd", ("loss.w_micl_knn=0", "loss.w_micl_lat=0")),
-    Variant("+ k-NN MICL", "knn", ("loss.w_micl_lat=0",)),
-    Variant("+ latent MICL (full OAL)", "full", ()),
+    Variant("CE, trained on for the student's epochs (control)", "ce",
+            ("loss.w_logit_kd=0", "loss.w_feat_kd=0", *NO_OUTLIER_TERMS)),
+    Variant("+ logit/feature KD", "kd", NO_OUTLIER_TERMS),
+    Variant("+ k-NN MICL", "knn", ("loss.w_micl_lat=0", "loss.w_energy_knn=0", "loss.w_energy_lat=0")),
+    Variant("+ latent MICL (full OAL, reference weights)", "full", ("loss.w_energy_knn=0", "loss.w_energy_lat=0")),
+    Variant("KD + energy terms 2.5/2.5 (reference energy_rl variant)", "energy",
+            ("loss.w_micl_knn=0", "loss.w_micl_lat=0", "loss.w_energy_knn=2.5", "loss.w_energy_lat=2.5")),
+    Variant("full OAL, untrained diffusion model", "full-untrained", ("loss.w_energy_knn=0", "loss.w_energy_lat=0"),
+            "untrained"),
+    Variant("full OAL, latents of the plain class prompt", "full-class", ("loss.w_energy_knn=0", "loss.w_energy_lat=0"),
+            "class"),
 )
 
 # (column header, where in results.json: "id_accuracy" or (near|far, metric))
@@ -74,39 +89,62 @@ def _metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def run_seed(base: list[str], seed: int, out: Path) -> dict[str, dict[str, float]]:
+def variants_for(preset_cfg: C.OALConfig) -> tuple[Variant, ...]:
+    """The untrained-model row only makes sense when the main chain uses the trained model."""
+    return tuple(v for v in VARIANTS if v.chain != "untrained" or preset_cfg.diffusion.model == TRAINED)
+
+
+def _outliers(cfg: C.OALConfig, bench) -> C.OutlierConfig:
+    """Run one chain's outlier stages (embeddings -> anchors -> k-NN -> latents); return its outlier files."""
+    stages.run_embeddings(cfg, bench)
+    stages.run_anchors(cfg)
+    knn = stages.run_knn(cfg)
+    lat = stages.run_latents(cfg, progress=False)
+    return replace(cfg.outliers, knn_path=knn.outputs["outliers"], latent_path=lat.outputs["vectors"])
+
+
+def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[str, dict[str, float]], dict]:
     """All variants for one seed: shared stages once, then one student and one evaluation per variant."""
     common = [*base, f"seed={seed}", f"output_dir={out}"]
-    shared = C.load_config("digits", [*common, f"name=q-seed{seed}"])
-    variants = {v.slug: C.load_config("digits", [*common, f"name=q-seed{seed}-{v.slug}", *v.overrides])
-                for v in VARIANTS}
+    shared = C.load_config(preset, [*common, f"name=q-seed{seed}"])
     bench = build_benchmark(shared.data)
     t0 = time.perf_counter()
+    stages.run_base(shared, bench, progress=False)
     stages.run_teacher(shared, bench, progress=False)
-    need_knn = any(v.loss.uses_knn for v in variants.values()) and shared.outliers.knn_path is None
-    need_lat = any(v.loss.uses_latent for v in variants.values()) and shared.outliers.latent_path is None
-    outliers = shared.outliers
-    if need_knn or need_lat:
-        stages.run_embeddings(shared, bench)
-        stages.run_anchors(shared)
-        knn = stages.run_knn(shared)
-        if need_knn:
-            outliers = replace(outliers, knn_path=knn.outputs["outliers"])
-    if need_lat:
-        outliers = replace(outliers, latent_path=stages.run_latents(shared, progress=False).outputs["vectors"])
+    teacher = str(stages.stage_dir(shared, "teacher") / "checkpoint.pt")
+    base_ckpt = str(stages.base_checkpoint(shared))
+    info: dict = {}
+    if stages.trained_diffusion(shared):
+        stages.run_diffusion(shared, bench, progress=False)
+        info = json.loads((stages.stage_dir(shared, "diffusion") / "quality.json").read_text())
+    given = [f"model.teacher_checkpoint={teacher}"]
+    chains = {"main": _outliers(shared, bench)}
+    chosen = variants_for(shared)
+    if any(v.chain == "untrained" for v in chosen):
+        cfg = C.load_config(preset, [*common, f"name=q-seed{seed}-untrained", f"diffusion.model={BUILTIN}", *given])
+        chains["untrained"] = _outliers(cfg, bench)
+    if any(v.chain == "class" for v in chosen):
+        ckpt = [f"diffusion.checkpoint={stages.diffusion_config(shared).checkpoint}"] if stages.trained_diffusion(
+            shared) else []
+        cfg = C.load_config(preset, [*common, f"name=q-seed{seed}-class", "diffusion.conditioning=class", *ckpt, *given])
+        chains["class"] = _outliers(cfg, bench)
     _log(f"[seed {seed}] shared stages: {time.perf_counter() - t0:.0f} s")
-    rows = {}
-    for v in VARIANTS:
+    res, _ = stages.run_evaluate(shared, base_ckpt, bench=bench, of="base")
+    rows = {BASE_ROW: _metrics(load_report(Path(res.dir) / "results.json"))}
+    for v in chosen:
         t1 = time.perf_counter()
-        teacher = str(stages.stage_dir(shared, "teacher") / "checkpoint.pt")
-        cfg = replace(variants[v.slug], outliers=outliers,
-                      model=replace(variants[v.slug].model, teacher_checkpoint=teacher))
+        cfg = C.load_config(preset, [*common, f"name=q-seed{seed}-{v.slug}", *v.overrides, *given,
+                                     *([f"model.base_checkpoint={base_ckpt}"] if shared.model.student_init == "base"
+                                       else [])])
+        cfg = replace(cfg, outliers=chains[v.chain])
         stages.run_student(cfg, bench, progress=False)
         result, _ = stages.run_evaluate(cfg, bench=bench)
         # results.json is there whether the evaluation ran now or was skipped as up to date.
         rows[v.label] = _metrics(load_report(Path(result.dir) / "results.json"))
         _log(f"[seed {seed}] {v.label}: {time.perf_counter() - t1:.0f} s")
-    return rows
+    lat = load_torch(chains["main"].latent_path, "latent outliers")["outliers"]
+    info["latent_vectors"] = list(lat.shape)
+    return rows, info
 
 
 def _mean_std(values: list[float]) -> str:
@@ -115,43 +153,85 @@ def _mean_std(values: list[float]) -> str:
     return f"{a.mean():.2f} ± {std:.2f}"
 
 
+def labels(per_seed: dict[int, dict[str, dict[str, float]]]) -> list[str]:
+    return list(next(iter(per_seed.values())))
+
+
 def table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
-    header = "| variant | " + " | ".join(h for h, _ in COLUMNS) + " |"
-    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
-    for v in VARIANTS:
-        cells = [_mean_std([per_seed[s][v.label][h] for s in per_seed]) for h, _ in COLUMNS]
-        lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
+    header = "| variant | " + " | ".join(h for h, _ in COLUMNS) + " | near / far vs CE |"
+    lines = [header, "|---" * (len(COLUMNS) + 2) + "|"]
+    for label in labels(per_seed):
+        cells = [_mean_std([per_seed[s][label][h] for s in per_seed]) for h, _ in COLUMNS]
+        gain = [100 * np.mean([per_seed[s][label][h] - per_seed[s][BASE_ROW][h] for s in per_seed])
+                for h in ("near AUROC", "far AUROC")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {gain[0]:+.2f} / {gain[1]:+.2f} |")
     return "\n".join(lines)
+
+
+def plot(per_seed: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
+    """Near and far AUROC per variant, mean and sample std over seeds, beside the CE row's level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = labels(per_seed)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.5))
+    y = np.arange(len(names))
+    for k, (col, colour) in enumerate((("near AUROC", "tab:blue"), ("far AUROC", "tab:orange"))):
+        vals = 100 * np.array([[per_seed[s][n][col] for s in per_seed] for n in names])  # (V, S)
+        err = vals.std(axis=1, ddof=1) if vals.shape[1] > 1 else None
+        ax.barh(y + (k - 0.5) * 0.38, vals.mean(axis=1), height=0.38, xerr=err, color=colour, label=col)
+        ax.axvline(vals[0].mean(), color=colour, linestyle="--", linewidth=1)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("AUROC (%), EBO; dashed: CE + EBO")
+    lo = 100 * min(per_seed[s][n][c] for s in per_seed for n in names for c in ("near AUROC", "far AUROC"))
+    ax.set_xlim(max(0.0, lo - 10), 100)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="embedded preset (default fashion; digits with --quick)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/bench-quality", help="output root (one run folder per seed and variant)")
-    p.add_argument("--quick", action="store_true", help="tiny settings, for checking that it runs")
+    p.add_argument("--quick", action="store_true", help="tiny digits settings, for checking that it runs")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied to every variant")
     args = p.parse_args(argv)
+    preset = args.preset or ("digits" if args.quick else "fashion")
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.ERROR)  # the untrained-model warning is stated in the table's note
     out = Path(args.out)
     # Plots are not needed for the table; the user's overrides come after and may turn them back on.
     base = ["eval.plots=false", *(QUICK if args.quick else []), *args.overrides]
-    probe = C.load_config("digits", base)  # fail on a bad override before any training
+    probe = C.load_config(preset, base)  # fail on a bad override before any training
     if POSTPROCESSOR not in probe.eval.postprocessors:
         p.error(f"eval.postprocessors must include '{POSTPROCESSOR}'")
     t0 = time.perf_counter()
-    per_seed = {s: run_seed(base, s, out) for s in args.seeds}
+    per_seed, info = {}, {}
+    for s in args.seeds:
+        per_seed[s], info[s] = run_seed(preset, base, s, out)
     seconds = time.perf_counter() - t0
-    note = "the built-in UNTRAINED tiny model (random weights): latent MICL here exercises the machinery, " \
-        "not the method" if probe.diffusion.model == BUILTIN else "as configured"
+    bench = build_benchmark(probe.data)
+    model = {BUILTIN: "the built-in UNTRAINED tiny model (random weights): latent terms here exercise the machinery",
+             TRAINED: "the built-in model trained on the ID images by the diffusion stage"}.get(
+                 probe.diffusion.model, probe.diffusion.model)
+    quality = [f"seed {s}: {100 * info[s]['accuracy']:.1f}% (teacher on real ID validation images: "
+               f"{100 * info[s]['teacher_val_accuracy']:.1f}%)" for s in info if "accuracy" in info[s]]
     text = "\n".join([
-        f"# OAL ablation on `digits`{' (--quick settings)' if args.quick else ''}",
+        f"# OAL variants on `{preset}`{' (--quick settings)' if args.quick else ''}",
         "",
-        f"Postprocessor EBO; mean ± sample std over seeds {' '.join(map(str, args.seeds))}, in %. "
-        "FPR@95 is OpenOOD v1.5's (ID flagged OOD at 95% OOD recall); near = digits 6-8, "
-        "far = photo patches and noise.",
-        f"Latent outliers: diffusion model `{probe.diffusion.model}`, {note}.",
-        f"Overrides: {' '.join(base)}",
+        f"Postprocessor EBO; mean ± sample std over seeds {' '.join(map(str, args.seeds))}, in %; the last column is "
+        "the mean per-seed AUROC difference to the CE + EBO row. FPR@95 is OpenOOD v1.5's. "
+        f"Near-OOD: {', '.join(bench.near)}; far-OOD: {', '.join(bench.far)}.",
+        f"Diffusion model: {model}."
+        + (f" Class-conditional accuracy of its samples (judged by the teacher): {'; '.join(quality)}." if quality
+           else ""),
+        f"Overrides: {' '.join(base) or '(none)'}",
         "",
         table(per_seed),
         "",
@@ -161,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.md").write_text(text)
-    (out / "quality.json").write_text(json.dumps({"seeds": args.seeds, "overrides": base, "per_seed": per_seed},
-                                                 indent=2))
+    plot(per_seed, out / "quality.png")
+    (out / "quality.json").write_text(json.dumps({"preset": preset, "seeds": args.seeds, "overrides": base,
+                                                  "per_seed": per_seed, "diffusion": info}, indent=2))
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ class LDMConfig:
     epochs: int = 10  # UNet passes over the ID training set (after the autoencoder's)
     batch_size: int = 64  # images per step
     vae_lr: float = 2e-3  # AdamW learning rate of the autoencoder
-    lr: float = 1e-3  # AdamW learning rate of the UNet (warm-up, then cosine decay)
+    lr: float = 2e-3  # AdamW learning rate of the UNet and text encoder (warm-up, then cosine decay)
     weight_decay: float = 0.0  # AdamW weight decay of both
     kl_weight: float = 1e-4  # weight of the autoencoder's KL term (per latent element) beside its reconstruction MSE
     cond_dropout: float = 0.1  # share of images trained with the empty prompt (for classifier-free guidance)

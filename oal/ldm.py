@@ -3,7 +3,7 @@
 
 It has Stable Diffusion's three parts, small: an autoencoder (diffusers `AutoencoderKL`, 4 latent channels,
 factor 4: 32 px images -> 4x8x8 latents), a text-conditioned UNet (`UNet2DConditionModel`, cross-attention on
-the text encoder's output) and a CLIP text encoder (`CLIPTextModel`, the built-in word tokenizer). Stable
+the text encoder's output, and the attention-pooled output added to the time embedding) and a CLIP text encoder (`CLIPTextModel`, the built-in word tokenizer). Stable
 Diffusion's CLIP comes trained and stays frozen; ours starts from seeded random weights, under which the six
 prompts differ too little for the UNet to follow them in a few hundred CPU steps, so by default it learns with
 the UNet, as latent diffusion's own text transformer did (`ldm.train_text_encoder`). Training, as latent
@@ -58,7 +58,12 @@ def build(image_size: int, seed: int, scaling_factor: float = 1.0) -> tuple[Any,
                                 block_out_channels=(32, 64), layers_per_block=1,
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=text.config.hidden_size, attention_head_dim=8, norm_num_groups=8)
+                                cross_attention_dim=text.config.hidden_size, attention_head_dim=8, norm_num_groups=8,
+                                # the prompt also enters every ResNet block through the time embedding (attention-
+                                # pooled text, as SDXL and Kandinsky add theirs): class conditioning appears in
+                                # hundreds of CPU steps instead of thousands (15% -> 50% class accuracy at 400 -> 800
+                                # steps in a probe, where cross-attention alone stayed near chance)
+                                addition_embed_type="text", addition_embed_type_num_heads=4)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     return unet, vae, text, tok, dict(sched.config)  # type: ignore[attr-defined]
