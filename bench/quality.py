@@ -9,8 +9,9 @@ chains for the ablations: `q-seed<s>-untrained` (the same stages with the untrai
 `q-seed<s>-class` (latents from the trained model conditioned on the plain class prompt, no outlier). Every
 variant then trains and evaluates its own student under `<out>/q-seed<s>-<variant>/`, reading the shared
 teacher, base student and outlier files. Stages keep their skip-if-done manifests: an interrupted benchmark
-resumes, a finished one re-prints at once. Scores are EBO (energy) on the student's logits; metrics follow
-OpenOOD v1.5 (oal/evaluate.py). Writes `<out>/quality.md`, `quality.json` and `quality.png`.
+resumes, a finished one re-prints at once. `diffusion.checkpoint=PATH` gives every seed one trained diffusion
+model (the diffusion stage's checkpoint) instead of training one per seed. Scores are EBO (energy) on the
+student's logits; metrics follow OpenOOD v1.5 (oal/evaluate.py). Writes `<out>/quality.md`, `quality.json` and `quality.png`.
 """
 
 from __future__ import annotations
@@ -115,8 +116,10 @@ def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[s
     base_ckpt = str(stages.base_checkpoint(shared))
     info: dict = {}
     if stages.trained_diffusion(shared):
-        stages.run_diffusion(shared, bench, progress=False)
-        info = json.loads((stages.stage_dir(shared, "diffusion") / "quality.json").read_text())
+        if shared.diffusion.checkpoint is None:  # else a given one (e.g. one model for every seed)
+            stages.run_diffusion(shared, bench, progress=False)
+        q = Path(str(stages.diffusion_config(shared).checkpoint)).parent / "quality.json"
+        info = json.loads(q.read_text()) if q.exists() else {}
     given = [f"model.teacher_checkpoint={teacher}"]
     chains = {"main": _outliers(shared, bench)}
     chosen = variants_for(shared)

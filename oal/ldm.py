@@ -2,14 +2,15 @@
 `diffusion` stage, so that offline runs synthesise outliers from a model that has learnt something.
 
 It has Stable Diffusion's three parts, small: an autoencoder (diffusers `AutoencoderKL`, 4 latent channels,
-factor 4: 32 px images -> 4x8x8 latents), a text-conditioned UNet (`UNet2DConditionModel`, cross-attention on
-the text encoder's output, and the attention-pooled output added to the time embedding) and a CLIP text encoder (`CLIPTextModel`, the built-in word tokenizer). Stable
-Diffusion's CLIP comes trained and stays frozen; ours starts from seeded random weights, under which the six
-prompts differ too little for the UNet to follow them in a few hundred CPU steps, so by default it learns with
-the UNet, as latent diffusion's own text transformer did (`ldm.train_text_encoder`). Training, as latent
-diffusion trains: first the autoencoder (reconstruction + a small KL term), then the UNet (and the text
-encoder) on the scaled latents of the training images (epsilon prediction, Stable Diffusion's DDPM noise
-schedule), with the prompt "A high-quality image of the {class}" and, for `ldm.cond_dropout` of the images, the empty prompt
+factor 4: 32 px images -> 4x8x8 latents), a text-conditioned UNet (`UNet2DConditionModel`: cross-attention on
+the text encoder's output, and the attention-pooled output added to the time embedding) and a CLIP text
+encoder (`CLIPTextModel`, the built-in word tokenizer). Stable Diffusion's CLIP comes trained and stays
+frozen; ours starts from seeded random weights, under which the six prompts differ too little for the UNet
+to follow them in a few hundred CPU steps, so by default it learns with the UNet, as latent diffusion's own
+text transformer did (`ldm.train_text_encoder`). Training, as latent diffusion trains: first the autoencoder
+(reconstruction + a small KL term), then the UNet (and the text encoder) on the scaled latents of the
+training images (epsilon prediction, Stable Diffusion's DDPM noise schedule), with the prompt "A
+high-quality image of the {class}" and, for `ldm.cond_dropout` of the images, the empty prompt
 (classifier-free guidance). Anchors, outlier conditioning and sampling then run exactly as with Stable
 Diffusion (`oal.diffusion`).
 
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from oal.config import DiffusionConfig, LDMConfig
 from oal.storage import load_torch, save_torch
 from oal.train import CHECKPOINT, FitResult, _rng_state, _set_rng_state, make_accelerator
+from oal.train import bar_off as _bar_off
 
 NAME = "builtin-ldm"
 VAE_FACTOR = 4
@@ -217,7 +219,7 @@ def fit_ldm(
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + acc.process_index)
         sums: dict[str, torch.Tensor] = {}
         n, t0 = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{total}", disable=not (progress and acc.is_main_process),
+        bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{total}", disable=_bar_off(progress and acc.is_main_process),
                    leave=False, dynamic_ncols=True)
         model = vae_model if phase == "vae" else unet_model
         model.train()

@@ -41,6 +41,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def bar_off(wanted: bool) -> bool | None:
+    """tqdm's `disable`: off when not wanted; otherwise None, tqdm's own rule: a bar on a terminal only. A bar
+    in a Ray worker or a log file would print a line per update; the per-epoch summary lines stay."""
+    return True if not wanted else None
+
+
 def make_accelerator(device: str, cfg: TrainConfig | LDMConfig) -> Accelerator:
     device = resolve_device(device)
     if device == "cpu" and cfg.mixed_precision == "fp16":
@@ -235,7 +241,7 @@ def fit(
         # Running sums stay on the device: one host sync per epoch for them, not one per term and step.
         sums: dict[str, torch.Tensor] = {}
         n_batches, t0 = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and acc.is_main_process),
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=bar_off(progress and acc.is_main_process),
                    leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
