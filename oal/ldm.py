@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from oal.config import DiffusionConfig, LDMConfig
 from oal.storage import load_torch, save_torch
-from oal.train import CHECKPOINT, FitResult, _rng_state, _set_rng_state, make_accelerator
+from oal.train import CHECKPOINT, FitResult, _rng_state, make_accelerator, restore
 from oal.train import bar_off as _bar_off
 
 NAME = "builtin-ldm"
@@ -136,7 +136,7 @@ class _WithIndex(Dataset):
 def _encode_all(vae: Any, images: Dataset, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every training image's latent: (N, 4, h, w) each, on CPU."""
     means, stds = [], []
-    for x, _ in DataLoader(images, batch_size=256):
+    for x, _ in DataLoader(images, batch_size=batch_size):
         post = vae.encode(x.to(device)).latent_dist
         means.append(post.mean.float().cpu())
         stds.append(post.std.float().cpu())
@@ -190,17 +190,14 @@ def fit_ldm(
     start, history = 0, []
     scaling: float | None = None  # set when the UNet phase starts
     if resume and ckpt_path.exists():
-        state = load_torch(ckpt_path, "checkpoint")
-        try:
+        def load(state: dict[str, Any]) -> None:
             for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
                 module.load_state_dict(state["modules"][name])
             vae_opt.load_state_dict(state["vae_optimizer"])
             unet_opt.load_state_dict(state["unet_optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"checkpoint '{ckpt_path}' does not match this builtin-ldm configuration: "
-                             f"{str(e).splitlines()[0]}") from None
-        unet_sched.load_state_dict(state["unet_scheduler"])
-        _set_rng_state(state["rng"])
+            unet_sched.load_state_dict(state["unet_scheduler"])
+
+        state = restore(ckpt_path, "builtin-ldm", load)
         start, history = state["epoch"], list(state["history"])[: state["epoch"]]
     vae_model, unet_model, vae_opt, unet_opt = acc.prepare(vae_step, unet_step, vae_opt, unet_opt)
     noise_sched: Any = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -256,12 +256,14 @@ def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str,
     """Measure the trained diffusion model before anything uses it: the fine-tuned teacher names the class of
     `ldm.eval_samples` samples of each class's prompt (the class-conditional accuracy), beside the teacher's own
     accuracy on real ID validation images; a decoded grid of `ldm.grid_per_class` samples per class."""
+    from dataclasses import replace
+
     from oal import ldm
     from oal.diffusion import load_model
 
     d, fp = stage_dir(cfg, "diffusion"), diffusion_fp(cfg)
     bench = build_benchmark(cfg.data)
-    dcfg = replace_checkpoint(cfg, checkpoint)
+    dcfg = replace(cfg.diffusion, checkpoint=str(checkpoint))
     model = load_model(dcfg, resolve_device(cfg.device), cfg.seed)
     teacher = load_teacher(cfg, bench.num_classes)
     n = max(cfg.ldm.eval_samples, cfg.ldm.grid_per_class)
@@ -281,12 +283,6 @@ def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str,
                                     nrow=cfg.ldm.grid_per_class)
     return _finish("diffusion", d, fp, cfg, outputs, history=history, resumed_from_epoch=resumed_from_epoch,
                    class_accuracy=quality["accuracy"], teacher_val_accuracy=teacher_real)
-
-
-def replace_checkpoint(cfg: C.OALConfig, checkpoint: Path) -> C.DiffusionConfig:
-    from dataclasses import replace
-
-    return replace(cfg.diffusion, checkpoint=str(checkpoint))
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int, min_cell: int = 64) -> Path:

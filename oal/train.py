@@ -111,6 +111,19 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
 
 
+def restore(ckpt_path: Path, what: str, load: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Read a resumable checkpoint, hand it to `load` (weights, optimizer states; a mismatch is one clear error
+    naming `what`), restore the RNG streams, and return it."""
+    state = load_torch(ckpt_path, "checkpoint")
+    try:
+        load(state)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"checkpoint '{ckpt_path}' does not match this {what} configuration: "
+                         f"{str(e).splitlines()[0]}") from None
+    _set_rng_state(state["rng"])
+    return state
+
+
 def recompute_bn_stats(net: nn.Module, train_set: Dataset, images: int, batch_size: int, acc: Accelerator,
                        seed: int) -> bool:
     """PreciseBN: replace BatchNorm's running statistics, a momentum average over weights that kept changing,
@@ -215,15 +228,12 @@ def fit(
     history: list[dict[str, float]] = []
     best: dict[str, Any] | None = None  # the epoch with the best ID validation accuracy (OpenOOD's best.ckpt)
     if resume and ckpt_path.exists():
-        state = load_torch(ckpt_path, "checkpoint")
-        try:
+        def load(state: dict[str, Any]) -> None:
             modules.load_state_dict(state["modules"])
             optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"checkpoint '{ckpt_path}' does not match this model/loss configuration: "
-                             f"{str(e).splitlines()[0]}") from None
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+            scheduler.load_state_dict(state["scheduler"])
+
+        state = restore(ckpt_path, "model/loss", load)
         start_epoch = state["epoch"]
         history = list(state.get("history", []))[:start_epoch]  # the epochs before the interruption
         best = state.get("best")

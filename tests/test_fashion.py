@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from oal.config import DataConfig
-from oal.data import build_benchmark, fashion
+from oal.data import build_benchmark, fashion, grey_images
 
 
 def write_idx(path: Path, arr: np.ndarray, compress: bool = True) -> Path:
@@ -84,9 +84,9 @@ def test_index_sets_are_disjoint_and_hold_only_their_classes(folder):
 def test_test_sets_come_from_the_test_split_and_their_roles(folder):
     b = build_benchmark(DataConfig(benchmark="fashion", root=str(folder), train_per_class=50))
     x_te, y_te = fashion.load_split(folder, "test")
-    near = fashion.to_images(x_te[np.isin(y_te, fashion.NEAR_CLASSES)], 32)
+    near = grey_images(x_te[np.isin(y_te, fashion.NEAR_CLASSES)], 32)
     assert torch.equal(b.near["footwear"].tensors[0], near)
-    assert torch.equal(b.test.tensors[0], fashion.to_images(x_te[np.isin(y_te, fashion.ID_CLASSES)], 32))
+    assert torch.equal(b.test.tensors[0], grey_images(x_te[np.isin(y_te, fashion.ID_CLASSES)], 32))
 
 
 def test_torchvision_raw_layout_and_plain_files(tmp_path):

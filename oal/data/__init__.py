@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch.utils.data import Dataset
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
 
 from oal.config import DataConfig
 
@@ -35,6 +38,35 @@ def register(name: str) -> Callable:
         BENCHMARKS[name] = fn
         return fn
     return deco
+
+
+def grey_images(x: np.ndarray, size: int) -> torch.Tensor:
+    """(N, h, w) grey images, uint8 or float in [0, 1] -> (N, 3, size, size) normalised to mean 0.5 / std 0.5."""
+    t = torch.as_tensor(x)
+    t = (t.float() / 255.0 if t.dtype == torch.uint8 else t.float()).unsqueeze(1)  # (N, 1, h, w)
+    if t.shape[-1] != size:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return ((t - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S)
+
+
+def grey_ood_set(x: np.ndarray, size: int) -> TensorDataset:
+    """An OOD set of grey images, label -1."""
+    return TensorDataset(grey_images(x, size), torch.full((len(x),), -1, dtype=torch.long))
+
+
+def photo_patches(n: int, side: int, seed: int) -> np.ndarray:
+    """n grey side x side patches in [0, 1]: area-downsampled (4x) crops of scikit-learn's two sample photographs."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = [img.mean(axis=2) / 255.0 for img in load_sample_images().images]  # (H, W) each
+    out = np.empty((n, side, side), dtype=np.float32)
+    crop = 4 * side
+    for i in range(n):
+        p = photos[i % len(photos)]
+        r, c = rng.integers(0, p.shape[0] - crop), rng.integers(0, p.shape[1] - crop)
+        out[i] = p[r:r + crop, c:c + crop].reshape(side, 4, side, 4).mean(axis=(1, 3))
+    return out
 
 
 def build_benchmark(cfg: DataConfig) -> Benchmark:

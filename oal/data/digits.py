@@ -11,42 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits, load_sample_images
+from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from oal.config import DataConfig
-from oal.data import Benchmark, register
+from oal.data import Benchmark, grey_images, grey_ood_set, photo_patches, register
 
 ID_CLASSES = (0, 1, 2, 3, 4, 5)
 NEAR_CLASSES = (6, 7, 8)
 VAL_OOD_CLASSES = (9,)
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def _to_images(x8: np.ndarray, size: int) -> torch.Tensor:
-    """(N, 8, 8) in [0, 1] -> (N, 3, size, size), normalised to mean 0.5 / std 0.5."""
-    x = torch.as_tensor(x8, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (N, 1, S, S)
-    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S)
-
-
-def _ood(x8: np.ndarray, size: int) -> TensorDataset:
-    return TensorDataset(_to_images(x8, size), torch.full((len(x8),), -1, dtype=torch.long))
-
-
-def photo_patches(n: int, seed: int) -> np.ndarray:
-    """n grey 8x8 patches (area-downsampled 32x32 crops) of sklearn's sample photographs, in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    photos = [img.mean(axis=2) / 255.0 for img in load_sample_images().images]  # (H, W) each
-    out = np.empty((n, 8, 8), dtype=np.float32)
-    for i in range(n):
-        p = photos[i % len(photos)]
-        r = rng.integers(0, p.shape[0] - 32)
-        c = rng.integers(0, p.shape[1] - 32)
-        out[i] = p[r:r + 32, c:c + 32].reshape(8, 4, 8, 4).mean(axis=(1, 3))
-    return out
 
 
 @register("digits")
@@ -62,7 +37,7 @@ def build(cfg: DataConfig) -> Benchmark:
     s = cfg.image_size
 
     def id_set(a: np.ndarray, b: np.ndarray) -> TensorDataset:
-        return TensorDataset(_to_images(a, s), torch.as_tensor(b, dtype=torch.long))
+        return TensorDataset(grey_images(a, s), torch.as_tensor(b, dtype=torch.long))
 
     train = id_set(x_tr, y_tr)
     rng = np.random.default_rng(cfg.split_seed + 1)
@@ -73,10 +48,10 @@ def build(cfg: DataConfig) -> Benchmark:
         train_plain=train,
         val=id_set(x_va, y_va),
         test=id_set(x_te, y_te),
-        ood_val={"digit9": _ood(x[np.isin(y, VAL_OOD_CLASSES)], s)},
-        near={"digits678": _ood(x[np.isin(y, NEAR_CLASSES)], s)},
+        ood_val={"digit9": grey_ood_set(x[np.isin(y, VAL_OOD_CLASSES)], s)},
+        near={"digits678": grey_ood_set(x[np.isin(y, NEAR_CLASSES)], s)},
         far={
-            "photo_patches": _ood(photo_patches(400, cfg.split_seed + 2), s),
-            "noise": _ood(rng.random((300, 8, 8), dtype=np.float32), s),
+            "photo_patches": grey_ood_set(photo_patches(400, 8, cfg.split_seed + 2), s),
+            "noise": grey_ood_set(rng.random((300, 8, 8), dtype=np.float32), s),
         },
     )

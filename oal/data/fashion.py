@@ -14,8 +14,8 @@ method that makes good outliers has room to show it. Bag is also the one class l
 
 Sizes: `data.train_per_class` training images per ID class (default 1,000 of 6,000, for 2-core epochs;
 drawn with `data.split_seed`), 200 more per class for ID validation, the official test set (1,000 per class)
-for ID test and near-OOD; 1,000 bag images for validation OOD, and another 1,000 (`real_outliers`) for the
-outlier-exposure upper bound of `bench.quality`.
+for ID test and near-OOD; 1,000 bag images for validation OOD, and another 1,000 set aside (`real_outliers`)
+for an outlier-exposure upper bound (not used yet).
 
 Files: the four gzipped (or plain) idx files, found in `data.root` (flat, or torchvision's
 `FashionMNIST/raw/`), else in Debian's `dataset-fashion-mnist` location, else in the cache that
@@ -35,11 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from oal.config import DataConfig
-from oal.data import Benchmark, register
+from oal.data import Benchmark, grey_images, grey_ood_set, photo_patches, register
 
 log = logging.getLogger("oal.data")
 NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -137,34 +136,6 @@ def fetch(dest: Path | None = None) -> Path:
     return target
 
 
-def to_images(x: np.ndarray, size: int) -> torch.Tensor:
-    """(N, h, w) uint8 or float in [0, 1] -> (N, 3, size, size) normalised to mean 0.5 / std 0.5 (range [-1, 1])."""
-    t = torch.as_tensor(x)
-    t = (t.float() / 255.0 if t.dtype == torch.uint8 else t.float()).unsqueeze(1)  # (N, 1, h, w)
-    if t.shape[-1] != size:
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return ((t - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S)
-
-
-def _ood(x: np.ndarray, size: int) -> TensorDataset:
-    return TensorDataset(to_images(x, size), torch.full((len(x),), -1, dtype=torch.long))
-
-
-def photo_patches(n: int, side: int, seed: int) -> np.ndarray:
-    """n grey side x side patches (area-downsampled crops of 4*side) of scikit-learn's sample photographs."""
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    photos = [img.mean(axis=2) / 255.0 for img in load_sample_images().images]  # (H, W) each
-    out = np.empty((n, side, side), dtype=np.float32)
-    crop = 4 * side
-    for i in range(n):
-        p = photos[i % len(photos)]
-        r, c = rng.integers(0, p.shape[0] - crop), rng.integers(0, p.shape[1] - crop)
-        out[i] = p[r:r + crop, c:c + crop].reshape(side, 4, side, 4).mean(axis=(1, 3))
-    return out
-
-
 def _take(y: np.ndarray, classes: tuple[int, ...], n: int | None, rng: np.random.Generator,
           exclude: np.ndarray | None = None) -> np.ndarray:
     """Indices of up to n images of each class (all when n is None), drawn at random, none in `exclude`."""
@@ -188,12 +159,6 @@ def split_indices(y_train: np.ndarray, train_per_class: int | None, seed: int) -
     return {"train": train, "val": val, "ood_val": ood_val, "real_outliers": real}
 
 
-def real_outliers(cfg: DataConfig) -> torch.Tensor:
-    """Real bag images (disjoint from the validation OOD ones): the outlier-exposure upper bound's outliers."""
-    x, y = load_split(find_dir(cfg.root), "train")
-    return to_images(x[split_indices(y, cfg.train_per_class, cfg.split_seed)["real_outliers"]], cfg.image_size)
-
-
 @register("fashion")
 def build(cfg: DataConfig) -> Benchmark:
     d = find_dir(cfg.root)
@@ -205,7 +170,7 @@ def build(cfg: DataConfig) -> Benchmark:
     remap[list(ID_CLASSES)] = np.arange(len(ID_CLASSES))  # dataset label -> ID class index
 
     def id_set(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return TensorDataset(to_images(x, s), torch.as_tensor(remap[y], dtype=torch.long))
+        return TensorDataset(grey_images(x, s), torch.as_tensor(remap[y], dtype=torch.long))
 
     from sklearn.datasets import load_digits
 
@@ -219,11 +184,11 @@ def build(cfg: DataConfig) -> Benchmark:
         train_plain=train,
         val=id_set(x_tr[idx["val"]], y_tr[idx["val"]]),
         test=id_set(x_te[test_id], y_te[test_id]),
-        ood_val={"bag": _ood(x_tr[idx["ood_val"]], s)},
-        near={"footwear": _ood(x_te[np.isin(y_te, NEAR_CLASSES)], s)},
+        ood_val={"bag": grey_ood_set(x_tr[idx["ood_val"]], s)},
+        near={"footwear": grey_ood_set(x_te[np.isin(y_te, NEAR_CLASSES)], s)},
         far={
-            "digits": _ood((load_digits().images / 16.0).astype(np.float32), s),
-            "photo_patches": _ood(photo_patches(1000, 28, cfg.split_seed + 2), s),
-            "noise": _ood(rng.random((1000, 28, 28), dtype=np.float32), s),
+            "digits": grey_ood_set((load_digits().images / 16.0).astype(np.float32), s),
+            "photo_patches": grey_ood_set(photo_patches(1000, 28, cfg.split_seed + 2), s),
+            "noise": grey_ood_set(rng.random((1000, 28, 28), dtype=np.float32), s),
         },
     )
