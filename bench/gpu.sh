@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # GPU checks in one command, for a CUDA machine whose `python3` has torch (and this package's other
 # needs; Ray and MLflow are not used):
-#   bash bench/gpu.sh [OUTDIR]      (default OUTDIR: runs/gpu; STEPS="pipeline synthesis overhead" picks steps)
+#   bash bench/gpu.sh [OUTDIR]      (default OUTDIR: runs/gpu; STEPS="pipeline speed" picks steps)
 # 1. the digits pipeline end to end on the GPU (every stage, device=cuda), summary written to OUTDIR, then
 #    again with the student in fp16 mixed precision (the first five stages must be skipped);
 # 2. bench.synthesis --sd-size: latent-only vs decode on a Stable-Diffusion-v1-sized model, fp16 512x512;
 # 3. bench.overhead on the GPU: the Accelerate loop against a plain PyTorch loop;
 # 4. recipe: the cifar100_32 and cifar100_oal presets end to end on CUDA, on the scale rehearsal's generated data
 #    (tests/realdata.py: an OpenOOD tree, a Stable-Diffusion-layout folder; sizes and epochs shrunk);
-# 5. hours: bench.paper_hours, GPU throughput of each stage of the paper's CIFAR-100 recipe and its GPU-hours.
+# 5. hours: bench.paper_hours, GPU throughput of each stage of the paper's CIFAR-100 recipe and its GPU-hours;
+# 6. speed: bench.gpu_speed, before and after: the OAL training step (fp32, bf16 autocast, bf16 teacher copy,
+#    channels-last) and UNet sampling (classic attention, SDPA, torch.compile), ratios in one run.
 # Each step has its own time limit so that one slow step does not take the others' results with it.
 set -uo pipefail
 out=${1:-runs/gpu}
@@ -34,7 +36,7 @@ step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, its output into
   [ $rc -eq 0 ] || status=1
 }
 
-steps=" ${STEPS:-pipeline synthesis overhead recipe hours} "
+steps=" ${STEPS:-pipeline synthesis overhead recipe hours speed} "
 runs=$(mktemp -d)
 if [[ $steps == *" pipeline "* ]]; then
   step pipeline 200 $py -m oal.cli pipeline --config digits --no-progress device=cuda "output_dir=$runs"
@@ -59,5 +61,8 @@ if [[ $steps == *" recipe "* ]]; then
 fi
 if [[ $steps == *" hours "* ]]; then
   step hours 330 $py -m bench.paper_hours --out "$out/paper_hours.md"
+fi
+if [[ $steps == *" speed "* ]]; then
+  step speed 420 $py -m bench.gpu_speed --out "$out/gpu_speed.md"
 fi
 exit $status

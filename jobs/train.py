@@ -27,11 +27,28 @@ from oal.train import CHECKPOINT
 log = logging.getLogger("oal.jobs.train")
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs two INFO lines per reported checkpoint in the worker ("Checkpoint successfully created at",
+    "Reporting training result"): with a report per epoch they outnumber our own per-epoch lines in a job log.
+    Their loggers go to WARNING in this process; the epoch line of each stage says the same in one line."""
+    import importlib
+
+    for name in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context",
+                 "ray.train._internal.storage"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # another Ray version: its chatter stays, nothing breaks
+            continue
+        getattr(module, "logger", logging.getLogger(name)).setLevel(logging.WARNING)
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
 
     from oal.train import make_accelerator
+
+    quiet_ray_train_reports()
 
     cfg = C.from_dict(config["cfg"])
     stage = config["stage"]

@@ -66,7 +66,12 @@ class TrainConfig:
     dt_lr: float = 0.01  # learning rate of the DT projector (reference 0.01)
     club_lr: float = 1e-4  # learning rate of the CLUB q-networks (reference 1e-4)
     grad_accum_steps: int = 1  # optimizer step every N batches
-    mixed_precision: str = "no"  # no | fp16 | bf16 (fp16 only on GPU)
+    # auto: bf16 autocast on a GPU that has it (Ampere and later), none on a CPU (the reference trains in fp32: "no")
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (fp16 only on GPU)
+    # The frozen teacher of the OAL student's training (KD targets): auto is a bf16 copy of its weights (cast once,
+    # not per op as autocast casts) where the run's mixed precision is bf16, else fp32 (under fp16: autocast)
+    teacher_dtype: str = "auto"  # auto | fp32 | bf16
+    channels_last: bool = True  # networks and image batches in channels-last layout on a GPU (a CPU run ignores it)
     checkpoint_every: int = 1  # save a resumable checkpoint every N epochs
     precise_bn: int = 2048  # training images that recompute BatchNorm statistics after each epoch (0: off)
 
@@ -139,6 +144,9 @@ class DiffusionConfig:
     shard_size: int = 30  # outliers per output shard (the unit of resume and of Ray work)
     resolution: int | None = None  # image side in pixels; default: the model's own (512 for SD v1)
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    # torch.compile the UNet for sampling: off | default | max-autotune (a GPU run: one compile per actor, minutes;
+    # pays back over many sampling calls, see bench.gpu_speed)
+    compile: str = "off"
     reduction: str = "channel_row_mean"  # latent -> vector: channel_row_mean (reference) | channel_mean | flatten
     mode: str = "latent"  # latent (never decoded) | pixel (also decode, for the pixel-space comparison)
     # What conditions each sample: outliers (a k-NN outlier embedding written at the class token: OAL) | class (the
@@ -372,15 +380,17 @@ def _leaf_keys(node: DictConfig, missing: bool, prefix: str = "") -> list[str]:
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "loss.club_training": ("reference", "loglik"),
-    "teacher.mixed_precision": ("no", "fp16", "bf16"),
-    "student.mixed_precision": ("no", "fp16", "bf16"),
+    "teacher.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "student.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "student.teacher_dtype": ("auto", "fp32", "bf16"),
     "teacher.optimizer": ("sgd", "adam", "adamw"),
     "base.optimizer": ("sgd", "adam", "adamw"),
-    "base.mixed_precision": ("no", "fp16", "bf16"),
+    "base.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "model.student_init": ("scratch", "base"),
     "eval.checkpoint": ("last", "best"),
     "diffusion.scheduler": ("ddim", "pndm", "dpm"),
     "diffusion.dtype": ("auto", "fp32", "fp16", "bf16"),
+    "diffusion.compile": ("off", "default", "max-autotune"),
     "diffusion.reduction": ("channel_row_mean", "channel_mean", "flatten"),
     "diffusion.anchor_norm": ("token_embedding", "encoder_mean"),
     "diffusion.mode": ("latent", "pixel"),

@@ -164,7 +164,23 @@ def load_model(cfg: DiffusionConfig, device: str | torch.device = "cpu", seed: i
         if next(m.parameters()).dtype != dtype:
             m.to(dtype)
         m.eval().requires_grad_(False)
+    unet = prepare_unet(unet, vae, cfg.compile)
     return DiffusionModel(unet, vae, text, tok, sched, model_id(cfg, seed), cfg.model == BUILTIN, device, dtype)
+
+
+def prepare_unet(unet: Any, vae: Any, compile_mode: str = "off") -> Any:
+    """Scaled-dot-product attention (`F.scaled_dot_product_attention`: flash or memory-efficient kernels on a GPU)
+    in every attention layer of the UNet and the VAE, set explicitly rather than left to diffusers' default; then,
+    with `compile_mode` (diffusion.compile) other than off, the UNet through torch.compile (the first sampling call
+    compiles; later calls of the same batch shape reuse it). Returns the UNet to sample with."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for m in (unet, vae):
+        if getattr(m, "attn_processors", None):
+            m.set_attn_processor(AttnProcessor2_0())
+    if compile_mode == "off":
+        return unet
+    return torch.compile(unet, mode=compile_mode)
 
 
 def _load_diffusers(name: str, dtype: torch.dtype) -> tuple:

@@ -6,6 +6,7 @@ Accelerate picks it up). Checkpoints hold everything needed to resume to the sam
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -47,14 +48,84 @@ def bar_off(wanted: bool) -> bool | None:
     return True if not wanted else None
 
 
+def resolve_precision(mixed_precision: str, device: str) -> str:
+    """`auto`: bf16 autocast on a GPU that supports it, none elsewhere; other values as they are."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
 def make_accelerator(device: str, cfg: TrainConfig | LDMConfig) -> Accelerator:
     device = resolve_device(device)
-    if device == "cpu" and cfg.mixed_precision == "fp16":
+    precision = resolve_precision(cfg.mixed_precision, device)
+    if device == "cpu" and precision == "fp16":
         raise ValueError("mixed_precision=fp16 needs a GPU; use 'no' or 'bf16' on CPU")
     # cpu=True matters inside Ray Train: without it Accelerate on CPU ignores the gloo group and every
     # rank trains alone (see STACK-NOTES).
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision,
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision,
                        gradient_accumulation_steps=getattr(cfg, "grad_accum_steps", 1))
+
+
+def channels_last(acc: Accelerator, cfg: TrainConfig) -> bool:
+    """Channels-last layout for this run: asked for, and on a GPU (cuDNN's fast convolution kernels want it;
+    on a CPU it only adds layout conversions)."""
+    return cfg.channels_last and acc.device.type == "cuda"
+
+
+def to_device(x: torch.Tensor, acc: Accelerator, last: bool) -> torch.Tensor:
+    """An input batch on the run's device, in channels-last layout where `last` and the batch is an image batch."""
+    x = x.to(acc.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if last and x.dim() == 4 else x
+
+
+def frozen_teacher(teacher: nn.Module, acc: Accelerator, cfg: TrainConfig) -> nn.Module:
+    """The frozen teacher of the student's training, moved (and cast) in place: eval mode, no gradients, on the
+    run's device; its weights in bf16 once (`cfg.teacher_dtype`; auto: where the run's mixed precision is bf16)
+    rather than cast per op under autocast; channels-last where the run uses it."""
+    dtype = cfg.teacher_dtype
+    if dtype == "auto":
+        dtype = "bf16" if acc.mixed_precision == "bf16" else "fp32"
+    teacher = teacher.to(acc.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    if channels_last(acc, cfg):
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher.eval().requires_grad_(False)
+
+
+def teacher_targets(teacher: nn.Module, x: torch.Tensor, acc: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's logits (B, K) and features (B, D_t) in fp32. A bf16 copy takes bf16 input; an fp32
+    one runs under the run's autocast (fp16 mixed precision: fp16 per op)."""
+    dtype = next(teacher.parameters()).dtype
+    with torch.no_grad():
+        if dtype == torch.float32:
+            with acc.autocast():
+                logits, feat = teacher(x)
+        else:
+            logits, feat = teacher(x.to(dtype))
+    return logits.float(), feat.float()
+
+
+def train_step(acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, teacher: nn.Module | None, x: torch.Tensor,
+               y: torch.Tensor, knn: torch.Tensor | None, latent: torch.Tensor | None,
+               check: Callable[[torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step of `fit` (and of bench.gpu_speed): the frozen teacher's targets, the network and loss under the
+    run's autocast, backward, optimizer and (on a real optimizer step) scheduler step. `check(total, terms)` runs
+    before backward. Returns the total loss and its terms, not detached."""
+    with acc.accumulate(model):
+        t_logits = t_feat = None
+        if teacher is not None:
+            t_logits, t_feat = teacher_targets(teacher, x, acc)  # (B, K), (B, D_t)
+        with acc.autocast():
+            total, terms = model(x, y, t_logits, t_feat, knn, latent)
+        if check is not None:
+            check(total, terms)
+        acc.backward(total)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients and not acc.optimizer_step_was_skipped:  # fp16: a step the scaler skipped
+            scheduler.step()
+    return total, terms
 
 
 def load_outliers(path: str | None, what: str) -> torch.Tensor | None:
@@ -75,7 +146,7 @@ def load_outliers(path: str | None, what: str) -> torch.Tensor | None:
     return x.float()
 
 
-class _Step(nn.Module):
+class Step(nn.Module):
     """Network + loss in one module, so that the forward goes through DDP's wrapper (gradient sync)."""
 
     def __init__(self, net: nn.Module, loss: OALLoss | None):
@@ -124,6 +195,13 @@ def restore(ckpt_path: Path, what: str, load: Callable[[dict[str, Any]], None]) 
     return state
 
 
+def single_last_batch(n: int, batch_size: int) -> bool:
+    """Whether `n` samples in batches of `batch_size` end in a batch of one: BatchNorm in training mode cannot
+    normalise a single sample ("Expected more than 1 value per channel"), so such a batch is dropped (the drop is
+    the same on every rank: DistributedSampler gives each rank the same count). Other last batches are kept."""
+    return n > 1 and n % batch_size == 1
+
+
 def recompute_bn_stats(net: nn.Module, train_set: Dataset, images: int, batch_size: int, acc: Accelerator,
                        seed: int) -> bool:
     """PreciseBN: replace BatchNorm's running statistics, a momentum average over weights that kept changing,
@@ -137,12 +215,14 @@ def recompute_bn_stats(net: nn.Module, train_set: Dataset, images: int, batch_si
     gen = torch.Generator().manual_seed(seed)
     n = min(len(train_set), max(images, acc.num_processes))  # type: ignore[arg-type]
     share = torch.randperm(len(train_set), generator=gen)[:n][acc.process_index::acc.num_processes]  # type: ignore[arg-type]
-    loader = DataLoader(Subset(train_set, share.tolist()), batch_size=batch_size, generator=gen)
+    loader = DataLoader(Subset(train_set, share.tolist()), batch_size=batch_size, generator=gen,
+                        drop_last=single_last_batch(len(share), batch_size))
     # Random augmentation in the dataset draws from the global RNGs: restore them, so that the training that
     # follows is the same with PreciseBN on or off (and a resumed run the same as an uninterrupted one).
     rng = _rng_state()
-    with acc.autocast():
-        update_bn(loader, net, acc.device)
+    if len(share) > 1:  # a rank with one image keeps its statistics (and still joins the average below)
+        with acc.autocast():
+            update_bn(loader, net, acc.device)
     _set_rng_state(rng)
     if acc.num_processes > 1:
         for m in bns:
@@ -171,6 +251,17 @@ def _param_groups(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> lis
         if clubs:
             groups.append({"params": clubs, "lr": cfg.club_lr, "name": "club"})
     return groups
+
+
+def make_optimizer(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The run's optimizer over the network and the loss's trained parts, each group at its own learning rate."""
+    groups = _param_groups(net, loss, cfg)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
 
 
 def fit(
@@ -210,17 +301,10 @@ def fit(
     sampler: DistributedSampler = DistributedSampler(train_set, num_replicas=acc.num_processes, rank=acc.process_index,
                                  shuffle=True, seed=seed)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        drop_last=False)
+                        drop_last=single_last_batch(len(sampler), batch_size), pin_memory=acc.device.type == "cuda")
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
-    modules = _Step(net, loss)
-    optimizer: torch.optim.Optimizer
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(_param_groups(net, loss, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(_param_groups(net, loss, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(_param_groups(net, loss, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    modules = Step(net, loss)
+    optimizer = make_optimizer(net, loss, cfg)
     # Cosine annealing to 0 over every optimizer step of the run (each group from its own lr).
     # Not passed to `prepare`: Accelerate would step it once per process.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.epochs)
@@ -237,10 +321,13 @@ def fit(
         start_epoch = state["epoch"]
         history = list(state.get("history", []))[:start_epoch]  # the epochs before the interruption
         best = state.get("best")
+    last = channels_last(acc, cfg)
+    if last:
+        modules.to(memory_format=torch.channels_last)
     model, optimizer = acc.prepare(modules, optimizer)
     raw = acc.unwrap_model(model)
     if teacher is not None:
-        teacher = teacher.to(acc.device).eval().requires_grad_(False)
+        teacher = frozen_teacher(teacher, acc, cfg)
     knn = knn_outliers.to(acc.device) if knn_outliers is not None else None
     lat = latent_outliers.to(acc.device) if latent_outliers is not None else None
     for epoch in range(start_epoch, cfg.epochs):
@@ -254,26 +341,16 @@ def fit(
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=bar_off(progress and acc.is_main_process),
                    leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-            with acc.accumulate(model):
-                t_logits = t_feat = kb = lb = None
-                if teacher is not None:
-                    with torch.no_grad(), acc.autocast():  # the frozen teacher in the run's mixed precision too
-                        t_logits, t_feat = teacher(x)  # (B, K), (B, D_t)
-                    t_logits, t_feat = t_logits.float(), t_feat.float()
-                n_out = min(outlier_batch_size, len(x))
-                if knn is not None:
-                    kb = knn[torch.randperm(len(knn), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_k)
-                if lat is not None:
-                    lb = lat[torch.randperm(len(lat), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_l)
-                with acc.autocast():
-                    total, terms = model(x, y, t_logits, t_feat, kb, lb)
-                _check_finite(acc, total, terms, epoch, step, ckpt_path)
-                acc.backward(total)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if acc.sync_gradients and not acc.optimizer_step_was_skipped:  # fp16: a step the scaler skipped
-                    scheduler.step()
+            x, y = to_device(x, acc, last), y.to(acc.device, non_blocking=True)
+            kb = lb = None
+            n_out = min(outlier_batch_size, len(x))
+            if knn is not None:
+                kb = knn[torch.randperm(len(knn), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_k)
+            if lat is not None:
+                lb = lat[torch.randperm(len(lat), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_l)
+            total, terms = train_step(acc, model, optimizer, scheduler, teacher, x, y, kb, lb,
+                                      check=functools.partial(_check_finite, acc, epoch=epoch, step=step,
+                                                              ckpt=ckpt_path))
             for k, v in terms.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
             sums["total"] = sums["total"] + total.detach().float() if "total" in sums else total.detach().float()

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import QUICK
 
-OAL = [sys.executable, "-m", "oal.cli"]
+OAL = [sys.executable, "-m", "oal"]  # what `python -m oal` runs; the `oal` script calls the same main
 
 
 def oal(*args, cwd):
@@ -86,6 +86,12 @@ def test_clear_errors(tmp_path, args, code, needle):
     r = oal(*args, f"output_dir={tmp_path}", cwd=tmp_path)
     assert r.returncode == code and needle in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_python_dash_m_oal_help_lists_every_stage(tmp_path):
+    r = oal("--help", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage: oal")
+    assert all(cmd in r.stdout for cmd in ("teacher", "diffusion", "pipeline", "evaluate"))
 
 
 def test_tracebacks_only_for_faults_outside_the_package():

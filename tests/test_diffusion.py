@@ -134,3 +134,24 @@ def test_diffusers_folder_missing_component(tmp_path):
         load_model(DiffusionConfig(model=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="not a diffusers folder"):
         load_model(DiffusionConfig(model=str(tmp_path / "nowhere")))
+
+
+def test_attention_is_sdpa_and_samples_as_classic_attention_does():
+    from dataclasses import replace
+
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    m = load_model(CFG, "cpu", seed=0)
+    procs = [*m.unet.attn_processors.values(), *m.vae.attn_processors.values()]
+    assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs)
+    cond = encode_prompts(m, [CFG.prompt.format("zero")] * 2)
+    uncond = encode_prompts(m, [""]).expand(2, -1, -1)
+    sdpa = sample_latents(m, cond, uncond, CFG, torch.Generator().manual_seed(3))
+    m.unet.set_attn_processor(AttnProcessor())  # softmax over a materialised score matrix
+    classic = sample_latents(m, cond, uncond, CFG, torch.Generator().manual_seed(3))
+    assert torch.allclose(sdpa, classic, atol=1e-4) and not torch.equal(sdpa, torch.zeros_like(sdpa))
+    # diffusion.compile wraps the UNet for torch.compile (compiled on its first call, on a GPU in bench.gpu_speed);
+    # the wrapper still answers the config questions the sampler asks
+    compiled = load_model(replace(CFG, compile="default"), "cpu", seed=0)
+    assert isinstance(compiled.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled.latent_size(None) == 8 and compiled.latent_channels == 4

@@ -62,18 +62,24 @@ def _two_rank_loop(config):
     import ray.train
     from torch.utils.data import TensorDataset
 
-    from oal.config import TrainConfig
+    from oal.config import LossConfig, TrainConfig
+    from oal.losses import OALLoss
     from oal.models import build_student
     from oal.train import fit, make_accelerator
 
     rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(0)
+    teacher = build_student("resnet_tiny", 3)  # the same frozen teacher on both ranks
     torch.manual_seed(100 + rank)  # different initial weights on purpose: DDP must broadcast rank 0's
     net = build_student("resnet_tiny", 3)
+    # KD through the DT projector (BatchNorm1d); 66 images: 33 per rank, so the last per-rank batch of 8 holds one
+    loss = OALLoss(LossConfig(w_micl_knn=0, w_micl_lat=0), net.feature_dim, teacher.feature_dim)
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.arange(64) % 3)
+    data = TensorDataset(torch.randn(66, 3, 8, 8, generator=g), torch.arange(66) % 3)
     cfg = TrainConfig(epochs=1, lr=0.1)
     acc = make_accelerator("cpu", cfg)
-    fit(net, data, cfg, Path(config["out"]) / f"rank{rank}", batch_size=8, seed=0, accelerator=acc, progress=False)
+    fit(net, data, cfg, Path(config["out"]) / f"rank{rank}", batch_size=8, seed=0, accelerator=acc, progress=False,
+        loss=loss, teacher=teacher)
     params = {k: v.detach() for k, v in net.named_parameters()}
     # BatchNorm statistics: recomputed after the epoch on each rank's share of the images, then averaged.
     stats = {k: v for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
@@ -194,6 +200,10 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
     logs = client.get_job_logs(second)
     assert "[teacher] skipped (up to date)" in logs
     assert "[eval] done" in logs and "| ebo |" in logs
+    # The student trained on Ray Train in this job, reporting a checkpoint per epoch, without Ray's two INFO lines
+    # per report in the job log (jobs.train.quiet_ray_train_reports)
+    assert "[student] done" in logs
+    assert "Checkpoint successfully created" not in logs and "Reporting training result" not in logs
     run = tmp_path / "digits"
     results = json.loads((run / "eval" / "results.json").read_text())
     assert 0.0 < results["id_accuracy"] <= 1.0

@@ -183,3 +183,42 @@ def test_precise_bn_skips_networks_without_batchnorm():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert not recompute_bn_stats(net, _data(), 48, 16, Accelerator(cpu=True), seed=0)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("n", [48, 49, 50, 51])  # last batch of 16, 1, 2, 3 images
+def test_every_shape_of_last_batch_trains_with_batchnorm_everywhere(tmp_path, n):
+    # The student (BatchNorm down to 1x1 maps), the DT projector (BatchNorm1d) and PreciseBN all see the last
+    # batch; one image in it used to fail at the end of the epoch with "Expected more than 1 value per channel".
+    from oal.train import single_last_batch
+
+    torch.manual_seed(0)
+    net, teacher = build_student("resnet_tiny", 3), build_student("resnet_tiny", 3)
+    loss = OALLoss(LossConfig(w_micl_knn=0, w_micl_lat=0), net.feature_dim, teacher.feature_dim)
+    assert loss.dt is not None and any(isinstance(m, torch.nn.BatchNorm1d) for m in loss.dt.modules())
+    res = fit(net, _data(n=n), TrainConfig(epochs=1, precise_bn=n), tmp_path, batch_size=16, seed=0, device="cpu",
+              loss=loss, teacher=teacher, progress=False)
+    assert res.history[-1]["epoch"] == 1 and torch.isfinite(torch.tensor(res.history[-1]["loss/total"]))
+    assert single_last_batch(n, 16) == (n == 49)
+    assert [single_last_batch(k, 8) for k in (1, 8, 9, 17, 18)] == [False, False, True, True, False]
+
+
+def test_bf16_teacher_copy_gives_fp32_targets_close_to_the_fp32_teacher():
+    from oal.train import frozen_teacher, make_accelerator, teacher_targets
+
+    torch.manual_seed(0)
+    x = _data(n=8).tensors[0]
+    cfg32, cfg16 = TrainConfig(teacher_dtype="fp32"), TrainConfig(teacher_dtype="bf16")
+    acc = make_accelerator("cpu", cfg32)
+    assert acc.mixed_precision == "no"  # mixed_precision=auto on a CPU: none
+    base = build_student("resnet_tiny", 3)
+    t32 = frozen_teacher(build_student("resnet_tiny", 3).requires_grad_(True), acc, cfg32)
+    t32.load_state_dict(base.state_dict())
+    t16 = frozen_teacher(build_student("resnet_tiny", 3), acc, cfg16)
+    t16.load_state_dict(base.state_dict())
+    assert next(t16.parameters()).dtype == torch.bfloat16 and not any(p.requires_grad for p in t32.parameters())
+    l32, f32 = teacher_targets(t32, x, acc)
+    l16, f16 = teacher_targets(t16, x, acc)
+    assert l16.dtype == f16.dtype == torch.float32 and l16.shape == (8, 3) and f16.shape == f32.shape
+    assert not torch.equal(l16, l32)  # it did run in bf16 ...
+    assert torch.allclose(l16, l32, rtol=0.05, atol=0.05) and torch.allclose(f16, f32, rtol=0.05, atol=0.05)
+    assert (l16.argmax(1) == l32.argmax(1)).float().mean() >= 0.75  # ... and kept its answers
