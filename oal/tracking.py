@@ -80,6 +80,10 @@ class Tracker:
         self.enabled = bool(uri)
         self.failed_metric_writes = 0
         self.parent_id: str | None = None
+        if self.enabled and system_metrics:
+            # The monitor logs four INFO lines per run it starts and stops (one run per stage): job-log noise. Its
+            # warnings stay.
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
     @classmethod
     def from_env(cls, cfg: C.OALConfig) -> Tracker:
