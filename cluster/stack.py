@@ -4,7 +4,14 @@
     python -m cluster.stack up [--services s3,mlflow,ray]   start what is not running, wait until healthy
     python -m cluster.stack status                          one line per service; exit 1 if one is down
     python -m cluster.stack env                             the client environment, as `export` lines
+    python -m cluster.stack secret admin|jobs               a generated MLflow password
     python -m cluster.stack down                            stop what `up` started (idempotent)
+
+MLflow runs its basic-auth app: anonymous requests get 401 (only /health answers). On first `up` an admin password
+and a password for the jobs' user (`oal-jobs`) are generated into `<state-dir>/secrets.json` (mode 600); `env` hands
+the jobs' user to clients as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, and the Ray head passes it on
+to every job. The admin password reaches only the MLflow server's environment (`python -m cluster.stack secret
+admin` prints it, for the UI's user management).
 
 State (pid files, one log per service, `env`, `stack.json`) lives in `--state-dir`, default `<repo>/.stack`
 (env OAL_STACK_DIR). Ports come from flags, else OAL_S3_PORT, OAL_MLFLOW_PORT, OAL_RAY_DASHBOARD_PORT,
@@ -14,10 +21,12 @@ OAL_RAY_GCS_PORT, OAL_RAY_CLIENT_PORT, OAL_RAY_AGENT_PORT, else the defaults bel
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -74,6 +83,7 @@ class Stack:
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     timeout: float = 120.0  # per service; MLflow alone needs ~15-20 s to answer on 2 cores
+    jobs_user: str = "oal-jobs"  # the MLflow user jobs and clients log in as (basic auth)
     echo: Callable[[str], None] = field(default=print, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,7 +140,24 @@ class Stack:
             "RAY_API_SERVER_ADDRESS": f"http://{HOST}:{self.ray_dashboard_port}",
             "RAY_ADDRESS": f"{HOST}:{self.ray_gcs_port}",
             "RAY_AUTH_MODE": "token",
+            # MLflow's basic auth: the jobs' user (the clients of mlflow read these two variables)
+            "MLFLOW_TRACKING_USERNAME": self.jobs_user,
+            "MLFLOW_TRACKING_PASSWORD": self.secret("jobs"),
         }
+
+    def secret(self, name: str) -> str:
+        """A generated secret of this state dir (admin | jobs | flask), created on first use, kept in secrets.json
+        (mode 600) so that a restarted stack logs in with the same ones."""
+        path = self.state_dir / "secrets.json"
+        known = json.loads(path.read_text()) if path.exists() else {}
+        if name not in known:
+            known[name] = secrets.token_urlsafe(24)  # 32 characters; MLflow asks for at least 12
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.touch(mode=0o600)
+            tmp.write_text(json.dumps(known, indent=1) + "\n")
+            tmp.replace(path)
+        return str(known[name])
 
     def up(self, services: Iterable[str] = SERVICES) -> dict[str, str]:
         """Start the services that are not running, wait until all answer, write `env`; return that env."""
@@ -213,11 +240,16 @@ class Stack:
         if name == "s3":
             return [_exe("moto_server"), "-H", HOST, "-p", str(self.s3_port)], dict(os.environ)
         if name == "mlflow":
-            argv = [_exe("mlflow"), "server", "--host", HOST, "--port", str(self.mlflow_port), "--workers", "1",
+            argv = [_exe("mlflow"), "server", "--app-name", "basic-auth", "--host", HOST, "--port",
+                    str(self.mlflow_port), "--workers", "1",
                     "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
                     "--artifacts-destination", f"s3://{self.bucket}/artifacts"]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
             # Job execution (GenAI judges) would add 8 worker processes that nothing here uses.
-            return argv, {**os.environ, **s3_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            return argv, {**env, **s3_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                          "MLFLOW_AUTH_CONFIG_PATH": str(self._auth_config()),
+                          "MLFLOW_AUTH_ADMIN_PASSWORD": self.secret("admin"),  # used once, to create the admin
+                          "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret("flask")}  # signs the UI's CSRF tokens
         argv = [_exe("ray"), "start", "--head", "--block", "--num-cpus", str(self.num_cpus),
                 "--port", str(self.ray_gcs_port), "--dashboard-host", HOST,
                 "--dashboard-port", str(self.ray_dashboard_port), "--ray-client-server-port", str(self.ray_client_port),
@@ -252,6 +284,25 @@ class Stack:
         if name == "mlflow":
             return f"http://{HOST}:{self.mlflow_port}"
         return f"http://{HOST}:{self.ray_dashboard_port}  gcs {HOST}:{self.ray_gcs_port}  token auth"
+
+    def _auth_config(self) -> Path:
+        """The basic-auth app's settings: its user store beside mlflow.db; a logged-in user may read every
+        experiment, and writes to the ones it created (what the jobs' user does)."""
+        path = self.state_dir / "mlflow_auth.ini"
+        path.write_text("[mlflow]\ndefault_permission = READ\n"
+                        f"database_uri = sqlite:///{self.state_dir / 'mlflow_auth.db'}\n"
+                        "admin_username = admin\n"
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        return path
+
+    def _ensure_jobs_user(self) -> None:
+        """Create the jobs' user, or set its password to this state dir's (a stack restarted on kept state)."""
+        try:
+            ensure_mlflow_user(f"http://{HOST}:{self.mlflow_port}", ("admin", self.secret("admin")), self.jobs_user,
+                               self.secret("jobs"))
+        except StackError as e:
+            raise StackError(f"{e}; the admin password in {self.state_dir / 'secrets.json'} must match the one its "
+                             f"user store ({self.state_dir / 'mlflow_auth.db'}) was created with") from None
 
     def _create_bucket(self) -> None:
         import boto3
@@ -301,6 +352,8 @@ class Stack:
                     pending.remove(name)
                     if name == "s3":
                         self._create_bucket()
+                    if name == "mlflow":
+                        self._ensure_jobs_user()
                     if name in started:
                         took = time.monotonic() - started[name]
                         self.echo(f"{name:<7}started  pid {self._pid(name)}  {self._url(name)}  ({took:.1f} s)")
@@ -388,8 +441,9 @@ class Stack:
 
     def _write_env(self) -> None:
         path = self.state_dir / "env"
+        path.touch(mode=0o600)  # it holds the jobs' MLflow password and the (local, dummy) S3 credentials
+        path.chmod(0o600)
         path.write_text(self.env_text())
-        path.chmod(0o600)  # it holds the (local, dummy) S3 credentials
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -457,6 +511,32 @@ def _get(url: str, token: str | None = None, timeout: float = 3.0) -> tuple[int,
         return e.code, ""
     except (OSError, ValueError):
         return 0, ""
+
+
+def ensure_mlflow_user(url: str, admin: tuple[str, str], user: str, password: str) -> None:
+    """Create `user` on the MLflow server at `url` (basic-auth app) as `admin`, or reset its password when it
+    exists. Raises StackError naming the server's answer otherwise."""
+    base = f"{url.rstrip('/')}/api/2.0/mlflow/users"
+    body = {"username": user, "password": password}
+    code, text = _send(f"{base}/create", "POST", body, admin)
+    if code == 400 and "RESOURCE_ALREADY_EXISTS" in text:
+        code, text = _send(f"{base}/update-password", "PATCH", body, admin)
+    if code != 200:
+        raise StackError(f"MLflow at {url} did not accept the user {user!r} (HTTP {code}: {text[:200]})")
+
+
+def _send(url: str, method: str, body: dict, login: tuple[str, str]) -> tuple[int, str]:
+    """A JSON request with basic auth: (HTTP status or 0 when nothing answers, start of the body)."""
+    auth = base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"})
+    try:
+        with _HTTP.open(req, timeout=30) as r:
+            return r.status, r.read(65536).decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(65536).decode(errors="replace")
+    except (OSError, ValueError) as e:
+        return 0, str(e)
 
 
 def _port_free(port: int) -> bool:
@@ -538,6 +618,30 @@ def _tail(path: Path, lines: int = 30) -> str:
 # -------------------------------------------------------------------- CLI
 
 
+def _mlflow_user(url: str, wait: float) -> int:
+    need = ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    missing = [k for k in need if not os.environ.get(k)]
+    if missing:
+        print(f"error: {', '.join(missing)} not set: the node's environment must hold the MLflow credentials",
+              file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + wait
+    while _get(f"{url.rstrip('/')}/health")[0] != 200:
+        if time.monotonic() > deadline:
+            print(f"error: MLflow at {url} did not answer /health within {wait:.0f} s", file=sys.stderr)
+            return 1
+        time.sleep(1)
+    try:
+        ensure_mlflow_user(url, (os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"),
+                                 os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"]),
+                           os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"MLflow user {os.environ['MLFLOW_TRACKING_USERNAME']!r} ready at {url}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", type=Path, help="state directory (env OAL_STACK_DIR; default <repo>/.stack)")
@@ -557,8 +661,18 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset of s3,mlflow,ray")
     sub.add_parser("status", parents=[common], help="one line per service; exit 1 if one is not up")
     sub.add_parser("env", parents=[common], help="print the client environment (export lines)")
+    secret = sub.add_parser("secret", parents=[common], help="print a generated password: admin (MLflow's admin "
+                            "user, for its user management) or jobs (the jobs' user)")
+    secret.add_argument("which", choices=("admin", "jobs"))
+    user = sub.add_parser("mlflow-user", help="on a cluster's head: create the jobs' MLflow user (or reset its "
+                          "password) from the environment: MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_TRACKING_USERNAME, "
+                          "MLFLOW_TRACKING_PASSWORD")
+    user.add_argument("--url", default="http://127.0.0.1:5050", help="the MLflow server (default %(default)s)")
+    user.add_argument("--wait", type=float, default=120.0, help="seconds to wait for it to answer /health")
     args = parser.parse_args(argv)
 
+    if args.command == "mlflow-user":
+        return _mlflow_user(args.url, args.wait)
     settings = {k: getattr(args, k) for k in (*PORTS, "num_cpus", "bucket", "ray_temp_dir")}
     try:
         stack = Stack.from_env(state_dir=args.state_dir, **settings)
@@ -573,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.up([s.strip() for s in args.services.split(",") if s.strip()])
         elif args.command == "down":
             stack.down([s.strip() for s in args.services.split(",") if s.strip()])
+        elif args.command == "secret":
+            print(stack.secret(args.which))
         elif args.command == "status":
             print("\n".join(stack.describe()))
             return 0 if all(stack.status().values()) else 1

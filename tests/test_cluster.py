@@ -70,6 +70,19 @@ def test_aws_launcher_has_an_autoscaling_gpu_group():
     for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
         start = next(c for c in cmds if "ray start" in c)
         assert "RAY_AUTH_MODE=token" in start and "MLFLOW_TRACKING_URI=" in start
+        # the jobs' MLflow login, from Secrets Manager through the node's role, never written in the file
+        assert 'MLFLOW_TRACKING_USERNAME=oal-jobs MLFLOW_TRACKING_PASSWORD="$(python -c "$SECRET" oal/mlflow-jobs)"' \
+            in start
+        for c in cmds:  # each command parses as the launcher's shell will run it
+            r = subprocess.run(["bash", "-n", "-c", c], capture_output=True, text=True)
+            assert r.returncode == 0, (c, r.stderr)
+    server = next(c for c in cfg["head_start_ray_commands"] if "mlflow server" in c)
+    assert "--app-name basic-auth" in server and "MLFLOW_AUTH_CONFIG_PATH=" in server
+    assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$(python -c "$SECRET" oal/mlflow-admin)"' in server
+    assert "cluster/stack.py mlflow-user" in server
+    commands = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    assert commands.count("PASSWORD=") >= 4
+    assert re.findall(r"(?:PASSWORD|SECRET_KEY)=(?!\"\$\(python -c \"\$SECRET\")", commands) == []  # no literal
 
 
 def _containers(pod_template: dict) -> list[dict]:
@@ -184,6 +197,38 @@ def test_mlflow_logs_a_param_and_an_artifact_into_s3(s3_mlflow: RunningStack, tm
     assert body == b"outliers at the boundary"
 
 
+@pytest.mark.stack
+def test_mlflow_answers_only_a_logged_in_user(s3_mlflow: RunningStack):
+    from cluster.stack import _send
+
+    env, stack = s3_mlflow.env, s3_mlflow.stack
+    base = env["MLFLOW_TRACKING_URI"]
+    search = f"{base}/api/2.0/mlflow/experiments/search"
+    jobs = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+    assert jobs[0] == "oal-jobs" and len(jobs[1]) >= 24 and jobs[1] != stack.secret("admin")
+
+    def anonymous(url: str, data: bytes | None = None) -> int:
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert anonymous(search, b'{"max_results": 1}') == 401  # the REST API
+    assert anonymous(f"{base}/") == 401  # the UI
+    assert anonymous(f"{base}/api/2.0/mlflow-artifacts/artifacts") == 401  # the S3 artifact proxy
+    assert anonymous(f"{base}/health") == 200  # what the stack's and oal.tracking's health checks read
+    assert _send(search, "POST", {"max_results": 1}, (jobs[0], "not-the-password"))[0] == 401
+    assert _send(search, "POST", {"max_results": 1}, jobs)[0] == 200
+    # the jobs' user is no admin: it cannot create users; the admin can
+    user = {"username": f"probe-{uuid.uuid4().hex[:6]}", "password": "a-long-enough-password"}
+    assert _send(f"{base}/api/2.0/mlflow/users/create", "POST", user, jobs)[0] == 403
+    assert _send(f"{base}/api/2.0/mlflow/users/create", "POST", user, ("admin", stack.secret("admin")))[0] == 200
+    assert oct((stack.state_dir / "secrets.json").stat().st_mode & 0o777) == "0o600"
+    assert oct((stack.state_dir / "env").stat().st_mode & 0o777) == "0o600"
+
+
 def _wait_job(client, job_id: str, timeout: float = 180.0) -> str:
     from ray.job_submission import JobStatus
 
@@ -215,7 +260,8 @@ def test_ray_job_gets_the_repo_and_the_stack_env(stack: RunningStack):
 
     runtime_env = {**load("runtime_env.yaml"), "working_dir": str(REPO)}
     probe = ("import json, os; print('PROBE', json.dumps({'ls': sorted(os.listdir('.')), "
-             "'env': {k: os.environ.get(k) for k in ('MLFLOW_TRACKING_URI', 'OAL_S3_BUCKET', 'TQDM_DISABLE')}}))")
+             "'env': {k: os.environ.get(k) for k in ('MLFLOW_TRACKING_URI', 'OAL_S3_BUCKET', 'TQDM_DISABLE', "
+             "'MLFLOW_TRACKING_USERNAME')}, 'password_set': bool(os.environ.get('MLFLOW_TRACKING_PASSWORD'))}))")
     client = JobSubmissionClient()
     job = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env)
     assert _wait_job(client, job) == "SUCCEEDED", client.get_job_logs(job)
@@ -224,7 +270,9 @@ def test_ray_job_gets_the_repo_and_the_stack_env(stack: RunningStack):
     assert {"oal", "jobs", "cluster", "pyproject.toml"} <= set(seen["ls"])
     assert not {".venv", ".git", "runs", ".stack"} & set(seen["ls"])
     assert seen["env"] == {"MLFLOW_TRACKING_URI": stack.env["MLFLOW_TRACKING_URI"],
-                           "OAL_S3_BUCKET": stack.env["OAL_S3_BUCKET"], "TQDM_DISABLE": "1"}
+                           "OAL_S3_BUCKET": stack.env["OAL_S3_BUCKET"], "TQDM_DISABLE": "1",
+                           "MLFLOW_TRACKING_USERNAME": "oal-jobs"}
+    assert seen["password_set"]  # the job logs in to MLflow with the jobs' user (from the head, not runtime_env)
 
 
 @pytest.mark.stack
