@@ -94,9 +94,11 @@ class ActorPool:
 
 
 def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torch.Tensor, fingerprint: str,
-             progress: bool = True, pool: ActorPool | None = None) -> dict[str, Any]:
+             progress: bool = True, pool: ActorPool | None = None, stats: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     """Compute every missing shard on the actor pool, then finalize (vectors file, manifest last).
-    `pool`: actors already started (kept running afterwards); default: a pool for this call only."""
+    `pool`: actors already started (kept running afterwards); default: a pool for this call only. `stats`, when
+    given, receives `actors_replaced` and `requeued_shards` (the indices of shards whose actor died under them)."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -110,6 +112,7 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
         pool = pool or ActorPool(cfg, class_names, outliers, min(k.synth_actors, len(queue)))
         running: dict[Any, tuple[Any, ShardSpec]] = {}
         replaced, t0, done = 0, time.perf_counter(), 0  # actors replaced during this call
+        requeued: list[int] = []
         bar = tqdm(total=sum(s.count for s in queue), desc="latent outliers (ray)", unit="outlier",
                    disable=not progress, dynamic_ncols=True)
         idle = list(pool.actors)
@@ -132,6 +135,7 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
                     log.warning("synthesis actor died on shard %d; shard re-queued, actor replaced (%d/%d)",
                                 spec.index, replaced, k.synth_max_replacements)
                     queue.appendleft(spec)
+                    requeued.append(spec.index)
                     idle.append(pool.replace(actor))
                     continue
                 save_torch(shard, out / spec.filename)
@@ -145,6 +149,8 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
         seconds = time.perf_counter() - t0
         log.info("synthesis on Ray: %d outliers in %.1f s (%.2f outliers/s, %d actor(s) replaced)",
                  done, seconds, done / max(seconds, 1e-9), replaced)
+        if stats is not None:
+            stats.update(actors_replaced=replaced, requeued_shards=requeued)
     from oal.diffusion import model_id
 
     return finalize(d, plan, out, cfg.seed, model_id(d, cfg.seed), fingerprint)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -112,8 +113,19 @@ def test_kuberay_rayjob_runs_the_pipeline():
     rj = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
     assert (rj["apiVersion"], rj["kind"]) == ("ray.io/v1", "RayJob")
     assert rj["spec"]["entrypoint"] == ENTRYPOINT
-    assert (REPO / "jobs" / "pipeline.py").exists()
-    yaml.safe_load(rj["spec"]["runtimeEnvYAML"])
+    # the entrypoint as the job's shell splits it and as jobs.pipeline parses it: a config that loads
+    from jobs import common
+
+    argv = shlex.split(rj["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.pipeline"] and (REPO / "jobs" / "pipeline.py").exists()
+    cfg = common.load(common.parser("pipeline").parse_args(argv[3:]))
+    assert cfg.data.benchmark == "digits" and cfg.cluster.use_gpu and cfg.cluster.autoscaling
+    # the runtime env as Ray reads it (RuntimeEnv validates each field), with the job env of runtime_env.yaml
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**yaml.safe_load(rj["spec"]["runtimeEnvYAML"]))
+    assert env.env_vars() == load("runtime_env.yaml")["env_vars"]
+    assert "working_dir" not in env  # the image has the package; nothing is uploaded
     _check_raycluster_spec(rj["spec"]["rayClusterSpec"])
 
 

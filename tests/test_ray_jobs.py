@@ -121,9 +121,12 @@ def test_killed_synthesis_actor_loses_and_duplicates_nothing(ray_driver, tmp_pat
     outliers = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
     out = tmp_path / "latents"
     killer = _kill_when(lambda: len(list(out.glob("shard_*.pt"))) >= 1, "SynthActor")
-    manifest = run_pool(cfg, out, names, outliers, fingerprint="fp", progress=False)
+    stats: dict = {}
+    manifest = run_pool(cfg, out, names, outliers, fingerprint="fp", progress=False, stats=stats)
     killer.join(5)
     assert "pid" in killer.result, "no actor was killed: the fault was not exercised"
+    # the dead actor's shard went back to the queue and was computed by its replacement (not an idle actor's death)
+    assert stats["actors_replaced"] >= 1 and len(stats["requeued_shards"]) >= 1
     plan = plan_shards(24, 3, cfg.seed)
     assert manifest["count"] == 24 and manifest["shards"] == [s.filename for s in plan]
     assert sorted(p.name for p in out.glob("shard_*.pt")) == [s.filename for s in plan]
@@ -172,7 +175,7 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
-    overrides = " ".join([*QUICK, f"output_dir={tmp_path}", "teacher.epochs=6"])
+    overrides = " ".join([*QUICK, f"output_dir={tmp_path}", "teacher.epochs=10"])
     entry = f"python -m jobs.pipeline --config digits --no-progress {overrides}"
     runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", ".stack", "*.pt"]}
 
@@ -187,18 +190,25 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
 
     first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     teacher_done = tmp_path / "digits" / "teacher" / "stage.json"
+    # Stop while the teacher trains: once Ray Train holds a reported checkpoint of it, before it finishes
+    reported = lambda: list((tmp_path / "digits" / "ray").glob("*teacher*/checkpoint_*"))  # noqa: E731
     deadline = time.time() + 300
-    while not teacher_done.exists() and time.time() < deadline:
+    while not reported() and not teacher_done.exists() and time.time() < deadline:
         assert client.get_job_status(first) not in (JobStatus.FAILED,), client.get_job_logs(first)[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.1)
     client.stop_job(first)
     assert wait(first, {JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED}) == JobStatus.STOPPED
+    assert reported() and not teacher_done.exists(), "the job was not stopped while the teacher was training"
 
     second = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     assert wait(second, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}) == JobStatus.SUCCEEDED, \
         client.get_job_logs(second)[-4000:]
     logs = client.get_job_logs(second)
-    assert "[teacher] skipped (up to date)" in logs
+    # the teacher went on from its last reported checkpoint, not from scratch, and its history has every epoch once
+    teacher = json.loads(teacher_done.read_text())
+    assert teacher["resumed_from_epoch"] >= 1, teacher["resumed_from_epoch"]
+    assert [int(h["epoch"]) for h in teacher["history"]] == list(range(1, 11))
+    assert "teacher: resuming from the reported checkpoint" in logs
     assert "[eval] done" in logs and "| ebo |" in logs
     # The student trained on Ray Train in this job, reporting a checkpoint per epoch, without Ray's two INFO lines
     # per report in the job log (jobs.train.quiet_ray_train_reports)
