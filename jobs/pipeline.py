@@ -32,14 +32,15 @@ def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageR
 
     if stages.needs_base(cfg):
         with tracker.stage("base", cfg) as sr:
-            results["base"] = jt.run_stage(cfg, "base", progress, mlflow_run_id=sr.run_id)
+            results["base"] = jt.run_stage(cfg, "base", progress, mlflow_run_id=sr.run_id, tracking=sr.metrics)
             tracker.record_stage(results["base"], live_metrics=True)
     with tracker.stage("teacher", cfg) as sr:
-        results["teacher"] = jt.run_stage(cfg, "teacher", progress, mlflow_run_id=sr.run_id)
+        results["teacher"] = jt.run_stage(cfg, "teacher", progress, mlflow_run_id=sr.run_id, tracking=sr.metrics)
         tracker.record_stage(results["teacher"], live_metrics=True)
     if stages.needs_diffusion(cfg):
         with tracker.stage("diffusion", cfg) as sr:
-            results["diffusion"] = jt.run_stage(cfg, "diffusion", progress, mlflow_run_id=sr.run_id)
+            results["diffusion"] = jt.run_stage(cfg, "diffusion", progress, mlflow_run_id=sr.run_id,
+                                                tracking=sr.metrics)
             tracker.record_stage(results["diffusion"], live_metrics=True)
     L, O = cfg.loss, cfg.outliers
     need_knn = L.uses_knn and O.knn_path is None
@@ -65,7 +66,7 @@ def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, st
     from jobs import train as jt
 
     with tracker.stage("student", cfg) as sr:
-        results["student"] = jt.run_stage(cfg, "student", progress, mlflow_run_id=sr.run_id)
+        results["student"] = jt.run_stage(cfg, "student", progress, mlflow_run_id=sr.run_id, tracking=sr.metrics)
         tracker.record_stage(results["student"], live_metrics=True)
     if cfg.eval.baseline:
         with tracker.stage("eval_base", cfg):

@@ -17,12 +17,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oal import config as C
 from oal import stages
 from oal.storage import load_torch
 from oal.train import CHECKPOINT
+
+if TYPE_CHECKING:
+    from oal.tracking import MetricLogger
 
 log = logging.getLogger("oal.jobs.train")
 
@@ -40,6 +43,9 @@ def quiet_ray_train_reports() -> None:
         except ImportError:  # another Ray version: its chatter stays, nothing breaks
             continue
         getattr(module, "logger", logging.getLogger(name)).setLevel(logging.WARNING)
+
+
+FAILED_WRITES = "tracking_failed_writes"  # reported by every epoch of a worker: its MLflow writes that failed
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -75,13 +81,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
     mlflow_run = config.get("mlflow_run_id") if rank == 0 else None
     if mlflow_run:
         os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_uri"]
-    metrics_log = MetricLogger(mlflow_run, stages.stage_dir(cfg, stage) / "tracking_buffer.jsonl")
+    metrics_log = MetricLogger(mlflow_run, stages.stage_dir(cfg, stage) / "tracking_buffer.jsonl",
+                               config["mlflow_uri"] if mlflow_run else None)
 
     def report(epoch: int, metrics: dict[str, float], ckpt: Path) -> None:
         from ray.train import Checkpoint
 
-        payload = with_objective({**metrics, "epoch": epoch}, config.get("objective"))
         metrics_log.log({k.replace("/", "_"): v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        # this worker's failed MLflow writes so far: the driver adds rank 0's to its own count (run_stage)
+        payload = with_objective({**metrics, "epoch": epoch, FAILED_WRITES: metrics_log.failed},
+                                 config.get("objective"))
         if rank == 0 and ckpt.exists():
             with tempfile.TemporaryDirectory() as tmp:
                 shutil.copyfile(ckpt, Path(tmp) / CHECKPOINT)
@@ -135,14 +144,23 @@ def check_resources(cfg: C.ClusterConfig) -> None:
 
 
 def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool = False,
-              mlflow_run_id: str | None = None, **trainer_options: Any) -> stages.StageResult:
-    """Train `stage` (teacher | base | student) on Ray Train unless its outputs are up to date.
-    `trainer_options`: `make_trainer`'s callbacks, objective and run_name (tuning)."""
+              mlflow_run_id: str | None = None, tracking: MetricLogger | None = None,
+              **trainer_options: Any) -> stages.StageResult:
+    """Train `stage` (teacher | base | student | diffusion) on Ray Train unless its outputs are up to date.
+    `tracking`: the stage run's logger in this process, which takes over the count of the MLflow writes that
+    failed in rank 0 (the worker that logs; counted since its last start). `trainer_options`: `make_trainer`'s
+    callbacks, objective and run_name (tuning)."""
     d, fp = stages.stage_dir(cfg, stage), stages.training_fp(cfg, stage)
     if not force and stages.is_done(d, fp):
         return stages.skipped(stage, d, fp)
     check_resources(cfg.cluster)
     result = make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
+    failed = int((result.metrics or {}).get(FAILED_WRITES, 0))
+    if failed:
+        log.warning("%s: %d metric writes to MLflow failed in the training worker (buffered in its "
+                    "tracking_buffer.jsonl)", stage, failed)
+        if tracking is not None:
+            tracking.failed += failed
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as ckdir:

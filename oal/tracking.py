@@ -41,10 +41,12 @@ def git_commit() -> str:
 
 
 class MetricLogger:
-    """Logs metrics to one run through MlflowClient; failed writes go to a local buffer file."""
+    """Logs metrics to one run through MlflowClient at `uri` (None: MLflow's own resolution, the environment or
+    `mlflow.set_tracking_uri`); failed writes go to a local buffer file, the last failure's text to `last_error`."""
 
-    def __init__(self, run_id: str | None, buffer: Path | None = None):
-        self.run_id, self.buffer, self.failed = run_id, buffer, 0
+    def __init__(self, run_id: str | None, buffer: Path | None = None, uri: str | None = None):
+        self.run_id, self.buffer, self.uri, self.failed = run_id, buffer, uri, 0
+        self.last_error = ""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run_id is None:
@@ -55,9 +57,10 @@ class MetricLogger:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         try:
-            MlflowClient().log_batch(self.run_id, metrics=items)
+            MlflowClient(tracking_uri=self.uri).log_batch(self.run_id, metrics=items)
         except Exception as e:  # the server is down or refusing: keep training, keep the numbers
             self.failed += len(items)
+            self.last_error = f"{type(e).__name__}: {e}"
             log.warning("MLflow metric write failed (%s); buffered locally", type(e).__name__)
             if self.buffer is not None:
                 self.buffer.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,7 @@ class Tracker:
         run = mlflow.start_run(run_name=name, nested=True, tags={"oal.stage": name, "oal.kind": "stage"},
                                log_system_metrics=self.system_metrics)
         sr = StageRun(name, run.info.run_id, MetricLogger(run.info.run_id,
-                                                          stages_dir(cfg, name) / "tracking_buffer.jsonl"))
+                                                          stages_dir(cfg, name) / "tracking_buffer.jsonl", self.uri))
         status = "FAILED"
         try:
             yield sr

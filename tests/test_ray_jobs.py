@@ -268,3 +268,23 @@ def test_clients_without_the_right_token_are_told_where_it_is_read(ray_head, tmp
     r = subprocess.run(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{free_ports(1)[0]}"}, cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "python -m cluster.stack up" in r.stderr
+
+
+def test_failed_metric_writes_in_the_training_worker_reach_the_driver(ray_driver, tmp_path):
+    """Rank 0 logs each epoch's metrics to MLflow from its worker process; when the server does not answer, the
+    writes it buffered are counted by the stage's logger in the driver (what the pipeline reports at the end)."""
+    import socket
+
+    from jobs import train as jt
+    from oal.tracking import MetricLogger
+
+    with socket.socket() as s:  # a port nobody listens on: a tracking server that is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = _cfg(tmp_path, "teacher.epochs=2", f"tracking.uri={dead}")
+    driver = MetricLogger("0123456789abcdef", tmp_path / "driver_buffer.jsonl", dead)
+    res = jt.run_stage(cfg, "teacher", progress=False, mlflow_run_id="0123456789abcdef", tracking=driver)
+    assert not res.skipped
+    rows = [json.loads(x) for x in (tmp_path / "digits" / "teacher" / "tracking_buffer.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # the worker buffered both epochs
+    assert driver.failed == sum(len(r["metrics"]) for r in rows) > 0  # and the driver counts every failed write

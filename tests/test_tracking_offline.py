@@ -20,15 +20,20 @@ def test_disabled_tracker_is_a_no_op(monkeypatch):
 
 
 def test_dead_server_buffers_metrics_quickly(tmp_path, monkeypatch):
+    import mlflow
+
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    # Whatever server an earlier test left MLflow pointed at (its environment or set_tracking_uri), the logger
+    # writes to the URI it was given: here a dead one, so the failures below are connection failures.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", "http://127.0.0.1:1")
     buf = tmp_path / "tracking_buffer.jsonl"
-    logger = MetricLogger("0123456789abcdef", buf)
+    logger = MetricLogger("0123456789abcdef", buf, f"http://127.0.0.1:{port}")
     t0 = time.perf_counter()
     logger.log({"loss_ce": 0.5, "lr": 0.1}, step=3)
     assert time.perf_counter() - t0 < 30  # bounded retries, not minutes of back-off
     assert logger.failed == 2
+    assert f"127.0.0.1:{port}" in logger.last_error and "RESOURCE_DOES_NOT_EXIST" not in logger.last_error
     row = json.loads(buf.read_text().splitlines()[0])
     assert row == {"run_id": "0123456789abcdef", "step": 3, "metrics": {"loss_ce": 0.5, "lr": 0.1}}
