@@ -37,3 +37,19 @@ def test_dead_server_buffers_metrics_quickly(tmp_path, monkeypatch):
     assert f"127.0.0.1:{port}" in logger.last_error and "RESOURCE_DOES_NOT_EXIST" not in logger.last_error
     row = json.loads(buf.read_text().splitlines()[0])
     assert row == {"run_id": "0123456789abcdef", "step": 3, "metrics": {"loss_ce": 0.5, "lr": 0.1}}
+
+
+def test_a_tracking_server_that_does_not_answer_stops_the_pipeline_at_once(tmp_path):
+    import pytest
+
+    from jobs import pipeline
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = load_config("digits", [f"output_dir={tmp_path}", f"tracking.uri={dead}"])
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=f"MLflow tracking server {dead} does not answer"):
+        pipeline.run(cfg, progress=False)  # no Ray needed: it stops before the first stage
+    assert time.perf_counter() - t0 < 15
+    assert not (tmp_path / "digits").exists() or not any((tmp_path / "digits").iterdir())  # no stage started
