@@ -288,3 +288,22 @@ def test_failed_metric_writes_in_the_training_worker_reach_the_driver(ray_driver
     rows = [json.loads(x) for x in (tmp_path / "digits" / "teacher" / "tracking_buffer.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # the worker buffered both epochs
     assert driver.failed == sum(len(r["metrics"]) for r in rows) > 0  # and the driver counts every failed write
+
+
+@pytest.mark.stack
+def test_ray_train_storage_on_s3(stack, ray_driver, tmp_path):
+    """cluster.storage_path=s3://...: Ray Train's checkpoints go to the S3 server, and the stage finishes from
+    the checkpoint it reads back from there."""
+    import boto3
+
+    from jobs import train as jt
+
+    bucket, prefix = stack.env["OAL_S3_BUCKET"], f"ray-storage-{tmp_path.name}"
+    cfg = _cfg(tmp_path, "teacher.epochs=2", f"cluster.storage_path=s3://{bucket}/{prefix}")
+    res = jt.run_stage(cfg, "teacher", progress=False)
+    manifest = json.loads((res.dir / "stage.json").read_text())
+    assert [int(h["epoch"]) for h in manifest["history"]] == [1, 2]
+    s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    assert any(k.endswith("/checkpoint.pt") and "/checkpoint_" in k for k in keys), keys[:20]
+    assert not (tmp_path / "digits" / "ray").exists()  # nothing went to the default local storage
