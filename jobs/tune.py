@@ -151,7 +151,9 @@ def _scheduler(s: C.SearchConfig, epochs: int) -> Any:
     if s.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=s.grace_period,
+        # time: the student's epoch as reported, not Tune's count of reports, which restarts from 1 for a trial that
+        # resumed its Ray Train run from a checkpoint after an interrupted search
+        return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)
     from ray.tune.schedulers import FIFOScheduler
 
@@ -267,7 +269,7 @@ def summarize(cfg: C.OALConfig, grid: Any, out: Path, base_acc: float) -> dict[s
         rows.append({"trial": r.metrics.get("trial_id", "?"), "objective": best_obj,
                      "val_ood_auroc": float(r.metrics.get("val/ood_auroc", math.nan)),
                      "val_id_accuracy": float(r.metrics.get("val/id_accuracy", math.nan)),
-                     "epochs": int(r.metrics.get("training_iteration", 0)),
+                     "epochs": int(r.metrics.get("epoch", r.metrics.get("training_iteration", 0))),
                      **{w: getattr(trial_cfg.loss, w) for w in cfg.search.weights},
                      **({"lr": trial_cfg.student.lr} if cfg.search.tune_lr else {}), "_params": params})
     if not rows:

@@ -54,6 +54,12 @@ def _trial_dirs(run_root: Path, name: str) -> dict[str, Path]:
     return {p.name.split("-trial-")[1]: p for p in run_root.glob(f"{name}-trial-*") if (p / "student" / "stage.json").exists()}
 
 
+def _checkpointed_unfinished(run_root: Path, name: str) -> list[str]:
+    """Trial ids with a checkpoint in their Ray Train storage but no finished student stage."""
+    return [p.name.split("-trial-")[1] for p in run_root.glob(f"{name}-trial-*")
+            if not (p / "student" / "stage.json").exists() and any((p / "ray").rglob("checkpoint_*/checkpoint.pt"))]
+
+
 def _train_activity(trial_dir: Path) -> list[tuple[str, int]]:
     """Every file of the trial's Ray Train storage and of its stage folder, with its modification time."""
     return sorted((str(f), f.stat().st_mtime_ns) for d in ("ray", "student") for f in (trial_dir / d).rglob("*")
@@ -77,11 +83,14 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
         proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", "--config", "digits", "--no-progress",
                                  *overrides], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
-        while len(_trial_dirs(tmp_path, "tq")) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
+        # ... and once a third has reported a checkpoint but not finished: the resume must continue it from there
+        while ((len(_trial_dirs(tmp_path, "tq")) < 2 or not _checkpointed_unfinished(tmp_path, "tq"))
+               and proc.poll() is None and time.monotonic() < deadline):
+            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=180)
     first = _trial_dirs(tmp_path, "tq")
+    cut = _checkpointed_unfinished(tmp_path, "tq")
     out = (tmp_path / "first.log").read_text()
     assert 2 <= len(first) < 4, out[-3000:]
     # it says that the search is incomplete and how to resume it, and leaves no best config behind
@@ -100,6 +109,17 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
         assert _train_activity(first[t]) == files, f"trial {t} was trained again"
     objectives = [t["objective"] for t in summary["trials"]]
     assert objectives == sorted(objectives, reverse=True)
+    # A trial cut short went on from its reported checkpoint, not from scratch
+    assert cut, "no trial was cut short after a checkpoint: the resume path was not exercised"
+    for t in cut:
+        manifest = json.loads((_trial_dirs(tmp_path, "tq")[t] / "student" / "stage.json").read_text())
+        assert manifest["resumed_from_epoch"] >= 1 and [h["epoch"] for h in manifest["history"]] == [1, 2], t
+    # Trials are ranked by their last epoch's numbers (what retraining the config gives), not their best epoch's
+    dirs = _trial_dirs(tmp_path, "tq")
+    for t in summary["trials"]:
+        last = json.loads((dirs[str(t["trial"])] / "student" / "stage.json").read_text())["history"][-1]
+        assert t["epochs"] == 2 and last["epoch"] == 2
+        assert t["val_ood_auroc"] == pytest.approx(last["val/ood_auroc"], abs=1e-9), t["trial"]
 
     ex = mlflow.get_experiment_by_name("oal-tune-test")
     parents = mlflow.search_runs([ex.experiment_id], filter_string="tags.`oal.kind` = 'tune'", output_format="list")
