@@ -8,8 +8,9 @@ Both arms call `jobs.tune.run` on the same preset, seed, random searcher and num
 seeded searcher draws the same weight settings in both and the arms differ only in the scheduler:
 FIFO (every trial trains all `student.epochs`) against ASHA (`max_t` = those epochs, grace period and
 reduction factor from the flags). Printed side by side, one Markdown table: epochs in two counts, Tune's
-(`epochs_consumed`: the sum over trials of their last reported epoch, as `jobs.tune.summarize` counts it) and the epochs trained (the newest epoch in each trial's Ray Train checkpoints: a trial that
-ASHA stops trains on until Tune kills it, so Tune's count is low); the best trial's validation objective
+(`epochs_consumed`: the sum over trials of their last reported epoch, as `jobs.tune.summarize` counts it)
+and the epochs trained (the newest epoch in each trial's Ray Train checkpoints: a trial that ASHA stops
+trains on until Tune kills it, so Tune's count is low); the best trial's validation objective
 (the validation OOD AUROC, less 1 when the trial lost too much ID accuracy), its validation OOD AUROC and ID
 accuracy, all at its last epoch as `jobs.tune.summarize` ranks trials, and the search's wall time; then the ratios
 against the issue's goal: ASHA's best objective within 0.5 AUROC points of FIFO's, using at most 35% of
