@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from bench.paper_hours import time_per_iter
+
 TRAIN = [  # label, TrainConfig fields
     ("fp32 student and teacher (before)", {"mixed_precision": "no", "teacher_dtype": "fp32", "channels_last": False}),
     ("bf16 autocast, teacher under autocast", {"mixed_precision": "bf16", "teacher_dtype": "fp32",
@@ -47,23 +49,9 @@ STUDENT_BATCH, OUTLIER_BATCH, NUM_CLASSES, IMAGE_SIZE = 128, 128, 100, 224
 SAMPLE_BATCH, SAMPLE_STEPS = 3, 20
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(step: Any, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
-    """(seconds of the warm-up calls, seconds per timed call)."""
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t1 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    _sync(device)
-    return t1 - t0, (time.perf_counter() - t1) / iters
+    """(seconds of the warm-up calls, seconds per timed call), each between two synchronisations."""
+    return warmup * time_per_iter(step, 0, warmup, device), time_per_iter(step, 0, iters, device)
 
 
 def train_rate(fields: dict[str, Any], quick: bool) -> dict[str, float]:
@@ -71,7 +59,7 @@ def train_rate(fields: dict[str, Any], quick: bool) -> dict[str, float]:
     from oal.config import LossConfig, ModelConfig, TrainConfig
     from oal.losses import OALLoss
     from oal.models import build_student, build_teacher
-    from oal.train import Step, channels_last, frozen_teacher, make_accelerator, make_optimizer, to_device, train_step
+    from oal.train import Step, make_accelerator, make_optimizer, place, to_device, train_step
 
     batch = 2 if quick else STUDENT_BATCH
     cfg = TrainConfig(**fields)
@@ -81,14 +69,9 @@ def train_rate(fields: dict[str, Any], quick: bool) -> dict[str, float]:
     teacher = build_teacher(ModelConfig(teacher="vit_b16"), NUM_CLASSES, IMAGE_SIZE)
     loss = OALLoss(LossConfig(), student.feature_dim, teacher.feature_dim, knn_dim=teacher.feature_dim,
                    latent_dim=64)
-    modules = Step(student, loss)
-    last = channels_last(acc, cfg)
-    if last:
-        modules.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(student, loss, cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10_000)
-    model, optimizer = acc.prepare(modules, optimizer)
-    teacher = frozen_teacher(teacher, acc, cfg)
+    model, optimizer, teacher, last = place(Step(student, loss), optimizer, teacher, acc, cfg)
     x = to_device(torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE), acc, last)  # (B, 3, 224, 224)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=acc.device)  # (B,)
     n_out = min(OUTLIER_BATCH, batch)

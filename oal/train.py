@@ -91,6 +91,17 @@ def frozen_teacher(teacher: nn.Module, acc: Accelerator, cfg: TrainConfig) -> nn
     return teacher.eval().requires_grad_(False)
 
 
+def place(modules: Step, optimizer: torch.optim.Optimizer, teacher: nn.Module | None, acc: Accelerator,
+          cfg: TrainConfig) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module | None, bool]:
+    """Network, loss and frozen teacher on the run's device as `fit` trains them (channels-last where the run uses
+    it, Accelerate's wrapping, the teacher's copy): (model, optimizer, teacher, channels-last?)."""
+    last = channels_last(acc, cfg)
+    if last:
+        modules.to(memory_format=torch.channels_last)
+    model, optimizer = acc.prepare(modules, optimizer)
+    return model, optimizer, (frozen_teacher(teacher, acc, cfg) if teacher is not None else None), last
+
+
 def teacher_targets(teacher: nn.Module, x: torch.Tensor, acc: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen teacher's logits (B, K) and features (B, D_t) in fp32. A bf16 copy takes bf16 input; an fp32
     one runs under the run's autocast (fp16 mixed precision: fp16 per op)."""
@@ -321,13 +332,8 @@ def fit(
         start_epoch = state["epoch"]
         history = list(state.get("history", []))[:start_epoch]  # the epochs before the interruption
         best = state.get("best")
-    last = channels_last(acc, cfg)
-    if last:
-        modules.to(memory_format=torch.channels_last)
-    model, optimizer = acc.prepare(modules, optimizer)
+    model, optimizer, teacher, last = place(modules, optimizer, teacher, acc, cfg)
     raw = acc.unwrap_model(model)
-    if teacher is not None:
-        teacher = frozen_teacher(teacher, acc, cfg)
     knn = knn_outliers.to(acc.device) if knn_outliers is not None else None
     lat = latent_outliers.to(acc.device) if latent_outliers is not None else None
     for epoch in range(start_epoch, cfg.epochs):
