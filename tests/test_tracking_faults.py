@@ -32,8 +32,9 @@ def dead_s3(tmp_path, monkeypatch):
         env = stack.up(["s3", "mlflow"])
         # MLFLOW_TRACKING_URI too: mlflow.set_tracking_uri (the Tracker calls it) writes it into os.environ,
         # and later tests and their subprocesses would find this dead server there.
+        # Its own MLflow login too: this server generated its own passwords, unlike the session's stack.
         for k in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                  "AWS_SECRET_ACCESS_KEY"):
+                  "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             monkeypatch.setenv(k, env[k])
         yield stack, env
     finally:
