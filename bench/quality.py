@@ -39,7 +39,8 @@ POSTPROCESSOR = "ebo"
 # Tiny settings for a smoke run (shared with the tests); no decoded grid needed here.
 QUICK = [*C.QUICK_OVERRIDES, "diffusion.grid_samples=0", "ldm.vae_epochs=1", "ldm.epochs=1", "ldm.eval_samples=2",
          "ldm.grid_per_class=0"]
-NO_OUTLIER_TERMS = ("loss.w_micl_knn=0", "loss.w_micl_lat=0", "loss.w_energy_knn=0", "loss.w_energy_lat=0")
+NO_OUTLIER_TERMS = ("loss.w_micl_knn=0", "loss.w_micl_lat=0", "loss.w_energy_knn=0", "loss.w_energy_lat=0",
+                    "loss.w_logit_energy_knn=0", "loss.w_logit_energy_lat=0", "loss.w_pixel_oe=0")
 
 
 @dataclass(frozen=True)
@@ -104,23 +105,33 @@ def _outliers(cfg: C.OALConfig, bench) -> C.OutlierConfig:
     return replace(cfg.outliers, knn_path=knn.outputs["outliers"], latent_path=lat.outputs["vectors"])
 
 
-def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[str, dict[str, float]], dict]:
-    """All variants for one seed: shared stages once, then one student and one evaluation per variant."""
-    common = [*base, f"seed={seed}", f"output_dir={out}"]
-    shared = C.load_config(preset, [*common, f"name=q-seed{seed}"])
-    bench = build_benchmark(shared.data)
-    t0 = time.perf_counter()
+def shared_stages(shared: C.OALConfig, bench) -> tuple[list[str], str, dict]:
+    """The stages every variant reads: base CE student, teacher and (builtin-ldm) the diffusion model. Returns the
+    override that points a variant at the teacher, the base checkpoint, and the diffusion stage's quality.json."""
     stages.run_base(shared, bench, progress=False)
     stages.run_teacher(shared, bench, progress=False)
     teacher = str(stages.stage_dir(shared, "teacher") / "checkpoint.pt")
-    base_ckpt = str(stages.base_checkpoint(shared))
     info: dict = {}
     if stages.trained_diffusion(shared):
         if shared.diffusion.checkpoint is None:  # else a given one (e.g. one model for every seed)
             stages.run_diffusion(shared, bench, progress=False)
         q = Path(str(stages.diffusion_config(shared).checkpoint)).parent / "quality.json"
         info = json.loads(q.read_text()) if q.exists() else {}
-    given = [f"model.teacher_checkpoint={teacher}"]
+    return [f"model.teacher_checkpoint={teacher}"], str(stages.base_checkpoint(shared)), info
+
+
+def from_base(shared: C.OALConfig, base_ckpt: str) -> list[str]:
+    """The override that starts a variant's student from the shared base checkpoint (when the preset does)."""
+    return [f"model.base_checkpoint={base_ckpt}"] if shared.model.student_init == "base" else []
+
+
+def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[str, dict[str, float]], dict]:
+    """All variants for one seed: shared stages once, then one student and one evaluation per variant."""
+    common = [*base, f"seed={seed}", f"output_dir={out}"]
+    shared = C.load_config(preset, [*common, f"name=q-seed{seed}"])
+    bench = build_benchmark(shared.data)
+    t0 = time.perf_counter()
+    given, base_ckpt, info = shared_stages(shared, bench)
     chains = {"main": _outliers(shared, bench)}
     chosen = variants_for(shared)
     if any(v.chain == "untrained" for v in chosen):
@@ -137,8 +148,7 @@ def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[s
     for v in chosen:
         t1 = time.perf_counter()
         cfg = C.load_config(preset, [*common, f"name=q-seed{seed}-{v.slug}", *v.overrides, *given,
-                                     *([f"model.base_checkpoint={base_ckpt}"] if shared.model.student_init == "base"
-                                       else [])])
+                                     *from_base(shared, base_ckpt)])
         cfg = replace(cfg, outliers=chains[v.chain])
         stages.run_student(cfg, bench, progress=False)
         result, _ = stages.run_evaluate(cfg, bench=bench)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from oal import config as C
@@ -42,23 +41,18 @@ def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageR
             results["diffusion"] = jt.run_stage(cfg, "diffusion", progress, mlflow_run_id=sr.run_id,
                                                 tracking=sr.metrics)
             tracker.record_stage(results["diffusion"], live_metrics=True)
-    L, O = cfg.loss, cfg.outliers
-    need_knn = L.uses_knn and O.knn_path is None
-    need_lat = L.uses_latent and O.latent_path is None
+    need_knn, need_lat = stages.outlier_stages(cfg)
     if need_knn or need_lat:
         for name, fn in (("embeddings", stages.run_embeddings), ("anchors", stages.run_anchors),
                          ("knn", stages.run_knn)):
             with tracker.stage(name, cfg):
                 results[name] = fn(cfg)
                 tracker.record_stage(results[name])
-        if need_knn:
-            O = replace(O, knn_path=results["knn"].outputs["outliers"])
     if need_lat:
         with tracker.stage("latents", cfg):
             results["latents"] = js.run_stage(cfg, progress)
             tracker.record_stage(results["latents"])
-        O = replace(O, latent_path=results["latents"].outputs["vectors"])
-    return replace(cfg, outliers=O)
+    return stages.with_outlier_files(cfg, results)
 
 
 def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageResult],

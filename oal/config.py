@@ -86,6 +86,12 @@ class LossConfig:
     # logistic regression of ID vs outlier on the logsumexp energy of features (outliers through their own DT)
     w_energy_knn: float = 0.0  # weight of the energy regulariser on the k-NN outliers (reference variant 2.5)
     w_energy_lat: float = 0.0  # weight of the energy regulariser on the latent outliers (reference variant 2.5)
+    # Beyond the paper (oal/losses.py says why and how), off at 0: a VOS-style term on the energy score EBO reads
+    # (logsumexp of logits; outliers through their own projector and the student's own classifier head), and
+    # outlier exposure on the latent outliers decoded to pixels (diffusion.mode=pixel, or outliers.pixel_path)
+    w_logit_energy_knn: float = 0.0  # logit-energy term on the k-NN outliers (VOS's weight: 0.1)
+    w_logit_energy_lat: float = 0.0  # logit-energy term on the latent outliers (VOS's weight: 0.1)
+    w_pixel_oe: float = 0.0  # outlier exposure (cross-entropy to uniform) on decoded outliers (OE's weight: 0.5)
     kd_temperature: float = 1.0  # softmax temperature of both KD terms
     club_training: str = "reference"  # reference: q-nets minimise the OAL loss | loglik: q-nets fit log q(y|x)
     outlier_batch_size: int = 128  # outliers drawn per step (capped by the ID batch's size)
@@ -97,18 +103,26 @@ class LossConfig:
     @property
     def uses_knn(self) -> bool:
         """A term needs the k-NN outlier embeddings."""
-        return self.w_micl_knn > 0 or self.w_energy_knn > 0
+        return self.w_micl_knn > 0 or self.w_energy_knn > 0 or self.w_logit_energy_knn > 0
 
     @property
     def uses_latent(self) -> bool:
         """A term needs the latent outlier vectors."""
-        return self.w_micl_lat > 0 or self.w_energy_lat > 0
+        return self.w_micl_lat > 0 or self.w_energy_lat > 0 or self.w_logit_energy_lat > 0
+
+    @property
+    def uses_pixel(self) -> bool:
+        """A term needs the latent outliers decoded to images."""
+        return self.w_pixel_oe > 0
 
 
 @dataclass
 class OutlierConfig:
     knn_path: str | None = None  # .pt file [N, D] (or [C, M, D]) of k-NN outlier embeddings
     latent_path: str | None = None  # .pt file [N, 64] of latent outlier vectors
+    # .pt file of decoded outliers {"images": uint8 [N, 3, H, W]} (the latents stage writes one with
+    # diffusion.mode=pixel); square images of any side, resized to data.image_size for training
+    pixel_path: str | None = None
 
 
 @dataclass
@@ -148,7 +162,7 @@ class DiffusionConfig:
     # pays back over many sampling calls, see bench.gpu_speed)
     compile: str = "off"
     reduction: str = "channel_row_mean"  # latent -> vector: channel_row_mean (reference) | channel_mean | flatten
-    mode: str = "latent"  # latent (never decoded) | pixel (also decode, for the pixel-space comparison)
+    mode: str = "latent"  # latent (never decoded) | pixel (also decode: loss.w_pixel_oe, the pixel-space comparison)
     # What conditions each sample: outliers (a k-NN outlier embedding written at the class token: OAL) | class (the
     # plain class prompt, no outlier: an ablation, in-distribution-looking samples)
     conditioning: str = "outliers"
@@ -403,10 +417,11 @@ _CHOICES = {
 }
 
 
-# The loss weights, and the reference's value of each (the energy pair: its energy_rl variant's). Ray Tune searches
-# around these.
+# The loss weights, and the reference's value of each (the energy pair: its energy_rl variant's; the terms beyond the
+# paper: their own papers' weights, VOS 0.1 and OE 0.5). Ray Tune searches around these.
 REFERENCE_WEIGHTS = {"w_logit_kd": 4.0, "w_feat_kd": 8.0, "w_micl_knn": 0.1, "w_micl_lat": 0.2,
-                     "w_energy_knn": 2.5, "w_energy_lat": 2.5}
+                     "w_energy_knn": 2.5, "w_energy_lat": 2.5, "w_logit_energy_knn": 0.1, "w_logit_energy_lat": 0.1,
+                     "w_pixel_oe": 0.5}
 LOSS_WEIGHTS = tuple(REFERENCE_WEIGHTS)
 
 
@@ -446,6 +461,11 @@ def validate(cfg: OALConfig) -> None:
     if not 0 < cfg.search.lr_min < cfg.search.lr_max:
         raise ConfigError(f"'search.lr_min'/'search.lr_max' are {cfg.search.lr_min}/{cfg.search.lr_max}; expected "
                           f"0 < lr_min < lr_max")
+    pixel_oe = cfg.loss.w_pixel_oe > 0 or "w_pixel_oe" in cfg.search.weights
+    if pixel_oe and cfg.outliers.pixel_path is None and cfg.diffusion.mode != "pixel":
+        raise ConfigError("'loss.w_pixel_oe' needs decoded outliers, and diffusion.mode is 'latent' (never decoded): "
+                          "set diffusion.mode=pixel (the latents stage then decodes each outlier) or give "
+                          "outliers.pixel_path, or set loss.w_pixel_oe=0")
     if "{}" not in cfg.diffusion.prompt:
         raise ConfigError(f"'diffusion.prompt' is {cfg.diffusion.prompt!r}; it must contain {{}} for the class name")
     if cfg.eval.primary not in cfg.eval.postprocessors:

@@ -7,10 +7,25 @@ the CLUB mutual-information upper bound (Cheng et al., ICML 2020) between outlie
               + w_energy_knn * ENERGY(knn outliers, student feat) + w_energy_lat * ENERGY(latent outliers, ...)
 
 The two energy terms are the reference's `energy_rl` variant (its scripts use them instead of the CLUB pair).
+
+Beyond the paper, two terms that act on the OOD score itself rather than on penultimate features (off at 0):
+
+              + w_logit_energy_knn * LOGIT_ENERGY(knn outliers) + w_logit_energy_lat * LOGIT_ENERGY(latent outliers)
+              + w_pixel_oe * OE(student logits on decoded latent outliers)
+
+LOGIT_ENERGY is VOS's uncertainty loss (Du et al., ICLR 2022) with our outliers instead of VOS's sampled virtual
+ones: EBO scores a sample by its energy score s(x) = logsumexp of its logits, and this term trains s(x) of ID
+samples up and of outliers down through the student's own classifier head. OE is outlier exposure (Hendrycks et
+al., ICLR 2019): cross-entropy from the logits of an outlier image to the uniform distribution. We take it over the
+energy-margin loss (Liu et al., NeurIPS 2020) because the margin loss needs two margins set on the logit scale of
+the model and data at hand (-25 and -7 for a WideResNet on CIFAR-10), two more knobs for Ray Tune, whereas OE has
+none and is the OpenOOD v1.5 entry (OE + MSP) that leads near-OOD with real outliers; the logit-energy term
+already shapes the energy score.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from oal.config import LossConfig
+from oal.evaluate import energy_score
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -101,6 +117,40 @@ class EnergyRegularizer(nn.Module):
         return F.cross_entropy(self.logistic(energy), labels)
 
 
+class LogitEnergyRegularizer(nn.Module):
+    """VOS-style term for one outlier set: outliers go through their own projector to the student's feature width
+    and through the student's classifier head; a logistic regression on the energy score tells ID samples
+    (label 1) from outliers (label 0), and its cross-entropy is the loss.
+
+    The regression's slope is kept positive (softplus of a parameter, 1 at the start), so that lowering the loss
+    always means a higher score for ID samples and a lower one for outliers, the direction EBO reads. VOS's
+    unconstrained Linear(1, 2) can start with the other sign and push both the wrong way until it flips.
+    """
+
+    def __init__(self, outlier_dim: int, student_dim: int):
+        super().__init__()
+        self.dt = DTProjector(outlier_dim, student_dim)
+        self.raw_slope = nn.Parameter(torch.tensor(math.log(math.e - 1)))  # softplus(raw) = 1
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def logistic(self, score: torch.Tensor) -> torch.Tensor:
+        """The ID-vs-outlier logit of an energy score: softplus(a) * s + b."""
+        return F.softplus(self.raw_slope) * score + self.bias
+
+    def forward(self, id_logits: torch.Tensor, outliers: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        s_id = energy_score(id_logits)  # (B,)
+        s_out = energy_score(head(self.dt(outliers)).float())  # (M,)
+        z = self.logistic(torch.cat([s_id, s_out]))  # (B + M,)
+        labels = torch.cat([torch.ones_like(s_id), torch.zeros_like(s_out)])  # (B + M,)
+        return F.binary_cross_entropy_with_logits(z, labels)
+
+
+def oe_loss(outlier_logits: torch.Tensor) -> torch.Tensor:
+    """Outlier exposure: cross-entropy from softmax(logits) to the uniform distribution over the K classes,
+    batch mean: mean_i [ logsumexp(l_i) - mean_k l_ik ]. Zero gradient only when an outlier's logits are equal."""
+    return (energy_score(outlier_logits) - outlier_logits.mean(-1)).mean()
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor
@@ -122,7 +172,9 @@ class OALLoss(nn.Module):
         for w, dim, key, name in ((cfg.w_micl_knn, knn_dim, "knn_path", "w_micl_knn"),
                                   (cfg.w_micl_lat, latent_dim, "latent_path", "w_micl_lat"),
                                   (cfg.w_energy_knn, knn_dim, "knn_path", "w_energy_knn"),
-                                  (cfg.w_energy_lat, latent_dim, "latent_path", "w_energy_lat")):
+                                  (cfg.w_energy_lat, latent_dim, "latent_path", "w_energy_lat"),
+                                  (cfg.w_logit_energy_knn, knn_dim, "knn_path", "w_logit_energy_knn"),
+                                  (cfg.w_logit_energy_lat, latent_dim, "latent_path", "w_logit_energy_lat")):
             if w > 0 and dim is None:
                 raise ValueError(f"loss.{name} > 0 needs outliers.{key}; give the file or set loss.{name}=0")
         self.dt = DTProjector(teacher_dim, student_dim) if self.use_feat_kd and teacher_dim else None
@@ -130,6 +182,10 @@ class OALLoss(nn.Module):
         self.club_lat = deep_club(latent_dim, student_dim) if cfg.w_micl_lat > 0 and latent_dim else None
         self.energy_knn = EnergyRegularizer(knn_dim, student_dim) if cfg.w_energy_knn > 0 and knn_dim else None
         self.energy_lat = EnergyRegularizer(latent_dim, student_dim) if cfg.w_energy_lat > 0 and latent_dim else None
+        self.logit_energy_knn = (LogitEnergyRegularizer(knn_dim, student_dim)
+                                 if cfg.w_logit_energy_knn > 0 and knn_dim else None)
+        self.logit_energy_lat = (LogitEnergyRegularizer(latent_dim, student_dim)
+                                 if cfg.w_logit_energy_lat > 0 and latent_dim else None)
 
     def _micl(self, club: CLUB, x: torch.Tensor, y: torch.Tensor, terms: dict, name: str) -> torch.Tensor:
         n = min(len(x), len(y))
@@ -145,7 +201,10 @@ class OALLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, feat: torch.Tensor, labels: torch.Tensor,
                 t_logits: torch.Tensor | None = None, t_feat: torch.Tensor | None = None,
-                knn: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> LossOutput:
+                knn: torch.Tensor | None = None, latent: torch.Tensor | None = None,
+                head: nn.Module | None = None, pixel_logits: torch.Tensor | None = None) -> LossOutput:
+        """`head` is the student's classifier head (the logit-energy terms need it); `pixel_logits` (P, K) are the
+        student's logits on a batch of decoded outliers (pixel OE)."""
         c = self.cfg
         terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(logits, labels)}
         total = terms["ce"]
@@ -169,6 +228,16 @@ class OALLoss(nn.Module):
         if self.energy_lat is not None and latent is not None:
             terms["energy_lat"] = self.energy_lat(feat, latent)
             total = total + c.w_energy_lat * terms["energy_lat"]
+        for reg, outliers, name, w in ((self.logit_energy_knn, knn, "logit_energy_knn", c.w_logit_energy_knn),
+                                       (self.logit_energy_lat, latent, "logit_energy_lat", c.w_logit_energy_lat)):
+            if reg is not None and outliers is not None:
+                if head is None:
+                    raise ValueError(f"loss.{'w_' + name} > 0 needs the student's classifier head in forward(head=)")
+                terms[name] = reg(logits, outliers, head)
+                total = total + w * terms[name]
+        if c.w_pixel_oe > 0 and pixel_logits is not None:
+            terms["pixel_oe"] = oe_loss(pixel_logits)
+            total = total + c.w_pixel_oe * terms["pixel_oe"]
         for k, v in terms.items():
             if k.endswith("_q_nll"):
                 total = total + v

@@ -20,7 +20,15 @@ from oal.evaluate import EvalReport, accuracy, collect, evaluate, validation_met
 from oal.losses import OALLoss
 from oal.models import Classifier, build_student, build_teacher
 from oal.storage import load_torch, save_torch, write_json, write_text
-from oal.train import CHECKPOINT, FitResult, fit, load_checkpoint_net, load_outliers, resolve_device
+from oal.train import (
+    CHECKPOINT,
+    FitResult,
+    fit,
+    load_checkpoint_net,
+    load_outliers,
+    load_pixel_outliers,
+    resolve_device,
+)
 
 log = logging.getLogger("oal")
 MANIFEST = "stage.json"
@@ -119,9 +127,30 @@ def _diffusion_id(cfg: C.OALConfig) -> str | None:
 
 def needs_diffusion(cfg: C.OALConfig) -> bool:
     """The diffusion stage trains when the outlier stages run with builtin-ldm and no checkpoint is given."""
+    return any(outlier_stages(cfg)) and trained_diffusion(cfg) and cfg.diffusion.checkpoint is None
+
+
+def outlier_stages(cfg: C.OALConfig) -> tuple[bool, bool]:
+    """Whether the k-NN stage's and the latents stage's outputs are needed: a term uses them and no file is given
+    instead (pixel OE reads the latents stage's decoded images)."""
     L, O = cfg.loss, cfg.outliers
-    outliers = (L.uses_knn and O.knn_path is None) or (L.uses_latent and O.latent_path is None)
-    return outliers and trained_diffusion(cfg) and cfg.diffusion.checkpoint is None
+    need_lat = (L.uses_latent and O.latent_path is None) or (L.uses_pixel and O.pixel_path is None)
+    return L.uses_knn and O.knn_path is None, need_lat
+
+
+def with_outlier_files(cfg: C.OALConfig, results: dict[str, StageResult]) -> C.OALConfig:
+    """`cfg` with the outlier files the k-NN and latents stages wrote filled in where the config gave none."""
+    from dataclasses import replace
+
+    need_knn, need_lat = outlier_stages(cfg)
+    O = cfg.outliers
+    if need_knn:
+        O = replace(O, knn_path=str(results["knn"].outputs["outliers"]))
+    if need_lat:
+        lat = results["latents"].outputs
+        O = replace(O, latent_path=O.latent_path or str(lat["vectors"]),
+                    pixel_path=O.pixel_path or (str(lat["images"]) if "images" in lat else None))
+    return replace(cfg, outliers=O)
 
 
 def embeddings_fp(cfg: C.OALConfig) -> str:
@@ -154,7 +183,8 @@ def student_fp(cfg: C.OALConfig) -> str:
     return C.fingerprint("student", cfg.data, cfg.model.student, cfg.model.teacher_image_size, cfg.student,
                          cfg.loss, cfg.seed, init, teacher if cfg.loss.uses_teacher else None,
                          _file_id(cfg.outliers.knn_path) if cfg.loss.uses_knn else None,
-                         _file_id(cfg.outliers.latent_path) if cfg.loss.uses_latent else None)
+                         _file_id(cfg.outliers.latent_path) if cfg.loss.uses_latent else None,
+                         *((_file_id(cfg.outliers.pixel_path),) if cfg.loss.uses_pixel else ()))
 
 
 def _file_id(path: str | None) -> str | None:
@@ -223,13 +253,20 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
     teacher = load_teacher(cfg, bench.num_classes) if L.uses_teacher else None
     knn = load_outliers(cfg.outliers.knn_path, "k-NN outlier") if L.uses_knn else None
     lat = load_outliers(cfg.outliers.latent_path, "latent outlier") if L.uses_latent else None
+    pix = None
+    if L.uses_pixel:
+        if cfg.outliers.pixel_path is None:
+            raise ValueError("loss.w_pixel_oe > 0 needs decoded outliers: set diffusion.mode=pixel (the latents stage "
+                             "decodes them) or give outliers.pixel_path")
+        pix = load_pixel_outliers(cfg.outliers.pixel_path, cfg.data.image_size)
     net = build_student(cfg.model.student, bench.num_classes)
     if cfg.model.student_init == "base" and not common["resume"]:  # a resumed run loads its own checkpoint
         load_base(cfg, net, bench.num_classes)
     loss = OALLoss(L, net.feature_dim, teacher.feature_dim if teacher is not None else None,
                    knn.shape[1] if knn is not None else None, lat.shape[1] if lat is not None else None)
     return fit(net, bench.train, cfg.student, d, **common, loss=loss, teacher=teacher,  # type: ignore[arg-type]
-               knn_outliers=knn, latent_outliers=lat, outlier_batch_size=L.outlier_batch_size,
+               knn_outliers=knn, latent_outliers=lat, pixel_outliers=pix, pixel_norm=bench.norm,
+               outlier_batch_size=L.outlier_batch_size,
                meta={"arch": cfg.model.student, "num_classes": bench.num_classes, "fingerprint": fp})
 
 
@@ -443,6 +480,8 @@ def finish_latents(cfg: C.OALConfig, manifest: dict[str, Any]) -> StageResult:
 
     d = stage_dir(cfg, "latents")
     outputs: dict[str, Path] = {"vectors": d / VECTORS, "manifest": d / "manifest.json"}
+    if manifest.get("images_file"):
+        outputs["images"] = d / manifest["images_file"]
     if cfg.diffusion.grid_samples > 0:
         outputs["grid"] = write_grid(cfg, d, d / "grid.png")
     return _finish("latents", d, manifest["fingerprint"], cfg, outputs, count=manifest["count"],
@@ -515,8 +554,6 @@ def write_comparison(cfg: C.OALConfig) -> Path:
 
 def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResult]:
     """All stages in order, single-process; each skipped when its outputs match its inputs."""
-    from dataclasses import replace
-
     bench = build_benchmark(cfg.data)
     results: dict[str, StageResult] = {}
     if needs_base(cfg):
@@ -524,19 +561,14 @@ def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResu
     results["teacher"] = run_teacher(cfg, bench, progress=progress)
     if needs_diffusion(cfg):
         results["diffusion"] = run_diffusion(cfg, bench, progress=progress)
-    L, O = cfg.loss, cfg.outliers
-    need_knn = L.uses_knn and O.knn_path is None
-    need_lat = L.uses_latent and O.latent_path is None
+    need_knn, need_lat = outlier_stages(cfg)
     if need_knn or need_lat:
         results["embeddings"] = run_embeddings(cfg, bench)
         results["anchors"] = run_anchors(cfg)
         results["knn"] = run_knn(cfg)
-        if need_knn:
-            O = replace(O, knn_path=results["knn"].outputs["outliers"])
     if need_lat:
         results["latents"] = run_latents(cfg, progress=progress)
-        O = replace(O, latent_path=results["latents"].outputs["vectors"])
-    cfg = replace(cfg, outliers=O)
+    cfg = with_outlier_files(cfg, results)
     results["student"] = run_student(cfg, bench, progress=progress)
     if cfg.eval.baseline:
         results["eval_base"] = run_evaluate(cfg, str(base_checkpoint(cfg)), bench=bench, of="base")[0]

@@ -35,6 +35,7 @@ from oal.storage import load_torch, save_torch, write_json
 log = logging.getLogger("oal.synthesize")
 MANIFEST = "manifest.json"
 VECTORS = "latent_vectors.pt"
+IMAGES = "pixel_outliers.pt"  # diffusion.mode=pixel: every outlier decoded, uint8 [N, 3, H, W]
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class LatentSynthesizer:
                "vectors": reduce_latents(latents[finite], self.cfg.reduction), "class_ids": classes[finite],
                "embedding_ids": emb_ids[finite], "dropped": int((~finite).sum())}
         if imgs:
-            out["images"] = torch.cat(imgs)[finite]
+            out["images"] = (torch.cat(imgs)[finite] * 255).round().to(torch.uint8)  # (N, 3, H, W), 8 bits a pixel
         return out
 
 
@@ -156,12 +157,21 @@ def finalize(cfg: DiffusionConfig, plan: list[ShardSpec], out: Path, seed: int, 
     if dropped:
         log.warning("dropped %d non-finite latents of %d", dropped, total)
     save_torch({"outliers": vectors}, out / VECTORS)
+    images_file, image_shape = None, None
+    if cfg.mode == "pixel":
+        if any("images" not in d for d in shards):
+            raise RuntimeError(f"diffusion.mode=pixel but some shards in '{out}' were sampled without decoding; "
+                               f"delete them and re-run")
+        images = torch.cat([d["images"] for d in shards])  # (N, 3, H, W) uint8
+        save_torch({"images": images}, out / IMAGES)
+        images_file, image_shape = IMAGES, list(images.shape[1:])
     lat_shape = list(shards[0]["latents"].shape[1:]) if len(shards[0]["latents"]) else []
     manifest = {"count": int(len(vectors)), "requested": total, "dropped_nonfinite": dropped,
                 "vector_shape": list(vectors.shape), "latent_shape": lat_shape, "dtype": {"latents": "float16",
                 "vectors": "float32"}, "model_id": model_id, "untrained_model": "untrained" in model_id,
                 "seed": seed, "shard_seeds": [s.seed for s in plan], "shards": [s.filename for s in plan],
                 "reduction": cfg.reduction, "scheduler": cfg.scheduler, "steps": cfg.steps,
-                "guidance_scale": cfg.guidance_scale, "fingerprint": fingerprint, "vectors_file": VECTORS}
+                "guidance_scale": cfg.guidance_scale, "fingerprint": fingerprint, "vectors_file": VECTORS,
+                "mode": cfg.mode, "images_file": images_file, "image_shape": image_shape}
     write_json(manifest, out / MANIFEST)
     return manifest

@@ -119,7 +119,7 @@ def train_step(acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimi
                scheduler: torch.optim.lr_scheduler.LRScheduler, teacher: nn.Module | None, x: torch.Tensor,
                y: torch.Tensor, knn: torch.Tensor | None, latent: torch.Tensor | None,
                check: Callable[[torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               pixel: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One step of `fit` (and of bench.gpu_speed): the frozen teacher's targets, the network and loss under the
     run's autocast, backward, optimizer and (on a real optimizer step) scheduler step. `check(total, terms)` runs
     before backward. Returns the total loss and its terms, not detached."""
@@ -128,7 +128,7 @@ def train_step(acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimi
         if teacher is not None:
             t_logits, t_feat = teacher_targets(teacher, x, acc)  # (B, K), (B, D_t)
         with acc.autocast():
-            total, terms = model(x, y, t_logits, t_feat, knn, latent)
+            total, terms = model(x, y, t_logits, t_feat, knn, latent, pixel)
         if check is not None:
             check(total, terms)
         acc.backward(total)
@@ -157,6 +157,34 @@ def load_outliers(path: str | None, what: str) -> torch.Tensor | None:
     return x.float()
 
 
+def load_pixel_outliers(path: str | None, image_size: int, channels: int = 3) -> torch.Tensor | None:
+    """Read decoded outliers {"images": [N, C, H, W]} (uint8, or float in [0, 1]) and resize them to the student's
+    input side: uint8 [N, C, image_size, image_size]. Square images of the model's channel count only; anything
+    else is one error naming the file, its shape and what the model takes."""
+    if path is None:
+        return None
+    obj = load_torch(path, "pixel outlier file")
+    x = obj.get("images") if isinstance(obj, dict) else obj
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"pixel outlier file '{path}' holds no image tensor; expected {{'images': uint8 [N, "
+                         f"{channels}, H, W]}} (the latents stage writes one with diffusion.mode=pixel)")
+    want = f"[N, {channels}, S, S] (square, any side S: resized to data.image_size={image_size})"
+    if x.dim() != 4 or x.shape[0] == 0 or x.shape[1] != channels or x.shape[2] != x.shape[3]:
+        raise ValueError(f"pixel outlier file '{path}' has images of shape {tuple(x.shape)}; the student takes "
+                         f"{channels}-channel square images: expected {want}")
+    if x.dtype != torch.uint8:
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise ValueError(f"pixel outlier file '{path}' has float images outside [0, 1] or not finite; expected "
+                             f"uint8, or floats in [0, 1]")
+        x = (x.float() * 255).round().to(torch.uint8)
+    if x.shape[-1] != image_size:
+        out = [nn.functional.interpolate(x[i:i + 256].float(), size=(image_size, image_size), mode="bilinear",
+                                         align_corners=False, antialias=x.shape[-1] > image_size)
+               for i in range(0, len(x), 256)]
+        x = torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+    return x  # (N, C, S, S)
+
+
 class Step(nn.Module):
     """Network + loss in one module, so that the forward goes through DDP's wrapper (gradient sync)."""
 
@@ -167,12 +195,21 @@ class Step(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor | None,
                 t_feat: torch.Tensor | None, knn: torch.Tensor | None,
-                latent: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, feat = self.net(x)  # (B, K), (B, D_s)
+                latent: torch.Tensor | None, pixel: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Decoded outliers (pixel OE) share the ID batch's forward pass, as outlier exposure trains: one pass, and
+        # BatchNorm sees both.
+        n = len(x)
+        logits, feat = self.net(x if pixel is None else torch.cat([x, pixel]))  # (B [+ P], K), (B [+ P], D_s)
+        pixel_logits = None if pixel is None else logits[n:].float()  # (P, K)
+        logits, feat = logits[:n], feat[:n]
         if self.loss is None:
             ce = nn.functional.cross_entropy(logits, y)
             return ce, {"ce": ce}
-        res = self.loss(logits.float(), feat.float(), y, t_logits, t_feat, knn, latent)
+        from oal.models import classifier_head
+
+        res = self.loss(logits.float(), feat.float(), y, t_logits, t_feat, knn, latent,
+                        head=classifier_head(self.net), pixel_logits=pixel_logits)
         return res.total, res.terms
 
 
@@ -255,8 +292,9 @@ def _param_groups(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> lis
     if loss is not None:
         if loss.dt is not None:
             groups.append({"params": list(loss.dt.parameters()), "lr": cfg.dt_lr, "name": "dt"})
-        energy = [p for m in (loss.energy_knn, loss.energy_lat) if m is not None for p in m.parameters()]
-        if energy:  # the reference's energy_rl projectors and regressions: the DT projector's learning rate
+        energy = [p for m in (loss.energy_knn, loss.energy_lat, loss.logit_energy_knn, loss.logit_energy_lat)
+                  if m is not None for p in m.parameters()]
+        if energy:  # energy terms' projectors and regressions (the reference's energy_rl ones): the DT projector's lr
             groups.append({"params": energy, "lr": cfg.dt_lr, "name": "energy"})
         clubs = [p for m in (loss.club_knn, loss.club_lat) if m is not None for p in m.parameters()]
         if clubs:
@@ -288,6 +326,8 @@ def fit(
     teacher: nn.Module | None = None,
     knn_outliers: torch.Tensor | None = None,
     latent_outliers: torch.Tensor | None = None,
+    pixel_outliers: torch.Tensor | None = None,
+    pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] = ((0.5,) * 3, (0.5,) * 3),
     outlier_batch_size: int = 128,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     on_epoch_end: Callable[[int, dict[str, float], Path], None] | None = None,
@@ -303,7 +343,8 @@ def fit(
     uses it to report); `eval_fn(net)` adds validation metrics, after BatchNorm statistics are recomputed
     (`cfg.precise_bn`, see `recompute_bn_stats`). A checkpoint `out_dir/checkpoint.pt`
     is written atomically every `cfg.checkpoint_every` epochs and at the end; with `resume=True` an
-    existing one is continued from.
+    existing one is continued from. `pixel_outliers` (uint8 [N, C, S, S], see `load_pixel_outliers`) are
+    normalised with `pixel_norm` (the benchmark's mean and std) batch by batch, like the ID images.
     """
     acc = accelerator or make_accelerator(device, cfg)
     out = Path(out_dir)
@@ -336,6 +377,8 @@ def fit(
     raw = acc.unwrap_model(model)
     knn = knn_outliers.to(acc.device) if knn_outliers is not None else None
     lat = latent_outliers.to(acc.device) if latent_outliers is not None else None
+    pix = pixel_outliers.to(acc.device) if pixel_outliers is not None else None
+    pix_mean, pix_std = (torch.tensor(v, device=acc.device).view(1, -1, 1, 1) * 255 for v in pixel_norm)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         sampler.set_epoch(epoch)
@@ -354,9 +397,13 @@ def fit(
                 kb = knn[torch.randperm(len(knn), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_k)
             if lat is not None:
                 lb = lat[torch.randperm(len(lat), generator=gen)[:n_out].to(acc.device)]  # (n_out, D_l)
+            pb = None
+            if pix is not None:
+                raw_px = pix[torch.randperm(len(pix), generator=gen)[:n_out].to(acc.device)]  # (n_out, C, S, S)
+                pb = to_device((raw_px.float() - pix_mean) / pix_std, acc, last)
             total, terms = train_step(acc, model, optimizer, scheduler, teacher, x, y, kb, lb,
                                       check=functools.partial(_check_finite, acc, epoch=epoch, step=step,
-                                                              ckpt=ckpt_path))
+                                                              ckpt=ckpt_path), pixel=pb)
             for k, v in terms.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
             sums["total"] = sums["total"] + total.detach().float() if "total" in sums else total.detach().float()

@@ -24,6 +24,8 @@ class Benchmark:
     ood_val: dict[str, Dataset] = field(default_factory=dict)  # validation OOD, disjoint from the test OOD sets
     near: dict[str, Dataset] = field(default_factory=dict)  # near-OOD test sets
     far: dict[str, Dataset] = field(default_factory=dict)  # far-OOD test sets
+    # Per-channel mean and std that normalise the model's input (images in [0, 1]); decoded outliers use them too
+    norm: tuple[tuple[float, ...], tuple[float, ...]] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
     @property
     def num_classes(self) -> int:

@@ -118,7 +118,7 @@ def _from_lists(name: str, cfg: DataConfig, class_names: Callable[[ImageList], l
     ood_val, near, far = openood_sets(name, cfg.openood_root, test_tf)
     return Benchmark(name=name, class_names=names, train=train, train_plain=ds(f"train_{name}", test_tf),
                      val=ds(f"val_{name}", test_tf), test=ds(f"test_{name}", test_tf), ood_val=ood_val, near=near,
-                     far=far)
+                     far=far, norm=MEAN_STD[name])
 
 
 def _cifar(name: str, cfg: DataConfig) -> Benchmark:
@@ -142,7 +142,7 @@ def _cifar(name: str, cfg: DataConfig) -> Benchmark:
     if len(train.classes) != len(names):
         raise ValueError(f"{name}: torchvision's folder has {len(train.classes)} classes, expected {len(names)}")
     return Benchmark(name=name, class_names=list(names), train=train, train_plain=plain, val=val,
-                     test=test_rest)
+                     test=test_rest, norm=MEAN_STD[name])
 
 
 @register("cifar10")
