@@ -153,6 +153,7 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
     d, fp = stages.stage_dir(cfg, stage), stages.training_fp(cfg, stage)
     if not force and stages.is_done(d, fp):
         return stages.skipped(stage, d, fp)
+    stages.check_inputs(cfg, stage)
     check_resources(cfg.cluster)
     result = make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
     failed = int((result.metrics or {}).get(FAILED_WRITES, 0))

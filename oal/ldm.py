@@ -184,8 +184,11 @@ def fit_ldm(
     # Cosine decay over the UNet's steps, after a short warm-up (not passed to `prepare`: one step per process).
     unet_steps = len(loader) * cfg.epochs
     warm = max(1, unet_steps // 20)
-    unet_sched = torch.optim.lr_scheduler.LambdaLR(
-        unet_opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, unet_steps) / unet_steps)))
+    def factor(s: int) -> float:
+        decay = 0.5 * (1 + math.cos(math.pi * min(s, unet_steps) / unet_steps)) if cfg.lr_schedule == "cosine" else 1.0
+        return min(1.0, (s + 1) / warm) * decay
+
+    unet_sched = torch.optim.lr_scheduler.LambdaLR(unet_opt, factor)
     total = cfg.vae_epochs + cfg.epochs
     start, history = 0, []
     scaling: float | None = None  # set when the UNet phase starts

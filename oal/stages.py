@@ -351,8 +351,20 @@ def _run_trained(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch
     d, fp = stage_dir(cfg, stage), training_fp(cfg, stage)
     if not force and is_done(d, fp):
         return skipped(stage, d, fp)
+    check_inputs(cfg, stage)
     res = train_stage(cfg, stage, bench, None, on_epoch_end, accelerator, progress)
     return finish_training(cfg, stage, res.checkpoint, res.history, res.resumed_from_epoch)
+
+
+def check_inputs(cfg: C.OALConfig, stage: str) -> None:
+    """Fail before training on what a stage reads only at its end: the diffusion stage is measured by the
+    fine-tuned teacher (its class-conditional accuracy)."""
+    if stage == "diffusion":
+        path = Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
+        if not path.exists():
+            raise FileNotFoundError(f"the diffusion stage is judged by the fine-tuned teacher, and its checkpoint "
+                                    f"'{path}' does not exist: run the teacher stage first (`oal teacher`), or give "
+                                    f"model.teacher_checkpoint")
 
 
 def run_base(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,

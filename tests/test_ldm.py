@@ -110,3 +110,22 @@ def test_class_conditional_accuracy_counts_what_the_judge_says(tmp_path):
 def test_image_side_must_fit_the_autoencoder():
     with pytest.raises(ValueError, match="multiple of 4; data.image_size is 30"):
         ldm.build(30, seed=0)
+
+
+def test_lr_schedule_cosine_decays_constant_holds(tmp_path):
+    # 24 images, batch 8, 2 UNet epochs: 6 steps, warm-up of 1 step; the last epoch's lr is read after its steps
+    cos = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, CFG, tmp_path / "cos", seed=0, device="cpu", progress=False)
+    const = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, replace(CFG, lr_schedule="constant"), tmp_path / "const",
+                        seed=0, device="cpu", progress=False)
+    assert cos.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reaches 0 at the last step
+    assert const.history[-1]["lr"] == pytest.approx(CFG.lr) == const.history[-2]["lr"]
+
+
+def test_diffusion_stage_without_its_judge_fails_before_training(tmp_path):
+    from oal import stages
+    from oal.config import load_config
+
+    cfg = load_config("digits", [f"output_dir={tmp_path}", f"diffusion.model={TRAINED}", "ldm.epochs=1"])
+    with pytest.raises(FileNotFoundError, match="judged by the fine-tuned teacher.*oal teacher"):
+        stages.run_diffusion(cfg, progress=False)
+    assert not (stages.stage_dir(cfg, "diffusion") / "checkpoint.pt").exists()
