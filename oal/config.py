@@ -181,7 +181,9 @@ class LDMConfig:
     batch_size: int = 64  # images per step
     vae_lr: float = 2e-3  # AdamW learning rate of the autoencoder
     lr: float = 2e-3  # AdamW learning rate of the UNet and text encoder (after a warm-up of 5% of its steps)
-    lr_schedule: str = "cosine"  # cosine (decay to 0 over the UNet's steps) | constant (after the warm-up)
+    # constant (after the warm-up) | cosine (decay to 0 over the UNet's steps). Constant: fashion's demo model, 25
+    # epochs, reached 83.3% class-conditional accuracy against cosine's 69.3% (same judge; docs/benchmarks.md)
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0  # AdamW weight decay of both
     kl_weight: float = 1e-4  # weight of the autoencoder's KL term (per latent element) beside its reconstruction MSE
     cond_dropout: float = 0.1  # share of images trained with the empty prompt (for classifier-free guidance)
@@ -411,7 +413,7 @@ _CHOICES = {
     "diffusion.mode": ("latent", "pixel"),
     "diffusion.conditioning": ("outliers", "class"),
     "ldm.mixed_precision": ("no", "fp16", "bf16"),
-    "ldm.lr_schedule": ("cosine", "constant"),
+    "ldm.lr_schedule": ("constant", "cosine"),
     "search.algorithm": ("random", "grid", "optuna"),
     "search.scheduler": ("fifo", "asha"),
     "search.metric": ("val/ood_auroc", "val/id_accuracy"),

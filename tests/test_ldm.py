@@ -114,7 +114,8 @@ def test_image_side_must_fit_the_autoencoder():
 
 def test_lr_schedule_cosine_decays_constant_holds(tmp_path):
     # 24 images, batch 8, 2 UNet epochs: 6 steps, warm-up of 1 step; the last epoch's lr is read after its steps
-    cos = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, CFG, tmp_path / "cos", seed=0, device="cpu", progress=False)
+    cos = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, replace(CFG, lr_schedule="cosine"), tmp_path / "cos", seed=0,
+                      device="cpu", progress=False)
     const = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, replace(CFG, lr_schedule="constant"), tmp_path / "const",
                         seed=0, device="cpu", progress=False)
     assert cos.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reaches 0 at the last step
