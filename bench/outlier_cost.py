@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.quality import NO_OUTLIER_TERMS, QUICK, from_base, shared_stages
+from bench.quality import NO_OUTLIER_TERMS, POSTPROCESSOR, from_base, save_report, setup, shared_stages
 from oal import config as C
 from oal import stages
 from oal.data import build_benchmark
@@ -35,8 +33,6 @@ from oal.evaluate import load_report
 from oal.storage import load_torch, write_json
 from oal.synthesize import IMAGES, MANIFEST, VECTORS, synthesize
 from oal.train import resolve_device
-
-POSTPROCESSOR = "ebo"
 
 
 @dataclass(frozen=True)
@@ -165,14 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if min(args.sizes) < 1:
         p.error(f"--sizes must be >= 1; got {args.sizes}")
-    preset = args.preset or ("digits" if args.quick else "fashion")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(level=logging.ERROR)
+    preset, base, probe = setup(p, args, ["eval.baseline=false"])
     out = Path(args.out)
-    base = ["eval.plots=false", "eval.baseline=false", *(QUICK if args.quick else []), *args.overrides]
-    probe = C.load_config(preset, base)  # fail on a bad override before any training
-    if POSTPROCESSOR not in probe.eval.postprocessors:
-        p.error(f"eval.postprocessors must include '{POSTPROCESSOR}'")
     t0 = time.perf_counter()
     rows = run(preset, base, args.sizes, args.seed, out)
     bench = build_benchmark(probe.data)
@@ -190,13 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Runtime: {time.perf_counter() - t0:.0f} s (parts finished by an earlier run take ~0 s).",
         "",
     ])
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cost.md").write_text(text)
-    plot(rows, out / "cost.png")
-    (out / "cost.json").write_text(json.dumps({"preset": preset, "seed": args.seed, "overrides": base,
-                                               "rows": rows}, indent=2))
-
+    save_report(out, "cost", text, lambda path: plot(rows, path),
+                {"preset": preset, "seed": args.seed, "overrides": base, "rows": rows})
 
 if __name__ == "__main__":
     main()

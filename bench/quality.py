@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -207,6 +208,30 @@ def plot(per_seed: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
     plt.close(fig)
 
 
+def setup(p: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> tuple[str, list[str], C.OALConfig]:
+    """What both benches do with their common arguments: the preset (fashion, digits with --quick), quiet bars and
+    logs, and the base overrides (no plots, `extra`, --quick's, then the user's), checked on a probe config before
+    any training. Returns (preset, base overrides, probe config)."""
+    preset = args.preset or ("digits" if args.quick else "fashion")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=logging.ERROR)  # warnings that matter are stated in the tables' notes
+    # Plots are not needed for the table; the user's overrides come after and may turn them back on.
+    base = ["eval.plots=false", *extra, *(QUICK if args.quick else []), *args.overrides]
+    probe = C.load_config(preset, base)  # fail on a bad override before any training
+    if POSTPROCESSOR not in probe.eval.postprocessors:
+        p.error(f"eval.postprocessors must include '{POSTPROCESSOR}'")
+    return preset, base, probe
+
+
+def save_report(out: Path, stem: str, text: str, draw: Callable[[Path], None], record: dict) -> None:
+    """Print the report and write `<out>/<stem>.md`, `.png` (by `draw`) and `.json`."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    draw(out / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, help="embedded preset (default fashion; digits with --quick)")
@@ -215,15 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny digits settings, for checking that it runs")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied to every variant")
     args = p.parse_args(argv)
-    preset = args.preset or ("digits" if args.quick else "fashion")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(level=logging.ERROR)  # the untrained-model warning is stated in the table's note
+    preset, base, probe = setup(p, args, [])
     out = Path(args.out)
-    # Plots are not needed for the table; the user's overrides come after and may turn them back on.
-    base = ["eval.plots=false", *(QUICK if args.quick else []), *args.overrides]
-    probe = C.load_config(preset, base)  # fail on a bad override before any training
-    if POSTPROCESSOR not in probe.eval.postprocessors:
-        p.error(f"eval.postprocessors must include '{POSTPROCESSOR}'")
     t0 = time.perf_counter()
     per_seed, info = {}, {}
     for s in args.seeds:
@@ -251,13 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Runtime: {seconds:.0f} s on this machine (stages skipped as up to date take ~0 s).",
         "",
     ])
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.md").write_text(text)
-    plot(per_seed, out / "quality.png")
-    (out / "quality.json").write_text(json.dumps({"preset": preset, "seeds": args.seeds, "overrides": base,
-                                                  "per_seed": per_seed, "diffusion": info}, indent=2))
-
+    save_report(out, "quality", text, lambda path: plot(per_seed, path),
+                {"preset": preset, "seeds": args.seeds, "overrides": base, "per_seed": per_seed, "diffusion": info})
 
 if __name__ == "__main__":
     main()

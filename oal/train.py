@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from oal.config import LDMConfig, TrainConfig
 from oal.losses import OALLoss
+from oal.models import classifier_head
 from oal.storage import load_torch, save_torch
 
 CHECKPOINT = "checkpoint.pt"
@@ -206,8 +207,6 @@ class Step(nn.Module):
         if self.loss is None:
             ce = nn.functional.cross_entropy(logits, y)
             return ce, {"ce": ce}
-        from oal.models import classifier_head
-
         res = self.loss(logits.float(), feat.float(), y, t_logits, t_feat, knn, latent,
                         head=classifier_head(self.net), pixel_logits=pixel_logits)
         return res.total, res.terms
@@ -284,8 +283,6 @@ def _param_groups(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> lis
     if cfg.head_lr is None:
         groups = [{"params": list(net.parameters()), "lr": cfg.lr, "name": "net"}]
     else:  # the reference teacher: backbone at 1e-6, head at 1e-4
-        from oal.models import classifier_head
-
         head = {id(p) for p in classifier_head(net).parameters()}
         groups = [{"params": [p for p in net.parameters() if id(p) not in head], "lr": cfg.lr, "name": "net"},
                   {"params": [p for p in net.parameters() if id(p) in head], "lr": cfg.head_lr, "name": "head"}]
