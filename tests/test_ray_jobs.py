@@ -244,6 +244,45 @@ def test_impossible_resources_fail_fast_with_numbers(ray_driver, tmp_path):
     require_resources({"GPU": 8}, "eight GPU workers", ClusterConfig(autoscaling=True))
 
 
+def test_an_autoscaling_cluster_is_judged_by_the_maximum_its_autoscaler_publishes(ray_driver):
+    """Autoscaler v2 (KubeRay, `ray up` with v2) reports its node groups to the GCS, which keeps them in its
+    internal KV; `require_resources` reads them from there. This head runs no autoscaler, so the test writes the
+    same record the GCS stores (a `ClusterConfig` protobuf under the autoscaler's namespace and key) to the real
+    GCS, then takes it out again: the read path, the arithmetic over node groups and the error are Ray's and ours."""
+    import ray._raylet as raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from jobs.common import require_resources
+    from oal.config import ClusterConfig
+
+    published = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 2}, min_count=1, max_count=1),
+        autoscaler_pb2.NodeGroupConfig(name="gpu-workers", resources={"CPU": 8, "GPU": 1}, max_count=4),
+    ])
+    ns, key = raylet.GCS_AUTOSCALER_STATE_NAMESPACE, raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+    assert internal_kv._internal_kv_get(key, namespace=ns) is None  # nothing else published one on this head
+    internal_kv._internal_kv_put(key, published.SerializeToString(), namespace=ns)
+    try:
+        auto = ClusterConfig(autoscaling=True)
+        require_resources({"GPU": 4, "CPU": 34}, "four GPU workers", auto)  # the most it can grow to: passes
+        with pytest.raises(RuntimeError, match=r"four GPU workers need 5 GPU \(the cluster can grow to 4\): this "
+                                               r"would wait forever"):
+            require_resources({"GPU": 5}, "four GPU workers", auto)
+        with pytest.raises(RuntimeError, match=r"need 35 CPU \(the cluster can grow to 34\)"):
+            require_resources({"CPU": 35}, "the CPU stage", auto)
+        # A cap on the whole cluster (max_resources) wins over the sum of its node groups.
+        published.max_resources["GPU"] = 2
+        internal_kv._internal_kv_put(key, published.SerializeToString(), namespace=ns)
+        with pytest.raises(RuntimeError, match=r"need 3 GPU \(the cluster can grow to 2\)"):
+            require_resources({"GPU": 3}, "three GPU workers", auto)
+        # The same head without autoscaling is judged by what it has now: no GPU.
+        with pytest.raises(RuntimeError, match=r"need 1 GPU \(the cluster has 0\)"):
+            require_resources({"GPU": 1}, "one GPU worker", ClusterConfig(autoscaling=False))
+    finally:
+        internal_kv._internal_kv_del(key, namespace=ns)
+
+
 def test_clients_without_the_right_token_are_told_where_it_is_read(ray_head, tmp_path):
     import subprocess
     import sys
