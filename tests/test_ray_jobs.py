@@ -309,23 +309,67 @@ def test_clients_without_the_right_token_are_told_where_it_is_read(ray_head, tmp
     assert r.returncode != 0 and "python -m cluster.stack up" in r.stderr
 
 
-def test_failed_metric_writes_in_the_training_worker_reach_the_driver(ray_driver, tmp_path):
-    """Rank 0 logs each epoch's metrics to MLflow from its worker process; when the server does not answer, the
-    writes it buffered are counted by the stage's logger in the driver (what the pipeline reports at the end)."""
-    import socket
+def test_metric_writes_that_fail_after_the_server_stops_mid_stage_reach_the_driver(ray_driver, tmp_path):
+    """Rank 0 logs each epoch's metrics to MLflow from its worker process. A real MLflow server (its own, no
+    login: the session's must stay up) takes the first epoch's, then is killed while the stage trains: the later
+    epochs go to the worker's buffer file, and the stage's logger in the driver counts every one of those writes
+    (what the pipeline reports at the end). Nothing is lost: server rows and buffer rows cover every epoch once."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
 
     from jobs import train as jt
     from oal.tracking import MetricLogger
+    from tests.stack_fixtures import free_ports
 
-    with socket.socket() as s:  # a port nobody listens on: a tracking server that is down
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    cfg = _cfg(tmp_path, "teacher.epochs=2", f"tracking.uri={dead}")
-    driver = MetricLogger("0123456789abcdef", tmp_path / "driver_buffer.jsonl", dead)
-    res = jt.run_stage(cfg, "teacher", progress=False, mlflow_run_id="0123456789abcdef", tracking=driver)
-    assert not res.skipped
+    port, epochs = free_ports(1)[0], 6
+    uri, db = f"http://127.0.0.1:{port}", tmp_path / "mlflow.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{db}", "--no-serve-artifacts",
+         "--default-artifact-root", (tmp_path / "artifacts").as_uri()],
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed: dict = {}
+    try:
+        client = MlflowClient(uri)
+        deadline = time.time() + 120
+        while True:
+            try:
+                exp = client.create_experiment("mid-run-stop")
+                break
+            except Exception:
+                assert time.time() < deadline and server.poll() is None, "the MLflow server did not start"
+                time.sleep(1)
+        run_id = client.create_run(exp).info.run_id
+
+        def kill_after_first_epoch() -> None:  # the server answers epoch 1, then goes away
+            while not client.get_run(run_id).data.metrics:
+                time.sleep(0.05)
+            os.killpg(server.pid, signal.SIGKILL)
+            killed["at"] = time.time()
+
+        watcher = threading.Thread(target=kill_after_first_epoch, daemon=True)
+        watcher.start()
+        cfg = _cfg(tmp_path, f"teacher.epochs={epochs}", f"tracking.uri={uri}")
+        driver = MetricLogger(run_id, tmp_path / "driver_buffer.jsonl", uri)
+        res = jt.run_stage(cfg, "teacher", progress=False, mlflow_run_id=run_id, tracking=driver)
+        watcher.join(timeout=5)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    assert not res.skipped and "at" in killed, "the server was never stopped mid-stage"
+    with sqlite3.connect(db) as con:
+        logged = sorted({s for (s,) in con.execute("select step from metrics where run_uuid = ?", (run_id,))})
     rows = [json.loads(x) for x in (tmp_path / "digits" / "teacher" / "tracking_buffer.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]  # the worker buffered both epochs
+    buffered = [r["step"] for r in rows]
+    # The server holds the first epochs, the buffer the rest, each epoch exactly once.
+    assert logged and buffered and logged[0] == 1 and logged + buffered == list(range(1, epochs + 1)), (logged, buffered)
     assert driver.failed == sum(len(r["metrics"]) for r in rows) > 0  # and the driver counts every failed write
 
 
