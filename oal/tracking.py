@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -103,14 +104,15 @@ class Tracker:
 
         self.check_server()
         mlflow.set_tracking_uri(str(self.uri))
-        mlflow.set_experiment(self.experiment)
         tags = {"oal.kind": kind, "git_commit": git_commit(), "dataset": cfg.data.benchmark,
                 "student": cfg.model.student, "teacher": cfg.model.teacher, "diffusion_model": cfg.diffusion.model,
                 "diffusion_untrained": str(cfg.diffusion.model == "builtin-tiny").lower()}
-        if resume_run_id:  # an interrupted job continues its own run (its children stay together)
-            run = mlflow.start_run(run_id=resume_run_id)
-        else:
-            run = mlflow.start_run(run_name=f"{cfg.name}-{kind}", tags=tags)
+        with self._permission_named():
+            mlflow.set_experiment(self.experiment)
+            if resume_run_id:  # an interrupted job continues its own run (its children stay together)
+                run = mlflow.start_run(run_id=resume_run_id)
+            else:
+                run = mlflow.start_run(run_name=f"{cfg.name}-{kind}", tags=tags)
         self.parent_id = run.info.run_id
         status = "FAILED"
         try:
@@ -149,6 +151,28 @@ class Tracker:
         # The first artifact: an unreachable store fails the run here, before any work.
         with self._writes_fail_clearly("store artifacts"):
             mlflow.log_text(C.to_yaml(cfg), "config.yaml")
+
+    @contextmanager
+    def _permission_named(self) -> Iterator[None]:
+        """A server behind a login that refuses this user the experiment (HTTP 401/403): one error naming the
+        user, the experiment and the ways out, instead of MLflow's traceback (never the password)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except MlflowException as e:
+            if e.error_code not in ("PERMISSION_DENIED", "UNAUTHENTICATED") and not any(
+                    f"error code {c}" in str(e) for c in (401, 403)):
+                raise
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"user '{user}' (MLFLOW_TRACKING_USERNAME)" if user else "an anonymous client (no " \
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD set)"
+            code = re.search(r"error code (\d{3})", str(e))
+            raise RuntimeError(
+                f"MLflow at {self.uri} refused {who} access to experiment '{self.experiment}' "
+                f"(HTTP {code.group(1) if code else e.error_code}): the experiment belongs to another user. Use an "
+                f"experiment of your own (tracking.experiment=NAME), or ask an MLflow admin to grant this user EDIT "
+                f"on it (mlflow.server.auth.client.AuthServiceClient.grant_user_permission)") from None
 
     @contextmanager
     def _writes_fail_clearly(self, what: str) -> Iterator[None]:

@@ -241,6 +241,29 @@ def test_mlflow_answers_only_a_logged_in_user(s3_mlflow: RunningStack):
     assert oct((stack.state_dir / "env").stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.stack
+def test_an_experiment_the_jobs_user_may_not_write_is_one_clear_error(s3_mlflow: RunningStack, tmp_path):
+    """An experiment created by another user (here the admin; the server's default permission is READ): the
+    pipeline's first write is refused, and the error names the user and the experiment, not the password."""
+    from cluster.stack import _send
+    from oal.config import load_config
+    from oal.tracking import Tracker
+
+    env, stack = s3_mlflow.env, s3_mlflow.stack
+    base, name = env["MLFLOW_TRACKING_URI"], f"admins-only-{uuid.uuid4().hex[:6]}"
+    status, _ = _send(f"{base}/api/2.0/mlflow/experiments/create", "POST", {"name": name},
+                      ("admin", stack.secret("admin")))
+    assert status == 200
+    cfg = load_config("digits", [f"output_dir={tmp_path}"])
+    with pytest.raises(RuntimeError) as err:
+        with Tracker(base, name, system_metrics=False).pipeline_run(cfg):
+            pytest.fail("a run was started in an experiment this user may only read")
+    msg = str(err.value)
+    assert f"refused user 'oal-jobs' (MLFLOW_TRACKING_USERNAME) access to experiment '{name}' (HTTP 403)" in msg
+    assert "tracking.experiment=NAME" in msg and env["MLFLOW_TRACKING_PASSWORD"] not in msg
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # one error, not MLflow's traceback too
+
+
 def _wait_job(client, job_id: str, timeout: float = 180.0) -> str:
     from ray.job_submission import JobStatus
 
