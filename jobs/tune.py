@@ -25,6 +25,7 @@ from oal.storage import write_json, write_text
 from oal.tracking import Tracker
 
 log = logging.getLogger("oal.jobs.tune")
+TRIAL_RESOURCES = {"cpu": 0, "memory": 1}  # see `run`: the trial's actor takes nothing from its trainer's workers
 REFERENCE = C.REFERENCE_WEIGHTS  # the reference's weights: 4, 8, 0.1, 0.2 (energy variant: 2.5, 2.5)
 
 
@@ -199,10 +200,13 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
 
             mlflow_info["experiment_id"] = MlflowClient(tracker.uri).get_run(parent_id).info.experiment_id
         space = param_space(s)
-        trainable = tune.with_resources(  # the trainer's workers hold the real resources
+        # The trial's own actor only waits on its Ray Train run, whose workers hold the real resources. It asks for
+        # one byte of memory and no CPU: a fraction of a CPU would be taken from the trainer's workers, which then
+        # never fit when they ask for every CPU of a node (the fashion preset's 2 on a 2-core machine).
+        trainable = tune.with_resources(
             tune.with_parameters(_trial, base_dict=C.to_dict(full), mlflow_info=mlflow_info,
                                  objective=objective_spec(s, base_acc)),
-            {"cpu": 0.01})
+            TRIAL_RESOURCES)
         name = f"{cfg.name}-tune-{C.fingerprint(s, stages.student_fp(full))}"
         path = f"{storage.rstrip('/')}/{name}"
         if parent_id:

@@ -136,3 +136,27 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
     assert (tmp_path / "tq" / "tune" / "weights_vs_objective.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "tq" / "tune" / "trials.md").read_text()
     assert table.count("\n| ") == 5  # header + 4 trials
+
+
+@pytest.mark.ray
+def test_a_trial_leaves_every_cpu_to_its_trainer(ray_head):
+    """A trial's actor only waits on its Ray Train run. What it reserves (jobs.tune.TRIAL_RESOURCES, as Tune turns
+    it into a placement group) and a trainer asking for every CPU of the node (the fashion preset's 2 workers'
+    worth on a 2-core machine) are both placed on the session's real head; with 0.01 CPU for the trial the
+    trainer waited forever."""
+    import ray
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from jobs.tune import TRIAL_RESOURCES
+
+    if not ray.is_initialized():
+        ray.init(address="auto", logging_level="WARNING")
+    trial = resource_dict_to_pg_factory(TRIAL_RESOURCES)
+    trial_pg = placement_group(trial.bundles, strategy=trial.strategy)
+    trainer_pg = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    try:
+        assert trial_pg.wait(timeout_seconds=30) and trainer_pg.wait(timeout_seconds=30)
+    finally:
+        remove_placement_group(trial_pg)
+        remove_placement_group(trainer_pg)
