@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
 from oal import config as C
@@ -32,11 +31,10 @@ def parser(description: str) -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> C.OALConfig:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = C.load_config(args.config, args.overrides)
+        # Files are addressed by absolute path: Ray workers do not share the driver's working directory.
+        return C.absolute_paths(C.load_config(args.config, args.overrides))
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
-    # Outputs are addressed by absolute path: Ray workers do not share the driver's working directory.
-    return C.from_dict({**C.to_dict(cfg), "output_dir": str(Path(cfg.output_dir).resolve())})
 
 
 def driver_address(address: str | None = None) -> str:
@@ -113,3 +111,15 @@ def require_resources(need: dict[str, float], what: str, cluster: C.ClusterConfi
         raise RuntimeError(f"{what} need {lack}: this would wait forever. Ask for less (cluster.num_workers, "
                            "cluster.synth_actors, cluster.use_gpu=false) or add nodes"
                            + ("" if cluster.autoscaling else "; on an autoscaling cluster set cluster.autoscaling=true"))
+
+
+def on_worker(cluster: C.ClusterConfig, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in a Ray worker process with a training worker's resources (`cluster.cpus_per_worker`
+    CPUs, and one GPU when `cluster.use_gpu`), retried on another worker when its process dies; returns what `fn`
+    returns. The driver (on a cluster, the head) only waits: it needs neither the data nor a GPU."""
+    import ray
+
+    gpus = 1 if cluster.use_gpu else 0
+    require_resources({"CPU": cluster.cpus_per_worker, "GPU": gpus}, what, cluster)
+    task = ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_retries=cluster.max_failures)(fn)
+    return ray.get(task.remote(*args, **kwargs))

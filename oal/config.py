@@ -477,6 +477,40 @@ def validate(cfg: OALConfig) -> None:
                           f"{cfg.eval.postprocessors}")
 
 
+# Config keys that name files or folders given by the user (outputs are under output_dir).
+PATH_KEYS = ("output_dir", "data.root", "data.openood_root", "model.teacher_pretrained", "model.teacher_checkpoint",
+             "model.base_checkpoint", "diffusion.model", "diffusion.checkpoint", "outliers.knn_path",
+             "outliers.latent_path", "outliers.pixel_path")
+
+
+def absolute_paths(cfg: OALConfig, cwd: Path | None = None) -> OALConfig:
+    """`cfg` with every relative path of PATH_KEYS made absolute against `cwd` (the driver's working
+    directory): Ray workers and actors run elsewhere. A given input that does not exist is a ConfigError now,
+    not an error in a remote worker after the stages before it ran. `diffusion.model` counts as a path only when
+    it names an existing folder (else it is a built-in name or a hub id); URIs (s3://...) are left as they are."""
+    cwd = cwd or Path.cwd()
+    d = to_dict(cfg)
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = d
+        for k in parents:
+            node = node[k]
+        value = node[leaf]
+        if not value or "://" in str(value):
+            continue
+        p = Path(str(value)).expanduser()
+        path = p if p.is_absolute() else cwd / p
+        if key == "diffusion.model":
+            if path.is_dir():
+                node[leaf] = str(path.resolve())
+            continue
+        if key != "output_dir" and not path.exists():
+            raise ConfigError(f"'{key}' is '{value}', which does not exist (looked for {path}); expected an "
+                              f"existing {'folder' if key.startswith('data.') else 'file'}")
+        node[leaf] = str(path.resolve())
+    return from_dict(d)
+
+
 def from_dict(d: dict) -> OALConfig:
     """Rebuild a config from `to_dict` output (e.g. inside a Ray worker)."""
     obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OALConfig), d))

@@ -62,3 +62,24 @@ def test_fingerprint_tracks_values_and_yaml_roundtrip(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(to_yaml(b))
     assert load_config(str(p)) == b
+
+
+def test_absolute_paths_for_ray_workers_and_missing_inputs_named(tmp_path):
+    """Ray workers run in other folders: given files become absolute against the driver's folder; one that does not
+    exist is a ConfigError naming the key before anything runs. Built-in model names and URIs are left alone."""
+    from oal.config import absolute_paths
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "teacher.pt").write_bytes(b"x")
+    (tmp_path / "sd").mkdir()
+    cfg = load_config("digits", ["output_dir=out", "model.teacher_checkpoint=w/teacher.pt", "diffusion.model=sd",
+                                 "cluster.storage_path=s3://bucket/ray"])
+    done = absolute_paths(cfg, tmp_path)
+    assert done.output_dir == str(tmp_path / "out")  # an output: need not exist yet
+    assert done.model.teacher_checkpoint == str(tmp_path / "w" / "teacher.pt")
+    assert done.diffusion.model == str(tmp_path / "sd") and done.cluster.storage_path == "s3://bucket/ray"
+    assert absolute_paths(load_config("digits", ["diffusion.model=builtin-ldm"]), tmp_path).diffusion.model == \
+        "builtin-ldm"
+    with pytest.raises(ConfigError, match=r"'diffusion.checkpoint' is 'runs/x/checkpoint.pt', which does not exist "
+                                          r"\(looked for .*runs/x/checkpoint.pt\); expected an existing file"):
+        absolute_paths(load_config("digits", ["diffusion.checkpoint=runs/x/checkpoint.pt"]), tmp_path)
