@@ -3,9 +3,11 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.pipeline --config digits
 
 base student, CE only (Ray Train) -> teacher (Ray Train) -> built-in diffusion model on the ID images, with
-diffusion.model=builtin-ldm (Ray Train) -> embeddings -> anchors -> k-NN outliers (driver)
+diffusion.model=builtin-ldm (Ray Train) -> embeddings -> anchors -> k-NN outliers (Ray tasks)
 -> latent outliers (actor pool) -> OAL student (Ray Train; starts from the base student with
-model.student_init=base) -> evaluation of both (driver) -> results.md (CE baseline row, OAL row).
+model.student_init=base) -> evaluation of both (Ray tasks) -> results.md (CE baseline row, OAL row).
+Every stage that computes runs in a Ray worker with a training worker's resources (a GPU with
+cluster.use_gpu=true); the driver only orchestrates and tracks.
 Stopping and resubmitting the job redoes only what is missing: finished stages are skipped by
 fingerprint, and a training stage resumes from its last Ray Train checkpoint.
 """
@@ -16,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+from jobs.common import on_worker
 from oal import config as C
 from oal import stages
 from oal.tracking import Tracker
@@ -46,7 +49,7 @@ def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageR
         for name, fn in (("embeddings", stages.run_embeddings), ("anchors", stages.run_anchors),
                          ("knn", stages.run_knn)):
             with tracker.stage(name, cfg):
-                results[name] = fn(cfg)
+                results[name] = on_worker(cfg.cluster, f"the {name} stage", fn, cfg)
                 tracker.record_stage(results[name])
     if need_lat:
         with tracker.stage("latents", cfg):
@@ -64,10 +67,11 @@ def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, st
         tracker.record_stage(results["student"], live_metrics=True)
     if cfg.eval.baseline:
         with tracker.stage("eval_base", cfg):
-            results["eval_base"], report = stages.run_evaluate(cfg, str(stages.base_checkpoint(cfg)), of="base")
+            results["eval_base"], report = on_worker(cfg.cluster, "the base student's evaluation", stages.run_evaluate,
+                                                     cfg, str(stages.base_checkpoint(cfg)), of="base")
             tracker.record_stage(results["eval_base"], report=report, cfg=cfg)
     with tracker.stage("eval", cfg):
-        results["eval"], report = stages.run_evaluate(cfg)
+        results["eval"], report = on_worker(cfg.cluster, "the student's evaluation", stages.run_evaluate, cfg)
         tracker.record_stage(results["eval"], report=report, student=results["student"], cfg=cfg)
     tracker.log_comparison(stages.write_comparison(cfg))
 

@@ -164,7 +164,10 @@ def run_stage(cfg: C.OALConfig, progress: bool = True, force: bool = False) -> s
     knn = load_torch(stages.stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
     cfg = replace(cfg, diffusion=stages.diffusion_config(cfg))  # builtin-ldm: the trained checkpoint's path
     manifest = run_pool(cfg, out, knn["class_names"], knn["outliers"], fp, progress)
-    return stages.finish_latents(cfg, manifest)
+    from jobs.common import on_worker
+
+    # the decoded grid (a VAE decode) on a worker too
+    return on_worker(cfg.cluster, "the latents stage's grid", stages.finish_latents, cfg, manifest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,7 +164,15 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
             tracking.failed += failed
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
-    with result.checkpoint.as_directory() as ckdir:
+    from jobs.common import on_worker
+
+    # On a worker: the diffusion stage measures its model there (sampling, the teacher as judge, a decoded grid).
+    return on_worker(cfg.cluster, f"recording the {stage} stage", finish_from_checkpoint, cfg, stage, result.checkpoint)
+
+
+def finish_from_checkpoint(cfg: C.OALConfig, stage: str, checkpoint: Any) -> stages.StageResult:
+    """Record a stage from its last Ray Train checkpoint (local or in `cluster.storage_path`)."""
+    with checkpoint.as_directory() as ckdir:
         # The checkpoint carries every epoch's metrics, across worker restarts (Ray's own result keeps
         # only the metrics of the checkpoints it kept).
         ckpt = Path(ckdir) / CHECKPOINT

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +68,10 @@ def is_done(d: Path, fp: str) -> bool:
 def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, Path], **extra: Any) -> StageResult:
     write_text(C.to_yaml(cfg), d / "config.yaml")
     outs = {k: str(v) for k, v in outputs.items()}
-    write_json({"stage": stage, "fingerprint": fp, "outputs": outs, **extra}, d / MANIFEST)  # last
+    # which process computed and recorded it (a Ray pipeline does that in workers, never in the driver)
+    written_by = {"host": socket.gethostname(), "pid": os.getpid()}
+    write_json({"stage": stage, "fingerprint": fp, "outputs": outs, "written_by": written_by, **extra},
+               d / MANIFEST)  # last
     return StageResult(stage, d, fp, False, outs)
 
 

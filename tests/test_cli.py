@@ -104,3 +104,31 @@ def test_tracebacks_only_for_faults_outside_the_package():
     with pytest.raises(RuntimeError) as theirs:
         torch.zeros(2, 3) @ torch.zeros(2, 3)  # a shape mismatch inside torch
     assert _raised_by_us(ours.value) and not _raised_by_us(theirs.value)
+
+
+def test_jobs_evaluate_finds_each_kind_of_checkpoint_and_names_what_is_missing(tmp_path):
+    """What `python -m jobs.evaluate` evaluates, resolved before it connects to Ray: a file, a stage folder, a Ray
+    Train run folder (its newest checkpoint), a tune trial (finished, or stopped early by ASHA); else one error."""
+    from jobs.evaluate import resolve
+    from oal.config import load_config
+
+    cfg = load_config("digits", [f"output_dir={tmp_path}"])
+    ray_run = tmp_path / "digits-trial-abc" / "ray" / "digits-trial-abc-student"
+    for d in ("checkpoint_2026-11-28_01-00-00.000001", "checkpoint_2026-11-28_01-00-09.000001"):
+        (ray_run / d).mkdir(parents=True)
+        (ray_run / d / "checkpoint.pt").write_bytes(b"x")
+    newest = ray_run / "checkpoint_2026-11-28_01-00-09.000001" / "checkpoint.pt"
+    assert resolve(cfg, str(ray_run), None)[0] == newest
+    assert resolve(cfg, None, "abc") == (newest, "trial-abc")  # stopped early: its Ray Train checkpoint
+    finished = tmp_path / "digits-trial-abc" / "student" / "checkpoint.pt"
+    finished.parent.mkdir()
+    finished.write_bytes(b"x")
+    assert resolve(cfg, None, "abc")[0] == finished  # finished: its student stage
+    assert resolve(cfg, str(finished.parent), None)[0] == finished
+    assert resolve(cfg, str(finished), None) == (finished, "student-checkpoint")
+    r = subprocess.run([sys.executable, "-m", "jobs.evaluate", f"output_dir={tmp_path}", "--trial", "nope"],
+                       cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "trial 'nope' has no checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jobs.evaluate", f"output_dir={tmp_path}"],
+                       cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no student checkpoint at" in r.stderr

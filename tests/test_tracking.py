@@ -131,6 +131,43 @@ def test_metrics_per_epoch_and_per_ood_set(tracked_run):
     assert any(k.startswith("system/") for k in client.get_run(kids["student"].info.run_id).data.metrics)
 
 
+def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process_one(tracked_run, tmp_path):
+    """The pipeline's driver (this test process) only orchestrated: each stage's manifest was written by another
+    process, the one that computed it. The outputs are the single-process commands' (same inputs, same seed)."""
+    import torch
+
+    from oal import stages
+    from oal.config import load_config
+    from oal.storage import load_torch
+
+    run = tracked_run["out"] / "tracked"
+    writers = {d.name: json.loads((d / "stage.json").read_text())["written_by"] for d in run.iterdir()
+               if (d / "stage.json").is_file()}
+    assert set(writers) == {"base", "teacher", "diffusion", "embeddings", "anchors", "knn", "latents", "student",
+                            "eval_base", "eval"}
+    assert all(w["pid"] != os.getpid() for w in writers.values()), writers
+    # the same stages in this process, from the Ray run's teacher, diffusion model and students
+    cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}", "name=local", "eval.plots=false",
+                                 "eval.baseline=true", *LDM, f"model.teacher_checkpoint={run / 'teacher/checkpoint.pt'}",
+                                 f"diffusion.checkpoint={run / 'diffusion/checkpoint.pt'}"])
+    for stage, fn, file, key in (("embeddings", stages.run_embeddings, "id_embeddings.pt", "embeddings"),
+                                 ("anchors", stages.run_anchors, "anchors.pt", "anchors"),
+                                 ("knn", stages.run_knn, "knn_outliers.pt", "outliers")):
+        res = fn(cfg)
+        assert json.loads((res.dir / "stage.json").read_text())["written_by"]["pid"] == os.getpid()
+        mine, ray_ = (load_torch(d / stage / file, stage)[key] for d in (tmp_path / "local", run))
+        assert torch.allclose(mine, ray_, rtol=1e-5, atol=1e-6), stage
+    for of, ckpt in (("student", run / "student/checkpoint.pt"), ("base", run / "base/checkpoint.pt")):
+        res, _ = stages.run_evaluate(cfg, str(ckpt), of=of)
+        mine = json.loads((res.dir / "results.json").read_text())
+        ray_ = json.loads((run / stages.EVAL_DIRS[of] / "results.json").read_text())
+        assert mine["id_accuracy"] == ray_["id_accuracy"]
+        for pp in ray_["results"]:
+            for split in ("near", "far"):
+                assert mine["results"][pp][split]["auroc"] == pytest.approx(ray_["results"][pp][split]["auroc"],
+                                                                              abs=1e-6), (of, pp, split)
+
+
 def test_artifacts_are_in_s3(tracked_run, stack):
     import boto3
     from mlflow.tracking import MlflowClient
@@ -308,3 +345,33 @@ def test_mlflow_ui_in_headless_chromium(tracked_run, stack, tmp_path):
     if os.environ.get("OAL_UPDATE_SCREENSHOTS") == "1":
         for shot in shots.values():
             shutil.copyfile(shot, DOCS / shot.name)
+
+
+def test_jobs_evaluate_scores_a_checkpoint_on_a_worker_tracked_in_mlflow(tracked_run):
+    """`python -m jobs.evaluate` on the pipeline's student: the same numbers as the pipeline's evaluation,
+    computed in a Ray worker, recorded as an MLflow run of kind "evaluate"; a second call is skipped."""
+    import mlflow
+
+    from jobs import evaluate
+    from oal.config import load_config
+
+    run = tracked_run["out"] / "tracked"
+    cfg = load_config("digits", [*QUICK, f"output_dir={tracked_run['out']}", "name=tracked",
+                                 "tracking.experiment=oal-test", "eval.plots=true", *LDM])
+    result, path = evaluate.run(cfg, checkpoint=str(run / "student"))  # a stage folder: its checkpoint.pt
+    assert path == run / "student" / "checkpoint.pt" and not result.skipped
+    assert result.dir == run / "evaluations" / "student-checkpoint"
+    manifest = json.loads((result.dir / "stage.json").read_text())
+    assert manifest["written_by"]["pid"] != os.getpid()
+    mine = json.loads((result.dir / "results.json").read_text())
+    pipeline_eval = json.loads((run / "eval" / "results.json").read_text())
+    assert mine["results"]["ebo"] == pipeline_eval["results"]["ebo"]
+    runs = mlflow.search_runs([tracked_run["exp"].experiment_id], filter_string="tags.`oal.kind` = 'evaluate'",
+                              output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    kids = mlflow.search_runs([tracked_run["exp"].experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{runs[0].info.run_id}'", output_format="list")
+    assert [k.info.run_name for k in kids] == ["eval"]
+    assert kids[0].data.metrics["ebo_near_auroc"] == pytest.approx(pipeline_eval["results"]["ebo"]["near"]["auroc"])
+    again, _ = evaluate.run(cfg, checkpoint=str(run / "student" / "checkpoint.pt"))
+    assert again.skipped
