@@ -29,7 +29,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> C.OALConfig:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         # Files are addressed by absolute path: Ray workers do not share the driver's working directory.
         return C.absolute_paths(C.load_config(args.config, args.overrides))
@@ -121,5 +121,21 @@ def on_worker(cluster: C.ClusterConfig, what: str, fn: Any, *args: Any, **kwargs
 
     gpus = 1 if cluster.use_gpu else 0
     require_resources({"CPU": cluster.cpus_per_worker, "GPU": gpus}, what, cluster)
-    task = ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_retries=cluster.max_failures)(fn)
-    return ray.get(task.remote(*args, **kwargs))
+    task = ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_retries=cluster.max_failures)(_logged)
+    return ray.get(task.remote(fn, args, kwargs))
+
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def _logged(fn: Any, args: tuple, kwargs: dict) -> Any:
+    """In the worker: the stage's own INFO lines (a worker's root logger drops them) go to its stderr, which Ray
+    forwards to the driver and the job log, as they did when the stage ran in the driver."""
+    ours = logging.getLogger("oal")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+    return fn(*args, **kwargs)

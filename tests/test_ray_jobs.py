@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -210,6 +211,8 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
     assert [int(h["epoch"]) for h in teacher["history"]] == list(range(1, 11))
     assert "teacher: resuming from the reported checkpoint" in logs
     assert "[eval] done" in logs and "| ebo |" in logs
+    # what a stage logs in the Ray worker that computed it reaches the job log, as when it ran in the driver
+    assert re.search(r"pid=\d+\).*oal INFO anchors: .*nearest-anchor accuracy", logs), logs[-4000:]
     # The student trained on Ray Train in this job, reporting a checkpoint per epoch, without Ray's two INFO lines
     # per report in the job log (jobs.train.quiet_ray_train_reports)
     assert "[student] done" in logs
