@@ -121,7 +121,13 @@ def on_worker(cluster: C.ClusterConfig, what: str, fn: Any, *args: Any, **kwargs
 
     gpus = 1 if cluster.use_gpu else 0
     require_resources({"CPU": cluster.cpus_per_worker, "GPU": gpus}, what, cluster)
-    task = ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_retries=cluster.max_failures)(_logged)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # Outside any placement group: a Ray Tune trial captures its child tasks into its own group, which holds no
+    # CPU (jobs.tune.TRIAL_RESOURCES); the task takes the cluster's resources like the trial's trainer does.
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)  # type: ignore[arg-type]
+    task = ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_retries=cluster.max_failures,
+                      scheduling_strategy=outside)(_logged)
     return ray.get(task.remote(fn, args, kwargs))
 
 

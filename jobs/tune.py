@@ -25,7 +25,8 @@ from oal.storage import write_json, write_text
 from oal.tracking import Tracker
 
 log = logging.getLogger("oal.jobs.tune")
-TRIAL_RESOURCES = {"cpu": 0, "memory": 1}  # see `run`: the trial's actor takes nothing from its trainer's workers
+# See `run`: a trial's actor takes nothing from its trainer's workers.
+TRIAL_RESOURCES: dict[str, float] = {"cpu": 0.0, "memory": 1.0}
 REFERENCE = C.REFERENCE_WEIGHTS  # the reference's weights: 4, 8, 0.1, 0.2 (energy variant: 2.5, 2.5)
 
 
