@@ -103,7 +103,17 @@ def _outliers(cfg: C.OALConfig, bench) -> C.OutlierConfig:
     stages.run_anchors(cfg)
     knn = stages.run_knn(cfg)
     lat = stages.run_latents(cfg, progress=False)
-    return replace(cfg.outliers, knn_path=knn.outputs["outliers"], latent_path=lat.outputs["vectors"])
+    # with diffusion.mode=pixel the latents stage also wrote the decoded outliers (pixel OE reads them)
+    return replace(cfg.outliers, knn_path=knn.outputs["outliers"], latent_path=lat.outputs["vectors"],
+                   pixel_path=lat.outputs.get("images", cfg.outliers.pixel_path))
+
+
+def student_metrics(cfg: C.OALConfig, bench) -> dict[str, float]:
+    """Train (or skip, when up to date) the student of `cfg` and evaluate it; the table's numbers."""
+    stages.run_student(cfg, bench, progress=False)
+    result, _ = stages.run_evaluate(cfg, bench=bench)
+    # results.json is there whether the evaluation ran now or was skipped as up to date.
+    return _metrics(load_report(Path(result.dir) / "results.json"))
 
 
 def shared_stages(shared: C.OALConfig, bench) -> tuple[list[str], str, dict]:
@@ -150,11 +160,7 @@ def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[s
         t1 = time.perf_counter()
         cfg = C.load_config(preset, [*common, f"name=q-seed{seed}-{v.slug}", *v.overrides, *given,
                                      *from_base(shared, base_ckpt)])
-        cfg = replace(cfg, outliers=chains[v.chain])
-        stages.run_student(cfg, bench, progress=False)
-        result, _ = stages.run_evaluate(cfg, bench=bench)
-        # results.json is there whether the evaluation ran now or was skipped as up to date.
-        rows[v.label] = _metrics(load_report(Path(result.dir) / "results.json"))
+        rows[v.label] = student_metrics(replace(cfg, outliers=chains[v.chain]), bench)
         _log(f"[seed {seed}] {v.label}: {time.perf_counter() - t1:.0f} s")
     lat = load_torch(chains["main"].latent_path, "latent outliers")["outliers"]
     info["latent_vectors"] = list(lat.shape)

@@ -28,7 +28,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.quality import BASE_ROW, NO_OUTLIER_TERMS, _metrics, from_base, plot, save_report, setup, shared_stages, table
+from bench.quality import (
+    BASE_ROW,
+    NO_OUTLIER_TERMS,
+    _metrics,
+    _outliers,
+    from_base,
+    plot,
+    save_report,
+    setup,
+    shared_stages,
+    student_metrics,
+    table,
+)
 from oal import config as C
 from oal import stages
 from oal.data import build_benchmark
@@ -69,12 +81,7 @@ def run_seed(preset: str, common: list[str], seed: int, tuned: list[str]) -> dic
     bench = build_benchmark(shared.data)
     t0 = time.perf_counter()
     given, base_ckpt, _ = shared_stages(shared, bench)
-    stages.run_embeddings(shared, bench)
-    stages.run_anchors(shared)
-    knn = stages.run_knn(shared)
-    lat = stages.run_latents(shared, progress=False)
-    outliers = replace(shared.outliers, knn_path=str(knn.outputs["outliers"]),
-                       latent_path=str(lat.outputs["vectors"]), pixel_path=str(lat.outputs["images"]))
+    outliers = _outliers(shared, bench)  # diffusion.mode=pixel: the decoded outliers too
     _log(f"[seed {seed}] shared stages: {time.perf_counter() - t0:.0f} s")
     res, _ = stages.run_evaluate(shared, base_ckpt, bench=bench, of="base")
     rows = {BASE_ROW: _metrics(load_report(Path(res.dir) / "results.json"))}
@@ -82,10 +89,7 @@ def run_seed(preset: str, common: list[str], seed: int, tuned: list[str]) -> dic
         t1 = time.perf_counter()
         cfg = C.load_config(preset, [*common, f"seed={seed}", f"name=t-seed{seed}-{slug}", *overrides, *given,
                                      *from_base(shared, base_ckpt)])
-        cfg = replace(cfg, outliers=outliers)
-        stages.run_student(cfg, bench, progress=False)
-        result, _ = stages.run_evaluate(cfg, bench=bench)
-        rows[label] = _metrics(load_report(Path(result.dir) / "results.json"))
+        rows[label] = student_metrics(replace(cfg, outliers=outliers), bench)
         _log(f"[seed {seed}] {label}: near {100 * rows[label]['near AUROC']:.2f}, far "
              f"{100 * rows[label]['far AUROC']:.2f} ({time.perf_counter() - t1:.0f} s)")
     return rows
