@@ -1,6 +1,8 @@
-"""Ray scaling: synthesis actors 1 vs 2, Ray Train vs the single-process loop, and job start-up latency.
+"""Ray scaling: synthesis actors 1 vs 2, Ray Train vs the single-process loop, evaluation and embeddings on 1 vs 2
+Ray workers, and job start-up latency.
 
     . .stack/env && python -m bench.ray_scaling [--quick] [--synth-reps 2] [--train-reps 2] [--epochs 6]
+        [--shard-reps 2] [--train-per-class 2000] [--skip synthesis training sharded job]
 
 Needs a running Ray head (token auth), e.g. `python -m cluster.stack up --services ray && . .stack/env`.
 Everything runs against that head, in one process, and prints one Markdown table:
@@ -15,7 +17,13 @@ Everything runs against that head, in one process, and prints one Markdown table
    (1 worker, 1 CPU) against `oal.stages.train_stage` in this process with 1 torch thread (what a 1-CPU
    Ray worker gets). Step time = an epoch's `epoch_seconds` over its steps, the first epoch of each run
    left out as warm-up. Runs ABBA (single, ray, ray, single, ...); medians over all steady-state epochs.
-3. Seconds from `JobSubmissionClient.submit_job` of the digits pipeline (quick overrides) to the teacher's
+3. Seconds of the evaluation of one checkpoint (`jobs.common.evaluate_on_workers`) and of the embeddings stage
+   (`jobs.common.embeddings_on_workers`) with `cluster.shards` 1 and 2 (1 CPU each) on fashion with
+   `--train-per-class` training images per class: from the driver's call to the manifest, shard tasks (each
+   loads the data and the network) and the merging task included. The checkpoints (base student and teacher,
+   one epoch each) are trained once first; weights do not change the work. One untimed 2-worker warm-up run,
+   then ABBA; medians.
+4. Seconds from `JobSubmissionClient.submit_job` of the digits pipeline (quick overrides) to the teacher's
    first Ray Train report (its first `checkpoint_*` folder, or its "epoch 1/" log line); that minus the
    first epoch's own seconds bounds the time to the first training step from above. The job is then
    stopped. MLflow is off in that job: it measures Ray's start-up, not a tracking server's.
@@ -45,6 +53,7 @@ from oal import config as C
 
 REPO = Path(__file__).resolve().parent.parent
 SYNTH_GOAL = 1.7  # the issue's target: 2 actors at least 1.7x the throughput of 1 on this 2-core machine
+SHARD_GOAL = 1.7  # the issue's target: evaluation and embeddings on 2 Ray workers at least 1.7x as fast as on 1
 TRAIN_GOAL = 0.05  # the issue's target: Ray Train at most 5% slower per step than the single-process loop
 START_HELP = ("start one with `python -m cluster.stack up --services ray` and load its client environment "
               "with `. .stack/env` (RAY_ADDRESS, RAY_API_SERVER_ADDRESS, RAY_AUTH_MODE=token)")
@@ -198,7 +207,83 @@ def _rel_iqr(xs: list[float]) -> float:
     return (q3 - q1) / statistics.median(xs)
 
 
-# ---------------------------------------------------------------- 3. job submit -> first step
+# ---------------------------------------------------------------- 3. sharded stages: evaluation, embeddings
+
+
+def shard_cfg(out: Path, shards: int, train_per_class: int, *more: str) -> C.OALConfig:
+    """fashion, 1-CPU workers, `shards` of them for embeddings and evaluation; absolute output folder."""
+    return C.load_config("fashion", [f"output_dir={out.resolve()}", "teacher.epochs=1", "base.epochs=1",
+                                     f"data.train_per_class={train_per_class}", "eval.plots=false", "device=cpu",
+                                     "cluster.cpus_per_worker=1", "cluster.use_gpu=false", f"cluster.shards={shards}",
+                                     *more])
+
+
+def sharded_once(stage: str, out: Path, shards: int, train_per_class: int) -> tuple[float, list[Any]]:
+    """(seconds, the stage's shard records) of one run of `stage` over `shards` Ray workers into a fresh folder,
+    from the checkpoints `measure_sharded` trained under `out/fashion`."""
+    from jobs import common
+
+    trained = out / "fashion"
+    with tempfile.TemporaryDirectory(prefix=f"bench-ray-{stage}-", dir=out) as d:
+        cfg = shard_cfg(out, shards, train_per_class, f"name={Path(d).name}",  # a fresh run: nothing to skip
+                        f"model.teacher_checkpoint={trained / 'teacher' / 'checkpoint.pt'}")
+        t0 = time.perf_counter()
+        if stage == "evaluation":
+            res, _ = common.evaluate_on_workers(cfg, "the evaluation", str(trained / "base" / "checkpoint.pt"),
+                                                of="base")
+        else:
+            res = common.embeddings_on_workers(cfg)
+        seconds = time.perf_counter() - t0
+        record = json.loads((res.dir / "stage.json").read_text())
+    if res.skipped or len(record["shards"]) != shards:
+        raise RuntimeError(f"{stage} with {shards} shard(s) recorded {record.get('shards')}")
+    return seconds, record["shards"]
+
+
+def measure_sharded(reps: int, train_per_class: int) -> dict[str, Any]:
+    """Evaluation of one checkpoint and the embeddings stage, each on 1 vs 2 Ray workers of 1 CPU (the same
+    slices merged: outputs equal). The checkpoints (a base student and a teacher, one epoch each on fashion) are
+    trained once here; their weights do not change the work."""
+    from oal import stages
+
+    out = Path(tempfile.mkdtemp(prefix="bench-ray-sharded-"))
+    try:
+        cfg = shard_cfg(out, 1, train_per_class)
+        for stage in ("base", "teacher"):
+            res = stages.train_stage(cfg, stage, progress=False)
+            stages.finish_training(cfg, stage, res.checkpoint, res.history)
+        images = {"evaluation": sum(len(ds) for ds in _eval_sets(cfg)),  # type: ignore[arg-type]
+                  "embeddings": len(_bench(cfg).train_plain)}  # type: ignore[arg-type]
+        result: dict[str, Any] = {}
+        for stage in ("evaluation", "embeddings"):
+            sharded_once(stage, out, 2, train_per_class)  # untimed warm-up: worker processes, page cache
+            times: dict[int, list[float]] = {1: [], 2: []}
+            for r in range(reps):
+                for n in ((1, 2) if r % 2 == 0 else (2, 1)):  # ABBA
+                    sec, by = sharded_once(stage, out, n, train_per_class)
+                    times[n].append(sec)
+                    log(f"  {stage} rep {r + 1}/{reps}, {n} worker(s): {sec:.1f} s "
+                        f"(shards in pids {sorted({b['pid'] for b in by})})")
+            med = {n: statistics.median(v) for n, v in times.items()}
+            result[stage] = {"seconds": med, "ratio": med[1] / med[2], "images": images[stage]}
+        return result
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _bench(cfg: C.OALConfig) -> Any:
+    from oal.data import build_benchmark
+
+    return build_benchmark(cfg.data)
+
+
+def _eval_sets(cfg: C.OALConfig) -> list[Any]:
+    from oal.evaluate import eval_sets
+
+    return list(eval_sets(_bench(cfg), cfg.eval).values())
+
+
+# ---------------------------------------------------------------- 4. job submit -> first step
 
 
 EPOCH_LINE = re.compile(r"epoch 1/\d+: .*?epoch_seconds=([0-9.eE+-]+)")
@@ -277,10 +362,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-reps", type=int, default=2, help="ABBA rounds of single-process and Ray Train runs")
     p.add_argument("--epochs", type=int, default=6, help="student epochs per training run; the first is warm-up")
     p.add_argument("--job-timeout", type=float, default=300, help="seconds to wait for the job's first report")
-    p.add_argument("--skip", nargs="*", default=[], choices=("synthesis", "training", "job"), help="parts to leave out")
+    p.add_argument("--shard-reps", type=int, default=2, help="ABBA rounds of 1- and 2-worker evaluation and embeddings")
+    p.add_argument("--train-per-class", type=int, default=2000,
+                   help="fashion training images per ID class for the sharded stages (of 6,000)")
+    p.add_argument("--skip", nargs="*", default=[], choices=("synthesis", "training", "sharded", "job"),
+                   help="parts to leave out")
     args = p.parse_args(argv)
     if args.quick:
         args.synth_reps, args.steps, args.num_outliers, args.train_reps, args.epochs = 1, 4, 12, 1, 3
+        args.shard_reps, args.train_per_class = 1, 200
     if args.epochs < 2:
         p.error("--epochs must be >= 2 (the first epoch is warm-up)")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -290,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     if cpus < 2:
         log(f"warning: the head has {cpus} CPU(s); 2 synthesis actors of 1 CPU each cannot run at once")
     t0 = time.perf_counter()
-    syn = tr = job = None
+    syn = tr = sh = job = None
     if "synthesis" not in args.skip:
         log("1. synthesis throughput, 1 vs 2 actors")
         syn = measure_synthesis(args.synth_reps, not args.quick, args.steps, args.num_outliers, args.shard_size,
@@ -298,8 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     if "training" not in args.skip:
         log("2. student step time, Ray Train (1 worker) vs single process")
         tr = measure_training(args.train_reps, args.epochs)
+    if "sharded" not in args.skip:
+        log("3. evaluation and embeddings, 1 vs 2 Ray workers")
+        sh = measure_sharded(args.shard_reps, args.train_per_class)
     if "job" not in args.skip:
-        log("3. ray job submit -> first teacher report")
+        log("4. ray job submit -> first teacher report")
         job = measure_job(args.job_timeout)
 
     lines = [
@@ -327,6 +420,13 @@ def main(argv: list[str] | None = None) -> None:
         w = tr["wall"]
         lines.append(f"| student run wall, s ({args.epochs} epochs incl. start-up and validation) | "
                      f"{w['single']:.1f} | {w['ray']:.1f} | {w['ray'] / w['single']:.2f} | (for context) |")
+    if sh:
+        for stage, what in (("evaluation", "base student's checkpoint on the ID test, ID train (KNN score) and 5 OOD "
+                                           "sets"), ("embeddings", "teacher over the ID training set")):
+            m = sh[stage]
+            lines.append(f"| {stage}, s (fashion, {what}: {m['images']:,} images; {args.shard_reps} runs each) | "
+                         f"1 worker: {m['seconds'][1]:.1f} | 2 workers: {m['seconds'][2]:.1f} | {m['ratio']:.2f}x | "
+                         f">= {SHARD_GOAL}x: {'met' if m['ratio'] >= SHARD_GOAL else 'NOT met'} |")
     if job:
         lines.append(f"| submit -> teacher's first report, s (seen as {job['how']}) | | {job['first_report']:.1f} "
                      f"| | |")

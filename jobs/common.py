@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -113,10 +114,8 @@ def require_resources(need: dict[str, float], what: str, cluster: C.ClusterConfi
                            + ("" if cluster.autoscaling else "; on an autoscaling cluster set cluster.autoscaling=true"))
 
 
-def on_worker(cluster: C.ClusterConfig, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)` in a Ray worker process with a training worker's resources (`cluster.cpus_per_worker`
-    CPUs, and one GPU when `cluster.use_gpu`), retried on another worker when its process dies; returns what `fn`
-    returns. The driver (on a cluster, the head) only waits: it needs neither the data nor a GPU."""
+def _worker_task(cluster: C.ClusterConfig, what: str) -> Any:
+    """`_logged` as a Ray task with a training worker's resources (checked against the cluster first)."""
     import ray
 
     gpus = 1 if cluster.use_gpu else 0
@@ -126,15 +125,45 @@ def on_worker(cluster: C.ClusterConfig, what: str, fn: Any, *args: Any, **kwargs
     # Outside any placement group: a Ray Tune trial captures its child tasks into its own group, which holds no
     # CPU (jobs.tune.TRIAL_RESOURCES); the task takes the cluster's resources like the trial's trainer does.
     outside = PlacementGroupSchedulingStrategy(placement_group=None)  # type: ignore[arg-type]
-    task = ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_retries=cluster.max_failures,
+    return ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_retries=cluster.max_failures,
                       scheduling_strategy=outside)(_logged)
-    return ray.get(task.remote(fn, args, kwargs))
+
+
+def on_worker(cluster: C.ClusterConfig, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in a Ray worker process with a training worker's resources (`cluster.cpus_per_worker`
+    CPUs, and one GPU when `cluster.use_gpu`), retried on another worker when its process dies; returns what `fn`
+    returns. The driver (on a cluster, the head) only waits: it needs neither the data nor a GPU."""
+    import ray
+
+    return ray.get(_worker_task(cluster, what).remote(fn, args, kwargs))
+
+
+def shard_count(cluster: C.ClusterConfig) -> int:
+    return cluster.shards or cluster.num_workers
+
+
+def on_shards(cluster: C.ClusterConfig, what: str, shard_fn: Any, finish_fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Data-parallel `on_worker`: `shard_fn(*args, shard=(i, n), **kwargs)` for i < n (`shard_count`) as n Ray
+    tasks at once, each on its slice of the data, then `finish_fn(parts)` in one more task, given
+    the shards' results in shard order (Ray hands them over worker to worker; the driver never holds them). A
+    shard whose worker dies is retried alone. With one shard this is `on_worker(shard_fn)` then `finish_fn`."""
+    import ray
+
+    n = shard_count(cluster)
+    task = _worker_task(cluster, what)
+    parts = [task.remote(shard_fn, args, {**kwargs, "shard": (i, n)}) for i in range(n)]
+    log.info("%s: %d shard(s) on Ray workers", what, n)
+    return ray.get(task.remote(_gathered, (finish_fn,), {}, *parts))
+
+
+def _gathered(finish_fn: Any, *parts: Any) -> Any:
+    return finish_fn(list(parts))
 
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
-def _logged(fn: Any, args: tuple, kwargs: dict) -> Any:
+def _logged(fn: Any, args: tuple, kwargs: dict, *resolved: Any) -> Any:
     """In the worker: the stage's own INFO lines (a worker's root logger drops them) go to its stderr, which Ray
     forwards to the driver and the job log, as they did when the stage ran in the driver."""
     ours = logging.getLogger("oal")
@@ -144,4 +173,27 @@ def _logged(fn: Any, args: tuple, kwargs: dict) -> Any:
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False
-    return fn(*args, **kwargs)
+    return fn(*args, *resolved, **kwargs)
+
+
+def embeddings_on_workers(cfg: C.OALConfig) -> Any:
+    """The embeddings stage (`oal.stages.run_embeddings`) over `shard_count` Ray workers; skipped when up to date."""
+    from oal import stages
+
+    d, fp = stages.stage_dir(cfg, "embeddings"), stages.embeddings_fp(cfg)
+    if stages.is_done(d, fp):
+        return stages.skipped("embeddings", d, fp)
+    return on_shards(cfg.cluster, "the embeddings stage", stages.embeddings_shard,
+                     functools.partial(stages.finish_embeddings, cfg), cfg)
+
+
+def evaluate_on_workers(cfg: C.OALConfig, what: str, checkpoint: str | None = None, out_dir: Any = None,
+                        force: bool = False, of: str = "student") -> Any:
+    """`oal.stages.run_evaluate` over `shard_count` Ray workers: (StageResult, report or None when skipped)."""
+    from oal import stages
+
+    ckpt, name, d, fp = stages.eval_target(cfg, checkpoint, out_dir, of)
+    if not force and stages.is_done(d, fp):
+        return stages.skipped(name, d, fp), None
+    finish = functools.partial(stages.finish_evaluate, cfg, checkpoint=str(ckpt), out_dir=out_dir, of=of)
+    return on_shards(cfg.cluster, what, stages.eval_shard, finish, cfg, str(ckpt), of=of)

@@ -74,8 +74,8 @@ def run(cfg: C.OALConfig, checkpoint: str | None = None, trial: str | None = Non
     out = cfg.run_dir / "evaluations" / label
     with tracker.pipeline_run(cfg, kind="evaluate"):
         with tracker.stage("eval", cfg):
-            result, report = common.on_worker(cfg.cluster, f"the evaluation of {path}", stages.run_evaluate, cfg,
-                                              str(path), out_dir=out, force=force)
+            result, report = common.evaluate_on_workers(cfg, f"the evaluation of {path}", str(path), out_dir=out,
+                                                        force=force)
             tracker.record_stage(result, report=report, cfg=cfg)
     return result, path
 

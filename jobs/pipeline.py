@@ -7,7 +7,8 @@ diffusion.model=builtin-ldm (Ray Train) -> embeddings -> anchors -> k-NN outlier
 -> latent outliers (actor pool) -> OAL student (Ray Train; starts from the base student with
 model.student_init=base) -> evaluation of both (Ray tasks) -> results.md (CE baseline row, OAL row).
 Every stage that computes runs in a Ray worker with a training worker's resources (a GPU with
-cluster.use_gpu=true); the driver only orchestrates and tracks.
+cluster.use_gpu=true); embeddings and evaluation split their data over cluster.shards such workers (default: one
+per training worker) and merge in order. The driver only orchestrates and tracks.
 Stopping and resubmitting the job redoes only what is missing: finished stages are skipped by
 fingerprint, and a training stage resumes from its last Ray Train checkpoint.
 """
@@ -18,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from jobs.common import on_worker
+from jobs.common import embeddings_on_workers, evaluate_on_workers, on_worker
 from oal import config as C
 from oal import stages
 from oal.tracking import Tracker
@@ -46,8 +47,10 @@ def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageR
             tracker.record_stage(results["diffusion"], live_metrics=True)
     need_knn, need_lat = stages.outlier_stages(cfg)
     if need_knn or need_lat:
-        for name, fn in (("embeddings", stages.run_embeddings), ("anchors", stages.run_anchors),
-                         ("knn", stages.run_knn)):
+        with tracker.stage("embeddings", cfg):
+            results["embeddings"] = embeddings_on_workers(cfg)
+            tracker.record_stage(results["embeddings"])
+        for name, fn in (("anchors", stages.run_anchors), ("knn", stages.run_knn)):
             with tracker.stage(name, cfg):
                 results[name] = on_worker(cfg.cluster, f"the {name} stage", fn, cfg)
                 tracker.record_stage(results[name])
@@ -67,11 +70,11 @@ def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, st
         tracker.record_stage(results["student"], live_metrics=True)
     if cfg.eval.baseline:
         with tracker.stage("eval_base", cfg):
-            results["eval_base"], report = on_worker(cfg.cluster, "the base student's evaluation", stages.run_evaluate,
-                                                     cfg, str(stages.base_checkpoint(cfg)), of="base")
+            results["eval_base"], report = evaluate_on_workers(cfg, "the base student's evaluation",
+                                                               str(stages.base_checkpoint(cfg)), of="base")
             tracker.record_stage(results["eval_base"], report=report, cfg=cfg)
     with tracker.stage("eval", cfg):
-        results["eval"], report = on_worker(cfg.cluster, "the student's evaluation", stages.run_evaluate, cfg)
+        results["eval"], report = evaluate_on_workers(cfg, "the student's evaluation")
         tracker.record_stage(results["eval"], report=report, student=results["student"], cfg=cfg)
     tracker.log_comparison(stages.write_comparison(cfg))
 

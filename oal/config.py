@@ -215,6 +215,9 @@ class ClusterConfig:
     synth_max_replacements: int = 4  # dead synthesis actors replaced before the job gives up
     num_workers: int = 1  # Ray Train workers (data-parallel ranks) per training stage
     cpus_per_worker: float = 1.0  # CPUs reserved per training worker
+    # Ray tasks (each with a training worker's resources) that the embeddings and evaluation stages split their
+    # datasets over, merged in order; 0: one per training worker (cluster.num_workers)
+    shards: int = 0
     max_failures: int = 2  # Ray Train restarts from the last checkpoint after a worker dies
     checkpoints_to_keep: int = 2  # Ray Train checkpoints kept per training stage
     storage_path: str | None = None  # Ray Train storage (local path or s3://...); default <run dir>/ray
@@ -443,10 +446,11 @@ def validate(cfg: OALConfig) -> None:
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 1:
             raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")
-    for key in ("teacher.precise_bn", "base.precise_bn", "student.precise_bn"):
+    for key in ("teacher.precise_bn", "base.precise_bn", "student.precise_bn", "cluster.shards"):
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 0:
-            raise ConfigError(f"'{key}' is {value}; expected an integer >= 0 (0 turns it off)")
+            raise ConfigError(f"'{key}' is {value}; expected an integer >= 0 (0 turns it off"
+                              + ("; for cluster.shards, one per training worker)" if key == "cluster.shards" else ")"))
     for w in LOSS_WEIGHTS:
         if getattr(cfg.loss, w) < 0:
             raise ConfigError(f"'loss.{w}' is {getattr(cfg.loss, w)}; loss weights must be >= 0")

@@ -6,14 +6,18 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from oal.evaluate import collect
+from oal.evaluate import Outputs, collect
 
 
 def class_embeddings(net: nn.Module, dataset: Dataset, num_classes: int, cap: int, device: str | torch.device,
                      batch_size: int = 256, seed: int = 0) -> torch.Tensor:
     """Features of up to `cap` images per class (a seeded random choice): [C, N, D] with
     N = min(cap, smallest class count), so that every class contributes equally."""
-    out = collect(net, dataset, batch_size, device)
+    return per_class_sample(collect(net, dataset, batch_size, device), num_classes, cap, seed)
+
+
+def per_class_sample(out: Outputs, num_classes: int, cap: int, seed: int = 0) -> torch.Tensor:
+    """`class_embeddings` from the network's outputs on the whole ID training set, in dataset order."""
     counts = torch.bincount(out.labels, minlength=num_classes)  # (C,)
     if (counts == 0).any():
         missing = torch.nonzero(counts == 0).flatten().tolist()

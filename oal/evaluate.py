@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from sklearn import metrics as skm
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from oal.config import EvalConfig
 from oal.storage import atomic_path, write_json, write_text
@@ -39,7 +39,27 @@ def collect(net: nn.Module, dataset: Dataset, batch_size: int, device: str | tor
         logits.append(lo.float().cpu())
         feats.append(fe.float().cpu())
         labels.append(torch.as_tensor(y))
+    if not logits:  # an empty shard (more shards than images)
+        return Outputs(torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
     return Outputs(torch.cat(logits), torch.cat(feats), torch.cat(labels))
+
+
+def shard(dataset: Dataset, index: int, count: int) -> Dataset:
+    """The `index`-th of `count` contiguous slices of `dataset`: concatenating the slices' outputs in order gives
+    the whole set's, image for image (each image's output does not depend on its batch in eval mode)."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count} does not exist (expected 0 <= index < count)")
+    if count == 1:
+        return dataset
+    n = len(dataset)  # type: ignore[arg-type]
+    return Subset(dataset, range(n * index // count, n * (index + 1) // count))
+
+
+def merge(parts: list[Outputs]) -> Outputs:
+    """Concatenate shards' outputs in shard order (empty shards dropped)."""
+    full = [p for p in parts if len(p.labels)] or parts[:1]
+    return Outputs(torch.cat([p.logits for p in full]), torch.cat([p.features for p in full]),
+                   torch.cat([p.labels for p in full]))
 
 
 # ---- postprocessors: setup on ID training outputs (if needed), then score --------------------------
@@ -154,29 +174,40 @@ def _average(ms: list[OODMetrics]) -> dict[str, float]:
     return {k: float(np.mean([getattr(m, k) for m in ms])) if ms else float("nan") for k in keys}
 
 
+def eval_sets(bench, cfg: EvalConfig) -> dict[str, Dataset]:
+    """Every dataset an evaluation runs the network over: "id" (the ID test set), "train" (the ID training set,
+    only for postprocessors that need it) and each near/far OOD test set as "ood:<name>"."""
+    sets: dict[str, Dataset] = {"id": bench.test}
+    if NEEDS_TRAIN & set(cfg.postprocessors):
+        sets["train"] = bench.train_plain
+    sets.update({f"ood:{name}": ds for name, ds in {**bench.near, **bench.far}.items()})
+    return sets
+
+
 def evaluate(net: nn.Module, bench, cfg: EvalConfig, device: str | torch.device, batch_size: int,
              num_workers: int = 0) -> EvalReport:
     """Score the ID test set and every near/far OOD test set with each configured postprocessor."""
     net = net.to(device).eval()
-    id_out = collect(net, bench.test, batch_size, device, num_workers)
-    train_out = None
-    if NEEDS_TRAIN & set(cfg.postprocessors):
-        train_out = collect(net, bench.train_plain, batch_size, device, num_workers)
-    ood_outs = {name: collect(net, ds, batch_size, device, num_workers)
-                for name, ds in {**bench.near, **bench.far}.items()}
-    report = EvalReport(benchmark=bench.name, id_accuracy=accuracy(id_out), near_sets=list(bench.near),
-                        far_sets=list(bench.far))
+    outs = {key: collect(net, ds, batch_size, device, num_workers) for key, ds in eval_sets(bench, cfg).items()}
+    return report_from_outputs(outs, bench.name, list(bench.near), list(bench.far), cfg)
+
+
+def report_from_outputs(outs: dict[str, Outputs], benchmark: str, near: list[str], far: list[str],
+                        cfg: EvalConfig) -> EvalReport:
+    """The report from the network's outputs on `eval_sets` (wherever and in however many shards they were
+    computed)."""
+    id_out = outs["id"]
+    report = EvalReport(benchmark=benchmark, id_accuracy=accuracy(id_out), near_sets=near, far_sets=far)
     for pp in cfg.postprocessors:
-        score = build_postprocessor(pp, cfg, train_out)
+        score = build_postprocessor(pp, cfg, outs.get("train"))
         id_conf = score(id_out).numpy()
         per_set, scores = {}, {"id": id_conf}
-        for name, o in ood_outs.items():
-            conf = score(o).numpy()
+        for name in (*near, *far):
+            conf = score(outs[f"ood:{name}"]).numpy()
             scores[name] = conf
             per_set[name] = ood_metrics(id_conf, conf)
         report.results[pp] = PostprocessorResult(
-            per_set=per_set, near=_average([per_set[n] for n in bench.near]),
-            far=_average([per_set[n] for n in bench.far]))
+            per_set=per_set, near=_average([per_set[n] for n in near]), far=_average([per_set[n] for n in far]))
         report.scores[pp] = scores
     return report
 

@@ -18,7 +18,17 @@ import torch
 
 from oal import config as C
 from oal.data import Benchmark, build_benchmark
-from oal.evaluate import EvalReport, accuracy, collect, evaluate, validation_metrics, write_report
+from oal.evaluate import (
+    EvalReport,
+    accuracy,
+    collect,
+    eval_sets,
+    merge,
+    report_from_outputs,
+    validation_metrics,
+    write_report,
+)
+from oal.evaluate import shard as data_shard
 from oal.losses import OALLoss
 from oal.models import Classifier, build_student, build_teacher
 from oal.storage import load_torch, save_torch, write_json, write_text
@@ -69,10 +79,18 @@ def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, P
     write_text(C.to_yaml(cfg), d / "config.yaml")
     outs = {k: str(v) for k, v in outputs.items()}
     # which process computed and recorded it (a Ray pipeline does that in workers, never in the driver)
-    written_by = {"host": socket.gethostname(), "pid": os.getpid()}
+    written_by = process()
     write_json({"stage": stage, "fingerprint": fp, "outputs": outs, "written_by": written_by, **extra},
                d / MANIFEST)  # last
     return StageResult(stage, d, fp, False, outs)
+
+
+def process() -> dict[str, Any]:
+    """This process: where a stage (or a shard of one) was computed."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+Shard = tuple[int, int]  # (index, count): the index-th of count contiguous slices of each dataset (see oal.evaluate.shard)
 
 
 def skipped(stage: str, d: Path, fp: str) -> StageResult:
@@ -424,17 +442,30 @@ def teacher_input_size(cfg: C.OALConfig) -> int:
 
 def run_embeddings(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool = False) -> StageResult:
     """The teacher's penultimate features on the ID training set: [C, N, D]."""
-    from oal.embeddings import class_embeddings
-
     d, fp = stage_dir(cfg, "embeddings"), embeddings_fp(cfg)
     if not force and is_done(d, fp):
         return skipped("embeddings", d, fp)
+    return finish_embeddings(cfg, [embeddings_shard(cfg, bench)])
+
+
+def embeddings_shard(cfg: C.OALConfig, bench: Benchmark | None = None, shard: Shard = (0, 1)) -> dict[str, Any]:
+    """The teacher's outputs on one slice of the ID training set (a Ray job spreads the slices over workers)."""
     bench = bench or build_benchmark(cfg.data)
     teacher = load_teacher(cfg, bench.num_classes)
-    emb = class_embeddings(teacher, bench.train_plain, bench.num_classes, cfg.knn.per_class_cap,
-                           resolve_device(cfg.device), cfg.data.eval_batch_size, cfg.seed)
-    save_torch({"embeddings": emb, "class_names": bench.class_names}, d / "id_embeddings.pt")
-    return _finish("embeddings", d, fp, cfg, {"embeddings": d / "id_embeddings.pt"}, shape=list(emb.shape))
+    out = collect(teacher, data_shard(bench.train_plain, *shard), cfg.data.eval_batch_size, resolve_device(cfg.device))
+    return {"outputs": out, "class_names": bench.class_names, "by": process()}
+
+
+def finish_embeddings(cfg: C.OALConfig, parts: list[dict[str, Any]]) -> StageResult:
+    """Per-class sample of the shards' features, in shard order; written, then the manifest."""
+    from oal.embeddings import per_class_sample
+
+    d, fp = stage_dir(cfg, "embeddings"), embeddings_fp(cfg)
+    names = parts[0]["class_names"]
+    emb = per_class_sample(merge([p["outputs"] for p in parts]), len(names), cfg.knn.per_class_cap, cfg.seed)
+    save_torch({"embeddings": emb, "class_names": names}, d / "id_embeddings.pt")
+    return _finish("embeddings", d, fp, cfg, {"embeddings": d / "id_embeddings.pt"}, shape=list(emb.shape),
+                   shards=[p["by"] for p in parts])
 
 
 def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
@@ -528,30 +559,54 @@ def run_student(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: 
 EVAL_DIRS = {"student": "eval", "base": "eval_base"}  # the stage folder of each trained network's evaluation
 
 
+def eval_target(cfg: C.OALConfig, checkpoint: str | None = None, out_dir: Path | None = None,
+                of: str = "student") -> tuple[Path, str, Path, str]:
+    """(checkpoint, stage name, output folder, fingerprint) of an evaluation."""
+    ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, of) / CHECKPOINT
+    name = EVAL_DIRS[of]
+    return ckpt, name, out_dir or stage_dir(cfg, name), C.fingerprint("eval", _file_id(str(ckpt)), cfg.eval, cfg.data)
+
+
 def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchmark | None = None,
                  out_dir: Path | None = None, force: bool = False,
                  of: str = "student") -> tuple[StageResult, EvalReport | None]:
     """Score a checkpoint (default: the `of` stage's, student or base) on the ID test set and every near/far OOD
     test set, with the weights `eval.checkpoint` selects (last epoch, or best ID validation accuracy)."""
-    ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, of) / CHECKPOINT
-    name = EVAL_DIRS[of]
-    d = out_dir or stage_dir(cfg, name)
-    fp = C.fingerprint("eval", _file_id(str(ckpt)), cfg.eval, cfg.data)
+    ckpt, name, d, fp = eval_target(cfg, checkpoint, out_dir, of)
     if not force and is_done(d, fp):
         return skipped(name, d, fp), None
+    return finish_evaluate(cfg, [eval_shard(cfg, str(ckpt), bench, of)], str(ckpt), out_dir, of)
+
+
+def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None, of: str = "student",
+               shard: Shard = (0, 1)) -> dict[str, Any]:
+    """The checkpoint's outputs on one slice of each dataset the evaluation needs (`oal.evaluate.eval_sets`)."""
     bench = bench or build_benchmark(cfg.data)
-    meta = load_torch(ckpt, f"{of} checkpoint").get("meta", {})
-    arch = meta.get("arch", cfg.model.student)
-    net = build_student(arch, bench.num_classes)
-    loaded = load_checkpoint_net(ckpt, net, cfg.eval.checkpoint)
-    report = evaluate(net, bench, cfg.eval, resolve_device(cfg.device), cfg.data.eval_batch_size)
+    meta = load_torch(checkpoint, f"{of} checkpoint").get("meta", {})
+    net = build_student(meta.get("arch", cfg.model.student), bench.num_classes)
+    loaded = load_checkpoint_net(Path(checkpoint), net, cfg.eval.checkpoint)
+    device = resolve_device(cfg.device)
+    net = net.to(device).eval()
+    outs = {key: collect(net, data_shard(ds, *shard), cfg.data.eval_batch_size, device)
+            for key, ds in eval_sets(bench, cfg.eval).items()}
+    return {"outputs": outs, "benchmark": bench.name, "near": list(bench.near), "far": list(bench.far),
+            "epoch": loaded["epoch"], "by": process()}
+
+
+def finish_evaluate(cfg: C.OALConfig, parts: list[dict[str, Any]], checkpoint: str, out_dir: Path | None = None,
+                    of: str = "student") -> tuple[StageResult, EvalReport]:
+    """The report from the shards' outputs (merged in shard order); written, then the manifest."""
+    ckpt, name, d, fp = eval_target(cfg, checkpoint, out_dir, of)
+    first = parts[0]
+    outs = {key: merge([p["outputs"][key] for p in parts]) for key in first["outputs"]}
+    report = report_from_outputs(outs, first["benchmark"], first["near"], first["far"], cfg.eval)
     files = write_report(report, d, cfg.eval.primary, cfg.eval.plots)
     primary = report.results[cfg.eval.primary]
     return _finish(name, d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
-                   checkpoint=str(ckpt), epoch=loaded["epoch"], selected=cfg.eval.checkpoint,
+                   checkpoint=str(ckpt), epoch=first["epoch"], selected=cfg.eval.checkpoint,
                    plots=[str(f) for f in files if f.suffix == ".png"],
                    id_accuracy=report.id_accuracy, near_auroc=primary.near["auroc"],
-                   far_auroc=primary.far["auroc"]), report
+                   far_auroc=primary.far["auroc"], shards=[p["by"] for p in parts]), report
 
 
 def write_comparison(cfg: C.OALConfig) -> Path:

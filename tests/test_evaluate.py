@@ -7,11 +7,16 @@ from oal.data import build_benchmark
 from oal.evaluate import (
     KNNScore,
     Outputs,
+    collect,
     energy_score,
+    eval_sets,
     evaluate,
     max_logit_score,
+    merge,
     msp_score,
     ood_metrics,
+    report_from_outputs,
+    shard,
     write_report,
 )
 from oal.models import build_student
@@ -80,3 +85,36 @@ def test_evaluate_report_and_plots(tmp_path):
 def test_outputs_dataclass_is_named():
     o = Outputs(torch.zeros(1, 2), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
     assert o.features.shape == (1, 3)
+
+
+def test_shards_merged_in_order_give_the_whole_sets_report_and_embeddings():
+    """What a Ray job computes on n workers (each its slice of every set) equals one process's evaluation."""
+    from oal.embeddings import class_embeddings, per_class_sample
+
+    bench = build_benchmark(DataConfig(image_size=16))
+    torch.manual_seed(0)
+    net = build_student("resnet_tiny", bench.num_classes).eval()
+    cfg = EvalConfig(knn_k=3)
+    whole = evaluate(net, bench, cfg, "cpu", 512)
+    sets = eval_sets(bench, cfg)
+    assert set(sets) == {"id", "train", "ood:digits678", "ood:photo_patches", "ood:noise"}
+    n = 3
+    slices = [{k: shard(ds, i, n) for k, ds in sets.items()} for i in range(n)]
+    assert sum(len(s["id"]) for s in slices) == len(bench.test) and len(slices[0]["id"]) < len(bench.test)
+    parts = [{k: collect(net, ds, 64, "cpu") for k, ds in s.items()} for s in slices]  # other batches, too
+    merged = {k: merge([p[k] for p in parts]) for k in sets}
+    assert torch.equal(merged["id"].labels, torch.as_tensor([y for _, y in bench.test]))
+    report = report_from_outputs(merged, bench.name, list(bench.near), list(bench.far), cfg)
+    assert report.id_accuracy == whole.id_accuracy
+    for pp, res in whole.results.items():
+        for name, m in res.per_set.items():
+            assert report.results[pp].per_set[name].auroc == pytest.approx(m.auroc, abs=1e-6), (pp, name)
+    emb = per_class_sample(merged["train"], bench.num_classes, cap=20, seed=1)
+    assert torch.allclose(emb, class_embeddings(net, bench.train_plain, bench.num_classes, 20, "cpu", seed=1),
+                          atol=1e-5)
+    # more shards than images: the empty ones merge away
+    tiny = torch.utils.data.Subset(bench.test, range(2))
+    outs = [collect(net, shard(tiny, i, 4), 8, "cpu") for i in range(4)]
+    assert [len(o.labels) for o in outs] == [0, 1, 0, 1] and len(merge(outs).labels) == 2
+    with pytest.raises(ValueError, match="shard 4 of 4 does not exist"):
+        shard(tiny, 4, 4)

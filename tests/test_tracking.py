@@ -44,7 +44,7 @@ def tracked_run(stack, tmp_path_factory):
         if not ray.is_initialized():
             ray.init(address="auto", logging_level="WARNING")
         cfg = load_config("digits", [*QUICK, f"output_dir={out}", "name=tracked", "tracking.experiment=oal-test",
-                          "eval.plots=true", "eval.baseline=true", *LDM])
+                          "eval.plots=true", "eval.baseline=true", "cluster.shards=2", *LDM])
         import logging
 
         handler = logging.FileHandler(log)
@@ -133,7 +133,8 @@ def test_metrics_per_epoch_and_per_ood_set(tracked_run):
 
 def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process_one(tracked_run, tmp_path):
     """The pipeline's driver (this test process) only orchestrated: each stage's manifest was written by another
-    process, the one that computed it. The outputs are the single-process commands' (same inputs, same seed)."""
+    process, the one that computed it; embeddings and evaluation ran as two shards. The outputs are the
+    single-process commands' (same inputs, same seed)."""
     import torch
 
     from oal import stages
@@ -146,6 +147,10 @@ def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process
     assert set(writers) == {"base", "teacher", "diffusion", "embeddings", "anchors", "knn", "latents", "student",
                             "eval_base", "eval"}
     assert all(w["pid"] != os.getpid() for w in writers.values()), writers
+    # embeddings and both evaluations were split over two Ray tasks (cluster.shards=2), merged in a third
+    for name in ("embeddings", "eval_base", "eval"):
+        shards = json.loads((run / name / "stage.json").read_text())["shards"]
+        assert len(shards) == 2 and all(s["pid"] != os.getpid() for s in shards), (name, shards)
     # the same stages in this process, from the Ray run's teacher, diffusion model and students
     cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}", "name=local", "eval.plots=false",
                                  "eval.baseline=true", *LDM, f"model.teacher_checkpoint={run / 'teacher/checkpoint.pt'}",
