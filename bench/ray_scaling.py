@@ -19,10 +19,10 @@ Everything runs against that head, in one process, and prints one Markdown table
    left out as warm-up. Runs ABBA (single, ray, ray, single, ...); medians over all steady-state epochs.
 3. Seconds of the evaluation of one checkpoint (`jobs.common.evaluate_on_workers`) and of the embeddings stage
    (`jobs.common.embeddings_on_workers`) with `cluster.shards` 1 and 2 (1 CPU each) on fashion with
-   `--train-per-class` training images per class (default all 6,000), the teacher at 64 px: from the driver's call to the manifest, shard tasks (each
-   loads the data and the network) and the merging task included. The checkpoints (base student and teacher,
-   one epoch each) are trained once first; weights do not change the work. One untimed 2-worker warm-up run,
-   then ABBA; medians.
+   `--train-per-class` training images per class (default all 6,000), the teacher at 64 px: from the driver's
+   call to the manifest, shard tasks (each loads the data and the network) and the merging task included. The
+   checkpoints (base student and teacher, one epoch each) are trained once first; weights do not change the
+   work. One untimed 2-worker warm-up run, then ABBA; medians.
 4. Seconds from `JobSubmissionClient.submit_job` of the digits pipeline (quick overrides) to the teacher's
    first Ray Train report (its first `checkpoint_*` folder, or its "epoch 1/" log line); that minus the
    first epoch's own seconds bounds the time to the first training step from above. The job is then

@@ -32,10 +32,13 @@ class Outputs:
 @torch.no_grad()
 def collect(net: nn.Module, dataset: Dataset, batch_size: int, device: str | torch.device,
             num_workers: int = 0) -> Outputs:
+    """The network's logits and features on `dataset`, in order. `num_workers` DataLoader processes decode the
+    images; on a GPU the batches come in pinned memory and are copied while the GPU computes."""
     net = net.to(device).eval()  # a checkpoint loads on the CPU; the inputs go to `device`
+    cuda = torch.device(device).type == "cuda"
     logits, feats, labels = [], [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        lo, fe = net(x.to(device))
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda):
+        lo, fe = net(x.to(device, non_blocking=cuda))
         logits.append(lo.float().cpu())
         feats.append(fe.float().cpu())
         labels.append(torch.as_tensor(y))
@@ -213,15 +216,15 @@ def report_from_outputs(outs: dict[str, Outputs], benchmark: str, near: list[str
 
 
 def validation_metrics(net: nn.Module, bench, cfg: EvalConfig, device: str | torch.device,
-                       batch_size: int) -> dict[str, float]:
+                       batch_size: int, num_workers: int = 0) -> dict[str, float]:
     """ID validation accuracy and validation-OOD AUROC (EBO): for model selection and tuning, never test."""
     training = net.training
-    val = collect(net, bench.val, batch_size, device)
+    val = collect(net, bench.val, batch_size, device, num_workers)
     out = {"val/id_accuracy": accuracy(val)}
     id_conf = energy_score(val.logits, cfg.ebo_temperature).numpy()
     aurocs = []
     for ds in bench.ood_val.values():
-        o = collect(net, ds, batch_size, device)
+        o = collect(net, ds, batch_size, device, num_workers)
         aurocs.append(ood_metrics(id_conf, energy_score(o.logits, cfg.ebo_temperature).numpy()).auroc)
     if aurocs:
         out["val/ood_auroc"] = float(np.mean(aurocs))

@@ -224,7 +224,7 @@ def _file_id(path: str | None) -> str | None:
 # ---- stages ----------------------------------------------------------------------------------------
 
 def _val_fn(cfg: C.OALConfig, bench: Benchmark, device: str) -> Callable:
-    return lambda net: validation_metrics(net, bench, cfg.eval, device, cfg.data.eval_batch_size)
+    return lambda net: validation_metrics(net, bench, cfg.eval, device, cfg.data.eval_batch_size, cfg.data.num_workers)
 
 
 TRAINED = ("teacher", "base", "student", "diffusion")
@@ -452,7 +452,8 @@ def embeddings_shard(cfg: C.OALConfig, bench: Benchmark | None = None, shard: Sh
     """The teacher's outputs on one slice of the ID training set (a Ray job spreads the slices over workers)."""
     bench = bench or build_benchmark(cfg.data)
     teacher = load_teacher(cfg, bench.num_classes)
-    out = collect(teacher, data_shard(bench.train_plain, *shard), cfg.data.eval_batch_size, resolve_device(cfg.device))
+    out = collect(teacher, data_shard(bench.train_plain, *shard), cfg.data.eval_batch_size, resolve_device(cfg.device),
+                  cfg.data.num_workers)
     return {"outputs": out, "class_names": bench.class_names, "by": process()}
 
 
@@ -587,7 +588,7 @@ def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None
     loaded = load_checkpoint_net(Path(checkpoint), net, cfg.eval.checkpoint)
     device = resolve_device(cfg.device)
     net = net.to(device).eval()
-    outs = {key: collect(net, data_shard(ds, *shard), cfg.data.eval_batch_size, device)
+    outs = {key: collect(net, data_shard(ds, *shard), cfg.data.eval_batch_size, device, cfg.data.num_workers)
             for key, ds in eval_sets(bench, cfg.eval).items()}
     return {"outputs": outs, "benchmark": bench.name, "near": list(bench.near), "far": list(bench.far),
             "epoch": loaded["epoch"], "by": process()}

@@ -118,3 +118,49 @@ def test_shards_merged_in_order_give_the_whole_sets_report_and_embeddings():
     assert [len(o.labels) for o in outs] == [0, 1, 0, 1] and len(merge(outs).labels) == 2
     with pytest.raises(ValueError, match="shard 4 of 4 does not exist"):
         shard(tiny, 4, 4)
+
+
+class _WhichWorker(torch.utils.data.Dataset):
+    """Images of the digits test set, labelled with the DataLoader worker that loaded them (-1: the main process)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        info = torch.utils.data.get_worker_info()
+        return self.base[i][0], -1 if info is None else info.id
+
+
+def test_collect_loads_in_worker_processes_with_the_same_outputs():
+    bench = build_benchmark(DataConfig(image_size=16))
+    torch.manual_seed(0)
+    net = build_student("resnet_tiny", bench.num_classes).eval()
+    ds = _WhichWorker(bench.test)
+    alone, two = collect(net, ds, 8, "cpu"), collect(net, ds, 8, "cpu", num_workers=2)
+    assert set(alone.labels.tolist()) == {-1} and set(two.labels.tolist()) == {0, 1}
+    assert torch.allclose(alone.logits, two.logits, atol=1e-6)
+
+
+def test_evaluation_and_embedding_shards_use_data_num_workers(tmp_path, monkeypatch):
+    """data.num_workers reaches every pass over the data, not only training (image decoding at 224 px)."""
+    from oal import stages
+    from oal.config import QUICK_OVERRIDES, load_config
+
+    cfg = load_config("digits", [*QUICK_OVERRIDES, f"output_dir={tmp_path}", "base.epochs=1", "teacher.epochs=1",
+                                 "data.num_workers=2", "eval.plots=false"])
+    seen = []
+    real = stages.collect
+    monkeypatch.setattr(stages, "collect", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("num_workers"))
+                        or real(*a, **k))
+    for stage in ("base", "teacher"):
+        res = stages.train_stage(cfg, stage, progress=False)
+        stages.finish_training(cfg, stage, res.checkpoint, res.history)
+    seen.clear()
+    part = stages.eval_shard(cfg, str(stages.base_checkpoint(cfg)), of="base")
+    assert len(seen) == len(part["outputs"]) and set(seen) == {2}
+    seen.clear()
+    stages.embeddings_shard(cfg)
+    assert seen == [2]
