@@ -153,7 +153,14 @@ def on_shards(cluster: C.ClusterConfig, what: str, shard_fn: Any, finish_fn: Any
     task = _worker_task(cluster, what)
     parts = [task.remote(shard_fn, args, {**kwargs, "shard": (i, n)}) for i in range(n)]
     log.info("%s: %d shard(s) on Ray workers", what, n)
-    return ray.get(task.remote(_gathered, (finish_fn,), {}, *parts))
+    # Merging, scoring and writing need no GPU: one CPU, so that an autoscaler starts no GPU node for them.
+    merge = task.options(num_cpus=min(1.0, cluster.cpus_per_worker), num_gpus=0)
+    try:
+        return ray.get(merge.remote(_gathered, (finish_fn,), {}, *parts))
+    except BaseException:
+        for ref in parts:  # a failed shard (or an interrupted driver) stops the others, not only the merge
+            ray.cancel(ref)
+        raise
 
 
 def _gathered(finish_fn: Any, *parts: Any) -> Any:

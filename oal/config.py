@@ -34,8 +34,9 @@ class DataConfig:
     image_size: int = 32  # side of the square input the student sees (32 or 224 for CIFAR)
     batch_size: int = 64  # ID images per step (reference 128)
     eval_batch_size: int = 256  # images per forward pass during evaluation
-    # DataLoader processes for every pass over the data (training, validation, embeddings, evaluation): 0 for the
-    # embedded in-memory sets, 4-8 in the image-folder presets
+    # DataLoader processes of training, validation, embeddings and evaluation (each shard): 0 for the embedded
+    # in-memory sets, 4-8 in the image-folder presets. Not persistent across epochs: a resumed run then draws
+    # the same augmentation seeds as an uninterrupted one
     num_workers: int = 0
     split_seed: int = 0  # seed of the digits and fashion benchmarks' splits
     train_per_class: int | None = None  # cap on ID training images per class (fashion; None: all)

@@ -350,8 +350,7 @@ def fit(
     sampler: DistributedSampler = DistributedSampler(train_set, num_replicas=acc.num_processes, rank=acc.process_index,
                                  shuffle=True, seed=seed)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        drop_last=single_last_batch(len(sampler), batch_size), pin_memory=acc.device.type == "cuda",
-                        persistent_workers=num_workers > 0)  # not started anew every epoch
+                        drop_last=single_last_batch(len(sampler), batch_size), pin_memory=acc.device.type == "cuda")
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
     modules = Step(net, loss)
     optimizer = make_optimizer(net, loss, cfg)
