@@ -452,8 +452,8 @@ def validate(cfg: OALConfig) -> None:
     for key in ("teacher.precise_bn", "base.precise_bn", "student.precise_bn", "cluster.shards"):
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value < 0:
-            raise ConfigError(f"'{key}' is {value}; expected an integer >= 0 (0 turns it off"
-                              + ("; for cluster.shards, one per training worker)" if key == "cluster.shards" else ")"))
+            meaning = "means one per training worker" if key == "cluster.shards" else "turns it off"
+            raise ConfigError(f"'{key}' is {value}; expected an integer >= 0 (0 {meaning})")
     for w in LOSS_WEIGHTS:
         if getattr(cfg.loss, w) < 0:
             raise ConfigError(f"'loss.{w}' is {getattr(cfg.loss, w)}; loss weights must be >= 0")
