@@ -46,6 +46,9 @@ def test_bad_choice_and_range():
         load_config(None, ["data.batch_size=0"])
     with pytest.raises(ConfigError, match="'student.precise_bn' is -1; expected an integer >= 0"):
         load_config(None, ["student.precise_bn=-1"])
+    with pytest.raises(ConfigError, match=r"'cluster.shards' is -1; expected an integer >= 0 \(0 means one per training"):
+        load_config(None, ["cluster.shards=-1"])
+    assert load_config(None, ["cluster.shards=0"]).cluster.shards == 0
 
 
 def test_override_without_equals_and_unknown_preset():
