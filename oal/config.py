@@ -460,6 +460,13 @@ def validate(cfg: OALConfig) -> None:
     if cfg.model.teacher_image_size is not None and cfg.model.teacher_image_size < 1:
         raise ConfigError(f"'model.teacher_image_size' is {cfg.model.teacher_image_size}; expected a side >= 1 "
                           f"or null (the student's data.image_size)")
+    for key in PATH_KEYS:
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value and "://" in str(value):
+            raise ConfigError(f"'{key}' is '{value}': stages read and write it as a file path, and object storage "
+                              "URIs are not supported for it yet; expected a local or mounted path (on a cluster, "
+                              "a file system every node mounts, e.g. EFS/NFS). Ray Train checkpoints can go to S3 "
+                              "with cluster.storage_path=s3://..., MLflow artifacts to the server's artifact store")
     known = LOSS_WEIGHTS
     bad = [w for w in cfg.search.weights if w not in known]
     if bad:
@@ -494,7 +501,7 @@ def absolute_paths(cfg: OALConfig, cwd: Path | None = None) -> OALConfig:
     """`cfg` with every relative path of PATH_KEYS made absolute against `cwd` (the driver's working
     directory): Ray workers and actors run elsewhere. A given input that does not exist is a ConfigError now,
     not an error in a remote worker after the stages before it ran. `diffusion.model` counts as a path only when
-    it names an existing folder (else it is a built-in name or a hub id); URIs (s3://...) are left as they are."""
+    it names an existing folder (else it is a built-in name or a hub id)."""
     cwd = cwd or Path.cwd()
     d = to_dict(cfg)
     for key in PATH_KEYS:

@@ -49,6 +49,10 @@ def test_bad_choice_and_range():
     with pytest.raises(ConfigError, match=r"'cluster.shards' is -1; expected an integer >= 0 \(0 means one per training"):
         load_config(None, ["cluster.shards=-1"])
     assert load_config(None, ["cluster.shards=0"]).cluster.shards == 0
+    # before: a folder named 's3:' in the working directory, written silently
+    with pytest.raises(ConfigError, match=r"'output_dir' is 's3://bucket/runs': .*not supported.*cluster.storage_path"):
+        load_config(None, ["output_dir=s3://bucket/runs"])
+    assert load_config(None, ["cluster.storage_path=s3://bucket/ray"]).cluster.storage_path == "s3://bucket/ray"
 
 
 def test_override_without_equals_and_unknown_preset():
