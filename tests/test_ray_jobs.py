@@ -139,6 +139,33 @@ def test_killed_synthesis_actor_loses_and_duplicates_nothing(ray_driver, tmp_pat
         assert torch.allclose(got["vectors"], reference.run(spec)["vectors"], atol=1e-5)
 
 
+def test_a_shard_whose_worker_dies_is_retried_alone(ray_driver, tmp_path):
+    """jobs.common.on_shards: the worker of shard 1 dies (its process exits) on its first attempt; Ray runs that
+    shard again, the other shard once, and the merge gets both results in shard order."""
+    from jobs import common
+
+    cfg = _cfg(tmp_path, "cluster.shards=2", "cluster.cpus_per_worker=1", "cluster.max_failures=2")
+    marks = tmp_path / "attempts"
+    marks.mkdir()
+
+    def shard_fn(value, shard):
+        i, n = shard
+        (marks / f"{i}-{os.getpid()}-{time.monotonic_ns()}").touch()
+        if i == 1 and not (marks / "died").exists():
+            (marks / "died").touch()
+            os._exit(1)  # the worker process dies, as on a lost node
+        return {"i": i, "n": n, "value": value * (i + 1), "pid": os.getpid()}
+
+    def finish(parts):
+        return [(p["i"], p["n"], p["value"]) for p in parts], os.getpid()
+
+    merged, merger = common.on_shards(cfg.cluster, "the test stage", shard_fn, finish, 7)
+    assert merged == [(0, 2, 7), (1, 2, 14)]
+    assert merger != os.getpid()
+    attempts = [p.name.split("-")[0] for p in marks.iterdir() if p.name != "died"]
+    assert sorted(attempts) == ["0", "1", "1"], attempts  # shard 1 twice: the retry ran; shard 0 once
+
+
 def _registered_epoch(storage: Path) -> int:
     """The last epoch whose checkpoint Ray Train's controller has registered (0 if none). A checkpoint folder
     in storage is not enough: the controller collects reports by polling, and a worker killed before the
