@@ -111,7 +111,15 @@ def _outliers(cfg: C.OALConfig, bench) -> C.OutlierConfig:
 def student_metrics(cfg: C.OALConfig, bench) -> dict[str, float]:
     """Train (or skip, when up to date) the student of `cfg` and evaluate it; the table's numbers."""
     stages.run_student(cfg, bench, progress=False)
-    result, _ = stages.run_evaluate(cfg, bench=bench)
+    return _evaluated(stages.run_evaluate(cfg, bench=bench)[0])
+
+
+def base_metrics(shared: C.OALConfig, base_ckpt: str, bench) -> dict[str, float]:
+    """The CE + EBO row: the base student's evaluation (or its record, when up to date)."""
+    return _evaluated(stages.run_evaluate(shared, base_ckpt, bench=bench, of="base")[0])
+
+
+def _evaluated(result: stages.StageResult) -> dict[str, float]:
     # results.json is there whether the evaluation ran now or was skipped as up to date.
     return _metrics(load_report(Path(result.dir) / "results.json"))
 
@@ -154,8 +162,7 @@ def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[s
         cfg = C.load_config(preset, [*common, f"name=q-seed{seed}-class", "diffusion.conditioning=class", *ckpt, *given])
         chains["class"] = _outliers(cfg, bench)
     _log(f"[seed {seed}] shared stages: {time.perf_counter() - t0:.0f} s")
-    res, _ = stages.run_evaluate(shared, base_ckpt, bench=bench, of="base")
-    rows = {BASE_ROW: _metrics(load_report(Path(res.dir) / "results.json"))}
+    rows = {BASE_ROW: base_metrics(shared, base_ckpt, bench)}
     for v in chosen:
         t1 = time.perf_counter()
         cfg = C.load_config(preset, [*common, f"name=q-seed{seed}-{v.slug}", *v.overrides, *given,

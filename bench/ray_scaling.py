@@ -249,6 +249,8 @@ def measure_sharded(reps: int, train_per_class: int) -> dict[str, Any]:
     slices merged: outputs equal). The checkpoints (a base student and a teacher, one epoch each on 200 fashion
     images per class) are trained once here; their weights do not change the work."""
     from oal import stages
+    from oal.data import build_benchmark
+    from oal.evaluate import eval_sets
 
     out = Path(tempfile.mkdtemp(prefix="bench-ray-sharded-"))
     try:
@@ -257,8 +259,9 @@ def measure_sharded(reps: int, train_per_class: int) -> dict[str, Any]:
             res = stages.train_stage(small, stage, progress=False)
             stages.finish_training(small, stage, res.checkpoint, res.history)
         cfg = shard_cfg(out, 1, train_per_class)
-        images = {"evaluation": sum(len(ds) for ds in _eval_sets(cfg)),  # type: ignore[arg-type]
-                  "embeddings": len(_bench(cfg).train_plain)}  # type: ignore[arg-type]
+        bench = build_benchmark(cfg.data)
+        images = {"evaluation": sum(len(ds) for ds in eval_sets(bench, cfg.eval).values()),  # type: ignore[arg-type]
+                  "embeddings": len(bench.train_plain)}  # type: ignore[arg-type]
         result: dict[str, Any] = {}
         for stage in ("evaluation", "embeddings"):
             sharded_once(stage, out, 2, train_per_class)  # untimed warm-up: worker processes, page cache
@@ -274,18 +277,6 @@ def measure_sharded(reps: int, train_per_class: int) -> dict[str, Any]:
         return result
     finally:
         shutil.rmtree(out, ignore_errors=True)
-
-
-def _bench(cfg: C.OALConfig) -> Any:
-    from oal.data import build_benchmark
-
-    return build_benchmark(cfg.data)
-
-
-def _eval_sets(cfg: C.OALConfig) -> list[Any]:
-    from oal.evaluate import eval_sets
-
-    return list(eval_sets(_bench(cfg), cfg.eval).values())
 
 
 # ---------------------------------------------------------------- 4. job submit -> first step

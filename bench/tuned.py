@@ -31,8 +31,8 @@ from pathlib import Path
 from bench.quality import (
     BASE_ROW,
     NO_OUTLIER_TERMS,
-    _metrics,
     _outliers,
+    base_metrics,
     from_base,
     plot,
     save_report,
@@ -44,7 +44,6 @@ from bench.quality import (
 from oal import config as C
 from oal import stages
 from oal.data import build_benchmark
-from oal.evaluate import load_report
 
 REFERENCE_ROW = "full OAL, reference weights"
 FIXED_ROW = "KD + pixel OE 0.5 (best fixed variant, bench.outlier_cost)"
@@ -83,8 +82,7 @@ def run_seed(preset: str, common: list[str], seed: int, tuned: list[str]) -> dic
     given, base_ckpt, _ = shared_stages(shared, bench)
     outliers = _outliers(shared, bench)  # diffusion.mode=pixel: the decoded outliers too
     _log(f"[seed {seed}] shared stages: {time.perf_counter() - t0:.0f} s")
-    res, _ = stages.run_evaluate(shared, base_ckpt, bench=bench, of="base")
-    rows = {BASE_ROW: _metrics(load_report(Path(res.dir) / "results.json"))}
+    rows = {BASE_ROW: base_metrics(shared, base_ckpt, bench)}
     for (label, overrides), slug in zip([*FIXED.items(), (TUNED_ROW, tuple(tuned))], ("reference", "oe", "tuned")):
         t1 = time.perf_counter()
         cfg = C.load_config(preset, [*common, f"seed={seed}", f"name=t-seed{seed}-{slug}", *overrides, *given,

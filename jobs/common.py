@@ -191,7 +191,7 @@ def embeddings_on_workers(cfg: C.OALConfig) -> Any:
     if stages.is_done(d, fp):
         return stages.skipped("embeddings", d, fp)
     return on_shards(cfg.cluster, "the embeddings stage", stages.embeddings_shard,
-                     functools.partial(stages.finish_embeddings, cfg), cfg)
+                     functools.partial(stages.finish_embeddings, cfg, fp), cfg)
 
 
 def evaluate_on_workers(cfg: C.OALConfig, what: str, checkpoint: str | None = None, out_dir: Any = None,
@@ -199,8 +199,8 @@ def evaluate_on_workers(cfg: C.OALConfig, what: str, checkpoint: str | None = No
     """`oal.stages.run_evaluate` over `shard_count` Ray workers: (StageResult, report or None when skipped)."""
     from oal import stages
 
-    ckpt, name, d, fp = stages.eval_target(cfg, checkpoint, out_dir, of)
+    target = ckpt, name, d, fp = stages.eval_target(cfg, checkpoint, out_dir, of)
     if not force and stages.is_done(d, fp):
         return stages.skipped(name, d, fp), None
-    finish = functools.partial(stages.finish_evaluate, cfg, checkpoint=str(ckpt), out_dir=out_dir, of=of)
-    return on_shards(cfg.cluster, what, stages.eval_shard, finish, cfg, str(ckpt), of=of)
+    return on_shards(cfg.cluster, what, stages.eval_shard, functools.partial(stages.finish_evaluate, cfg, target), cfg,
+                     str(ckpt), of=of)

@@ -445,7 +445,7 @@ def run_embeddings(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool
     d, fp = stage_dir(cfg, "embeddings"), embeddings_fp(cfg)
     if not force and is_done(d, fp):
         return skipped("embeddings", d, fp)
-    return finish_embeddings(cfg, [embeddings_shard(cfg, bench)])
+    return finish_embeddings(cfg, fp, [embeddings_shard(cfg, bench)])
 
 
 def embeddings_shard(cfg: C.OALConfig, bench: Benchmark | None = None, shard: Shard = (0, 1)) -> dict[str, Any]:
@@ -457,11 +457,12 @@ def embeddings_shard(cfg: C.OALConfig, bench: Benchmark | None = None, shard: Sh
     return {"outputs": out, "class_names": bench.class_names, "by": process()}
 
 
-def finish_embeddings(cfg: C.OALConfig, parts: list[dict[str, Any]]) -> StageResult:
-    """Per-class sample of the shards' features, in shard order; written, then the manifest."""
+def finish_embeddings(cfg: C.OALConfig, fp: str, parts: list[dict[str, Any]]) -> StageResult:
+    """Per-class sample of the shards' features, in shard order; written, then the manifest (fingerprint `fp`,
+    the caller's `embeddings_fp`)."""
     from oal.embeddings import per_class_sample
 
-    d, fp = stage_dir(cfg, "embeddings"), embeddings_fp(cfg)
+    d = stage_dir(cfg, "embeddings")
     names = parts[0]["class_names"]
     emb = per_class_sample(merge([p["outputs"] for p in parts]), len(names), cfg.knn.per_class_cap, cfg.seed)
     save_torch({"embeddings": emb, "class_names": names}, d / "id_embeddings.pt")
@@ -560,9 +561,12 @@ def run_student(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: 
 EVAL_DIRS = {"student": "eval", "base": "eval_base"}  # the stage folder of each trained network's evaluation
 
 
+EvalTarget = tuple[Path, str, Path, str]  # (checkpoint, stage name, output folder, fingerprint) of an evaluation
+
+
 def eval_target(cfg: C.OALConfig, checkpoint: str | None = None, out_dir: Path | None = None,
-                of: str = "student") -> tuple[Path, str, Path, str]:
-    """(checkpoint, stage name, output folder, fingerprint) of an evaluation."""
+                of: str = "student") -> EvalTarget:
+    """What an evaluation scores and where it writes; computed once, before its shards run."""
     ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, of) / CHECKPOINT
     name = EVAL_DIRS[of]
     return ckpt, name, out_dir or stage_dir(cfg, name), C.fingerprint("eval", _file_id(str(ckpt)), cfg.eval, cfg.data)
@@ -573,10 +577,10 @@ def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchma
                  of: str = "student") -> tuple[StageResult, EvalReport | None]:
     """Score a checkpoint (default: the `of` stage's, student or base) on the ID test set and every near/far OOD
     test set, with the weights `eval.checkpoint` selects (last epoch, or best ID validation accuracy)."""
-    ckpt, name, d, fp = eval_target(cfg, checkpoint, out_dir, of)
+    target = ckpt, name, d, fp = eval_target(cfg, checkpoint, out_dir, of)
     if not force and is_done(d, fp):
         return skipped(name, d, fp), None
-    return finish_evaluate(cfg, [eval_shard(cfg, str(ckpt), bench, of)], str(ckpt), out_dir, of)
+    return finish_evaluate(cfg, target, [eval_shard(cfg, str(ckpt), bench, of)])
 
 
 def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None, of: str = "student",
@@ -594,10 +598,9 @@ def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None
             "epoch": loaded["epoch"], "by": process()}
 
 
-def finish_evaluate(cfg: C.OALConfig, parts: list[dict[str, Any]], checkpoint: str, out_dir: Path | None = None,
-                    of: str = "student") -> tuple[StageResult, EvalReport]:
+def finish_evaluate(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, Any]]) -> tuple[StageResult, EvalReport]:
     """The report from the shards' outputs (merged in shard order); written, then the manifest."""
-    ckpt, name, d, fp = eval_target(cfg, checkpoint, out_dir, of)
+    ckpt, name, d, fp = target
     first = parts[0]
     outs = {key: merge([p["outputs"][key] for p in parts]) for key in first["outputs"]}
     report = report_from_outputs(outs, first["benchmark"], first["near"], first["far"], cfg.eval)
