@@ -33,9 +33,17 @@ def load(args: argparse.Namespace) -> C.OALConfig:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         # Files are addressed by absolute path: Ray workers do not share the driver's working directory.
-        return C.absolute_paths(C.load_config(args.config, args.overrides))
+        cfg = C.absolute_paths(C.load_config(args.config, args.overrides))
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
+    from oal import storage
+
+    if storage.is_uri(cfg.output_dir):  # a missing bucket or refused credentials: now, not after the first stage
+        try:
+            storage.check_bucket(cfg.output_dir)
+        except ValueError as e:
+            sys.exit(f"storage error: {e}")
+    return cfg
 
 
 def driver_address(address: str | None = None) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from jobs import common
 from oal import config as C
-from oal import stages
+from oal import stages, storage
 from oal.tracking import Tracker
 from oal.train import CHECKPOINT
 
@@ -39,10 +39,10 @@ def resolve(cfg: C.OALConfig, checkpoint: str | None, trial: str | None) -> tupl
         from jobs.tune import trial_name
 
         name = trial_name(cfg, trial)
-        run_dir = Path(cfg.output_dir) / name  # the trial's own run folder (jobs.tune.trial_config)
+        run_dir = cfg.run_dir.parent / name  # the trial's own run folder (jobs.tune.trial_config)
         finished = run_dir / "student" / CHECKPOINT
         ray_run = Path(cfg.cluster.storage_path or run_dir / "ray") / f"{name}-student"
-        path = finished if finished.is_file() else _newest_ray_checkpoint(ray_run)
+        path = storage.pull(finished) if storage.exists(finished) else _newest_ray_checkpoint(ray_run)
         if path is None:
             raise FileNotFoundError(f"trial '{trial}' has no checkpoint: neither {finished} nor a "
                                     f"checkpoint_*/{CHECKPOINT} under {ray_run} (is it a trial id of a search run "
@@ -50,7 +50,7 @@ def resolve(cfg: C.OALConfig, checkpoint: str | None, trial: str | None) -> tupl
         return path, f"trial-{trial}"
     if not checkpoint:
         path = stages.stage_dir(cfg, "student") / CHECKPOINT
-        if not path.is_file():
+        if not storage.exists(path):
             raise FileNotFoundError(f"no student checkpoint at {path}: run the pipeline first, or give --checkpoint")
         return path, "student"
     given = Path(checkpoint).expanduser().resolve()
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     common.connect(args.address)
     result, path = run(cfg, args.checkpoint, args.trial, args.force)
     print(f"[eval] {'skipped (up to date)' if result.skipped else 'done'}: {path}")
-    print(Path(result.outputs["table"]).read_text())
+    print(storage.pull(result.outputs["table"]).read_text())
     return 0
 
 

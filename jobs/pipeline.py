@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from jobs.common import embeddings_on_workers, evaluate_on_workers, on_worker
 from oal import config as C
-from oal import stages
+from oal import stages, storage
 from oal.tracking import Tracker
 
 log = logging.getLogger("oal.jobs.pipeline")
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(cfg, progress=not args.no_progress)
     for r in results.values():
         print(f"[{r.name}] {'skipped (up to date)' if r.skipped else 'done'}: {r.outputs}")
-    print(Path(results["eval"].outputs["table"]).read_text())
+    print(storage.pull(results["eval"].outputs["table"]).read_text())
     print((cfg.run_dir / "results.md").read_text())
     return 0
 

@@ -119,7 +119,7 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
 
     k = cfg.cluster
     fp = stages.training_fp(cfg, stage)
-    storage = k.storage_path or str((cfg.run_dir / "ray").resolve())
+    storage = cfg.ray_storage
     return TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": C.to_dict(cfg), "stage": stage, "use_gpu": k.use_gpu, "progress": progress,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from oal import config as C
-from oal import stages
+from oal import stages, storage
 from oal.storage import write_json, write_text
 from oal.tracking import Tracker
 
@@ -173,7 +173,7 @@ def baseline_accuracy(cfg: C.OALConfig, progress: bool) -> float:
     from jobs.train import run_stage
 
     res = run_stage(baseline_config(cfg), "student", progress)
-    history = json.loads((res.dir / stages.MANIFEST).read_text())["history"]
+    history = json.loads(storage.pull(res.dir / stages.MANIFEST).read_text())["history"]
     return float(history[-1]["val/id_accuracy"])
 
 
@@ -186,7 +186,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
     tracker = tracker or Tracker.from_env(cfg)
     out = cfg.run_dir / "tune"
     results: dict[str, stages.StageResult] = {}
-    storage = cfg.cluster.storage_path or str((cfg.run_dir / "ray").resolve())
+    storage = cfg.ray_storage
     parent_file = out / "mlflow_parent.json"  # so that a resumed search keeps one parent run
     resume_parent = None
     if tracker.enabled and parent_file.exists() and Path(json.loads(parent_file.read_text())["path"]).exists():
@@ -243,7 +243,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
         if s.retrain_best:
             best_cfg = C.load_config(str(out / "best.yaml"))
             pipeline.train_and_evaluate(best_cfg, tracker, results, progress)
-            summary["test"] = json.loads(Path(results["eval"].outputs["results"]).read_text())
+            summary["test"] = json.loads(storage.pull(results["eval"].outputs["results"]).read_text())
     return summary
 
 

@@ -50,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as e:
         print(f"oal: config error: {e}", file=sys.stderr)
         return 2
-    from oal import stages
+    from oal import stages, storage
+
+    if args.command != "config" and storage.is_uri(cfg.output_dir):
+        try:
+            storage.check_bucket(cfg.output_dir)
+        except ValueError as e:
+            print(f"oal: storage error: {e}", file=sys.stderr)
+            return 2
 
     progress = not args.no_progress
     try:
@@ -75,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             res, _ = stages.run_evaluate(cfg, checkpoint=args.checkpoint, force=args.force, of=args.of)
             _show(res)
-            print(Path(res.outputs["table"]).read_text())
+            print(storage.pull(res.outputs["table"]).read_text())
         elif args.command == "pipeline":
             results = stages.run_pipeline(cfg, progress=progress)
             for r in results.values():
                 _show(r)
-            print(Path(results["eval"].outputs["table"]).read_text())
+            print(storage.pull(results["eval"].outputs["table"]).read_text())
             print((cfg.run_dir / "results.md").read_text())
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         if not _raised_by_us(e):  # a fault inside torch or a dependency: its traceback is the useful part

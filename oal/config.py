@@ -261,7 +261,7 @@ class TrackingConfig:
 @dataclass
 class OALConfig:
     name: str = "digits"  # run name; outputs go to <output_dir>/<name>/
-    output_dir: str = "runs"  # root of all outputs (local path)
+    output_dir: str = "runs"  # root of all outputs: a local or mounted path, or s3://bucket/prefix
     seed: int = 0  # seed of weights, data order and outlier draws
     device: str = "auto"  # auto | cpu | cuda
     data: DataConfig = field(default_factory=DataConfig)
@@ -281,7 +281,22 @@ class OALConfig:
 
     @property
     def run_dir(self) -> Path:
+        """The run's folder; for an s3:// output_dir, this node's mirror of it (oal.storage)."""
+        if "://" in self.output_dir:
+            from oal.storage import mirror
+
+            return mirror(self.output_dir) / self.name
         return Path(self.output_dir) / self.name
+
+    @property
+    def ray_storage(self) -> str:
+        """Ray Train's and Ray Tune's storage: cluster.storage_path, else `<output_dir>/<name>/ray` (in the object
+        store too when output_dir is one, so that a resubmitted job on any node resumes from it)."""
+        if self.cluster.storage_path:
+            return self.cluster.storage_path
+        if "://" in self.output_dir:
+            return f"{self.output_dir.rstrip('/')}/{self.name}/ray"
+        return str((self.run_dir / "ray").resolve())
 
 
 # Overrides that shrink the digits preset to a smoke run (tests, `bench.quality --quick`): seconds per stage.
@@ -460,13 +475,14 @@ def validate(cfg: OALConfig) -> None:
     if cfg.model.teacher_image_size is not None and cfg.model.teacher_image_size < 1:
         raise ConfigError(f"'model.teacher_image_size' is {cfg.model.teacher_image_size}; expected a side >= 1 "
                           f"or null (the student's data.image_size)")
-    for key in PATH_KEYS:
+    out = str(cfg.output_dir)
+    if "://" in out and (not out.startswith("s3://") or not out[len("s3://"):].strip("/")):
+        raise ConfigError(f"'output_dir' is '{out}'; expected a local or mounted path, or s3://bucket[/prefix]")
+    for key in PATH_KEYS[1:]:
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value and "://" in str(value):
-            raise ConfigError(f"'{key}' is '{value}': stages read and write it as a file path, and object storage "
-                              "URIs are not supported for it yet; expected a local or mounted path (on a cluster, "
-                              "a file system every node mounts, e.g. EFS/NFS). Ray Train checkpoints can go to S3 "
-                              "with cluster.storage_path=s3://..., MLflow artifacts to the server's artifact store")
+            raise ConfigError(f"'{key}' is '{value}': it is read as a file path, and object storage URIs are not "
+                              "supported for it; expected a local or mounted path (only output_dir may be s3://...)")
     known = LOSS_WEIGHTS
     bad = [w for w in cfg.search.weights if w not in known]
     if bad:

@@ -1,6 +1,8 @@
 """The pipeline's stages as plain functions on an `OALConfig`, each reading and writing files under
 `<output_dir>/<name>/<stage>/`. A stage is complete when its `stage.json` manifest exists (written
-last); it is skipped when that manifest's fingerprint matches the fingerprint of its inputs.
+last); it is skipped when that manifest's fingerprint matches the fingerprint of its inputs. With
+output_dir=s3://..., the same files are written through to the object store and read back from it
+(`oal.storage`): the manifest and the outputs' existence are asked of the store, never of a node's mirror.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from oal import config as C
+from oal import storage
 from oal.data import Benchmark, build_benchmark
 from oal.evaluate import (
     EvalReport,
@@ -61,18 +64,19 @@ def stage_dir(cfg: C.OALConfig, stage: str) -> Path:
 
 
 def read_manifest(d: Path) -> dict[str, Any] | None:
-    p = d / MANIFEST
-    if not p.is_file():
+    text = storage.read_text(Path(d) / MANIFEST)
+    if text is None:
         return None
     try:
-        return json.loads(p.read_text())
+        return json.loads(text)
     except json.JSONDecodeError:
         return None
 
 
 def is_done(d: Path, fp: str) -> bool:
     m = read_manifest(d)
-    return m is not None and m.get("fingerprint") == fp and all(Path(v).exists() for v in m["outputs"].values())
+    return m is not None and m.get("fingerprint") == fp and all(storage.exists(storage.local(v))
+                                                                for v in m["outputs"].values())
 
 
 def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, Path], **extra: Any) -> StageResult:
@@ -80,8 +84,9 @@ def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, P
     outs = {k: str(v) for k, v in outputs.items()}
     # which process computed and recorded it (a Ray pipeline does that in workers, never in the driver)
     written_by = process()
-    write_json({"stage": stage, "fingerprint": fp, "outputs": outs, "written_by": written_by, **extra},
-               d / MANIFEST)  # last
+    # s3://... for an object-storage output (any node maps it to its own mirror), else the path
+    write_json({"stage": stage, "fingerprint": fp, "outputs": {k: storage.uri(v) for k, v in outs.items()},
+                "written_by": written_by, **extra}, d / MANIFEST)  # last
     return StageResult(stage, d, fp, False, outs)
 
 
@@ -96,12 +101,12 @@ Shard = tuple[int, int]  # (index, count): the index-th of count contiguous slic
 def skipped(stage: str, d: Path, fp: str) -> StageResult:
     m = read_manifest(d) or {}
     log.info("stage %s: up to date (fingerprint %s), skipped", stage, fp)
-    return StageResult(stage, d, fp, True, m.get("outputs", {}))
+    return StageResult(stage, d, fp, True, {k: str(storage.local(v)) for k, v in m.get("outputs", {}).items()})
 
 
 def _resume_ok(ckpt: Path, fp: str) -> bool:
     """Resume only from a checkpoint written for the same inputs; otherwise start over."""
-    if not ckpt.exists():
+    if not storage.exists(ckpt):
         return False
     meta = load_torch(ckpt, "checkpoint").get("meta", {})
     if meta.get("fingerprint") == fp:
@@ -217,7 +222,7 @@ def _file_id(path: str | None) -> str | None:
     m = read_manifest(Path(path).parent)
     if m is not None:
         return m["fingerprint"]
-    p = Path(path)
+    p = storage.pull(path)
     return f"{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.exists() else path
 
 
@@ -384,7 +389,7 @@ def check_inputs(cfg: C.OALConfig, stage: str) -> None:
     fine-tuned teacher (its class-conditional accuracy)."""
     if stage == "diffusion":
         path = Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
-        if not path.exists():
+        if not storage.exists(path):
             raise FileNotFoundError(f"the diffusion stage is judged by the fine-tuned teacher, and its checkpoint "
                                     f"'{path}' does not exist: run the teacher stage first (`oal teacher`), or give "
                                     f"model.teacher_checkpoint")
@@ -403,7 +408,7 @@ def base_checkpoint(cfg: C.OALConfig) -> Path:
 def load_base(cfg: C.OALConfig, net: Classifier, num_classes: int) -> None:
     """Start the OAL student from the base stage's weights (the epoch `eval.checkpoint` selects)."""
     path = base_checkpoint(cfg)
-    if not path.exists():
+    if not storage.exists(path):
         raise FileNotFoundError(f"base checkpoint '{path}' does not exist (model.student_init=base); run the base "
                                 f"stage first (`oal base`), give model.base_checkpoint, or set "
                                 f"model.student_init=scratch")
@@ -424,7 +429,7 @@ def run_teacher(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: 
 
 def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -> Classifier:
     path = path or Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
-    if not Path(path).exists():
+    if not storage.exists(path):
         raise FileNotFoundError(f"teacher checkpoint '{path}' does not exist; run `oal teacher` first, or set "
                                 f"loss.w_logit_kd=0 loss.w_feat_kd=0 to train without a teacher")
     meta = load_torch(path, "teacher checkpoint").get("meta", {})
@@ -543,7 +548,7 @@ def write_grid(cfg: C.OALConfig, shard_dir: Path, path: Path) -> Path:
     from oal.diffusion import decode, load_model
 
     lat = []
-    for f in sorted(shard_dir.glob("shard_*.pt")):
+    for f in sorted(storage.pull_dir(shard_dir).glob("shard_*.pt")):
         lat.append(load_torch(f, "shard")["latents"])
         if sum(len(x) for x in lat) >= cfg.diffusion.grid_samples:
             break
@@ -622,7 +627,7 @@ def write_comparison(cfg: C.OALConfig) -> Path:
     for label, name in (*names, ("OAL (student)", "eval")):
         m = read_manifest(stage_dir(cfg, name))
         if m is not None:
-            rows[label] = (json.loads(Path(m["outputs"]["results"]).read_text()), m)
+            rows[label] = (json.loads(storage.pull(storage.local(m["outputs"]["results"])).read_text()), m)
     path = cfg.run_dir / "results.md"
     write_text(comparison_table(rows, cfg.eval.primary, cfg.data.benchmark), path)
     return path

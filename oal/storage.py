@@ -1,4 +1,5 @@
-"""Write-then-rename helpers: an output is either complete or absent, never half-written."""
+"""Where outputs live. Write-then-rename helpers: an output is either complete or absent, never half-written;
+under an object-storage output_dir (s3://...), the same files are mirrored to and from the store (see below)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+        upload(path)  # an object-storage output: the complete file, as one object
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -44,10 +46,217 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def load_torch(path: str | os.PathLike, what: str) -> Any:
     """torch.load with one clear error for a missing or unreadable file."""
-    path = Path(path)
+    path = pull(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} '{path}' does not exist")
+        raise FileNotFoundError(f"{what} '{uri(path)}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for a corrupt file
         raise ValueError(f"{what} '{path}' is corrupt or not a torch file ({type(e).__name__}: {e})") from None
+
+
+# ---- object storage: output_dir=s3://bucket/prefix -------------------------------------------------------------
+#
+# Stages keep reading and writing plain files, in a local mirror of the output prefix on every node
+# (<OAL_OBJECT_CACHE>/s3/<bucket>/<key>, default ~/.cache/oal/objects/s3/...). The object store is the truth:
+#   - every file written under the mirror (through `atomic_path`, so `save_torch`, `write_text`, `write_json`) is
+#     uploaded whole as soon as it is complete; an object is either there whole or absent, never partial, and as a
+#     stage writes its manifest last, the manifest's object is uploaded last;
+#   - `load_torch` and `pull` fetch a file the mirror lacks, or holds in another version (size and time differ);
+#   - `exists` and `read_text` ask the store, so a node never trusts a file only its own mirror has.
+# A node that never saw the run (a fresh worker, another machine) finds every finished stage by its manifest.
+
+OBJECT_CACHE_ENV = "OAL_OBJECT_CACHE"
+SCHEMES = ("s3",)
+
+
+def is_uri(value: object) -> bool:
+    return "://" in str(value)
+
+
+def cache_root() -> Path:
+    """Where object-storage outputs are mirrored on this node (the same on every node of a cluster: the
+    default, or the env var set through the job's runtime_env)."""
+    root = os.environ.get(OBJECT_CACHE_ENV) or Path.home() / ".cache" / "oal" / "objects"
+    return Path(root).expanduser().absolute()
+
+
+def mirror(uri: str) -> Path:
+    """The local mirror path of `s3://bucket/key`."""
+    scheme, _, rest = str(uri).partition("://")
+    if scheme not in SCHEMES or not rest.strip("/"):
+        raise ValueError(f"'{uri}' is not an object-storage URI this project reads; expected s3://bucket/prefix")
+    return cache_root() / scheme / rest.strip("/")
+
+
+def remote(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(bucket, key) of a mirror path; None for any other path (a plain local or mounted file)."""
+    try:
+        rel = Path(path).absolute().relative_to(cache_root() / "s3")
+    except ValueError:
+        return None
+    if len(rel.parts) < 2:
+        return None
+    return rel.parts[0], "/".join(rel.parts[1:])
+
+
+def local(value: str | os.PathLike) -> Path:
+    """The path to read `value` at on this node: its mirror for an s3:// URI, else the path itself."""
+    return mirror(str(value)) if is_uri(value) else Path(value)
+
+
+def uri(path: str | os.PathLike) -> str:
+    """`s3://bucket/key` for a mirror path, the path itself otherwise (for logs and MLflow tags)."""
+    loc = remote(path)
+    return f"s3://{loc[0]}/{loc[1]}" if loc else str(path)
+
+
+_clients: dict[tuple, Any] = {}
+
+
+def client() -> Any:
+    """A boto3 S3 client from the standard sources (AWS_* env vars, ~/.aws, an instance role; the endpoint from
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). OAL_S3_TIMEOUT (s, default 60) and OAL_S3_ATTEMPTS (default 5) bound
+    how long a write waits for a stopped server before the stage fails."""
+    import boto3
+    from botocore.config import Config
+
+    timeout, attempts = float(os.environ.get("OAL_S3_TIMEOUT", 60)), int(os.environ.get("OAL_S3_ATTEMPTS", 5))
+    key = (os.getpid(), timeout, attempts, os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ACCESS_KEY_ID"))
+    if key not in _clients:  # a client per process (not fork-safe) and per setting
+        import logging
+
+        logging.getLogger("botocore").setLevel(logging.WARNING)  # not one INFO line per client about its sources
+        _clients[key] = boto3.client("s3", config=Config(connect_timeout=timeout, read_timeout=timeout,
+                                                         retries={"max_attempts": attempts, "mode": "standard"}))
+    return _clients[key]
+
+
+def _missing(e: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def _head(bucket: str, key: str) -> dict | None:
+    try:
+        return client().head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        if _missing(e):
+            return None
+        raise
+
+
+def _stamp(path: Path, head: dict) -> None:
+    """Give the mirror file the object's time: the mark that it holds this version."""
+    t = head["LastModified"].timestamp()
+    os.utime(path, (t, t))
+
+
+def _same(path: Path, head: dict) -> bool:
+    st = path.stat() if path.is_file() else None
+    return st is not None and st.st_size == head["ContentLength"] and int(st.st_mtime) == int(head["LastModified"].timestamp())
+
+
+def upload(path: str | os.PathLike) -> None:
+    """Put a complete mirror file into the store (one object, visible only once whole)."""
+    loc = remote(path)
+    if loc is None:
+        return
+    client().upload_file(str(path), *loc)
+    head = _head(*loc)
+    if head is not None:
+        _stamp(Path(path), head)
+
+
+def pull(path: str | os.PathLike) -> Path:
+    """Make the mirror hold the store's version of `path` (a no-op for local paths and for absent objects)."""
+    path = Path(path)
+    loc = remote(path)
+    if loc is None:
+        return path
+    head = _head(*loc)
+    if head is None or _same(path, head):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        client().download_file(*loc, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _stamp(path, head)
+    return path
+
+
+def pull_dir(path: str | os.PathLike) -> Path:
+    """`pull` every object under a mirror folder (e.g. before logging a stage's files to MLflow)."""
+    path = Path(path)
+    loc = remote(path)
+    if loc is None:
+        return path
+    bucket, prefix = loc
+    for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+        for obj in page.get("Contents", []):
+            pull(cache_root() / "s3" / bucket / obj["Key"])
+    return path
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether the file exists: in the store for a mirror path, on disk otherwise."""
+    loc = remote(path)
+    return Path(path).exists() if loc is None else _head(*loc) is not None
+
+
+def read_text(path: str | os.PathLike) -> str | None:
+    """A small file's text, straight from the store for a mirror path; None when absent."""
+    loc = remote(path)
+    if loc is None:
+        p = Path(path)
+        return p.read_text() if p.is_file() else None
+    try:
+        return client().get_object(Bucket=loc[0], Key=loc[1])["Body"].read().decode()
+    except Exception as e:
+        if _missing(e):
+            return None
+        raise
+
+
+def credential_source() -> str:
+    """Where boto3 finds credentials, in words (for error messages)."""
+    import boto3
+
+    creds = boto3.Session().get_credentials()
+    if creds is None:
+        return "no credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, an instance role)"
+    names = {"env": "the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+             "shared-credentials-file": "~/.aws/credentials (AWS_SHARED_CREDENTIALS_FILE)",
+             "config-file": "~/.aws/config", "iam-role": "the instance's IAM role",
+             "container-role": "the container's IAM role", "assume-role": "an assumed role (~/.aws/config)"}
+    return f"credentials from {names.get(creds.method, creds.method)}"
+
+
+def check_bucket(output_uri: str) -> None:
+    """Fail at once, naming the bucket and the credential source, when an s3:// output_dir cannot be written:
+    the bucket does not exist, the credentials are refused, or the endpoint does not answer."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = str(output_uri).partition("://")[2].split("/")[0]
+    c = client()
+    endpoint = c.meta.endpoint_url
+    where = f"output_dir '{output_uri}': bucket '{bucket}' at {endpoint}"
+    try:
+        c.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code"))
+        if code in ("404", "NoSuchBucket"):
+            raise ValueError(f"{where} does not exist (checked with {credential_source()}); create it "
+                             f"(`aws s3 mb s3://{bucket}`) or name another") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "401"):
+            raise ValueError(f"{where} refused {credential_source()} ({code}); set credentials that may read and "
+                             f"write it") from None
+        raise ValueError(f"{where}: {code} {e} ({credential_source()})") from None
+    except BotoCoreError as e:  # no credentials, endpoint not answering
+        raise ValueError(f"{where} cannot be reached ({e}; {credential_source()})") from None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from oal import storage
 from oal.config import DiffusionConfig
 from oal.diffusion import (
     class_token_position,
@@ -106,7 +107,7 @@ class LatentSynthesizer:
 
 def shard_ok(path: Path) -> bool:
     """A shard is complete when it exists and loads (a crash mid-write leaves only a .tmp file)."""
-    if not path.is_file():
+    if not storage.exists(path):  # asked of the object store under an s3:// output_dir
         return False
     try:
         d = load_torch(path, "shard")
@@ -141,7 +142,7 @@ def synthesize(cfg: DiffusionConfig, class_names: list[str], outliers: torch.Ten
 def finalize(cfg: DiffusionConfig, plan: list[ShardSpec], out: Path, seed: int, model_id: str,
              fingerprint: str) -> dict[str, Any]:
     """Check every shard is present exactly once, write the vectors file, then the manifest (last)."""
-    missing = [s.filename for s in plan if not (out / s.filename).is_file()]
+    missing = [s.filename for s in plan if not storage.exists(out / s.filename)]
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) missing in '{out}': {', '.join(missing[:5])}")
     shards = [load_torch(out / s.filename, "shard") for s in plan]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from oal import config as C
+from oal import storage
 
 log = logging.getLogger("oal.tracking")
 
@@ -218,6 +219,11 @@ class Tracker:
         mlflow.set_tag("oal.skipped", str(result.skipped).lower())
         mlflow.log_param("fingerprint", result.fingerprint)
         d = Path(result.dir)
+        # With an s3:// output_dir: the files logged below, from the store onto this node's mirror (not the shards)
+        for name in ("stage.json", "config.yaml", "manifest.json", "quality.json", "grid.png", "results.md",
+                     "results.json"):
+            storage.pull(d / name)
+        storage.pull_dir(d / "plots")
         for name in ("stage.json", "config.yaml", "manifest.json"):
             if (d / name).exists():
                 mlflow.log_artifact(str(d / name))
@@ -235,7 +241,7 @@ class Tracker:
                 mlflow.log_metrics({"class_conditional_accuracy": manifest["class_accuracy"],
                                     "teacher_val_accuracy": manifest["teacher_val_accuracy"]})
         if result.name == "latents":
-            mlflow.set_tag("latents_uri", str(d.resolve()))  # shards stay where they are: referenced, not copied
+            mlflow.set_tag("latents_uri", storage.uri(d.resolve()))  # shards stay where they are: referenced, not copied
             if (d / "grid.png").exists():
                 mlflow.log_artifact(str(d / "grid.png"))
         if result.name in ("eval", "eval_base") and report is not None:
@@ -284,7 +290,7 @@ class Tracker:
         from oal.models import LogitsOnly, build_student
         from oal.train import load_checkpoint_net
 
-        meta = torch.load(checkpoint, map_location="cpu", weights_only=False).get("meta", {})
+        meta = torch.load(storage.pull(checkpoint), map_location="cpu", weights_only=False).get("meta", {})
         net = build_student(meta.get("arch", cfg.model.student), meta["num_classes"]).eval()
         load_checkpoint_net(checkpoint, net, cfg.eval.checkpoint)  # the weights the evaluation scored
         x = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size)

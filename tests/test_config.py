@@ -49,9 +49,13 @@ def test_bad_choice_and_range():
     with pytest.raises(ConfigError, match=r"'cluster.shards' is -1; expected an integer >= 0 \(0 means one per training"):
         load_config(None, ["cluster.shards=-1"])
     assert load_config(None, ["cluster.shards=0"]).cluster.shards == 0
-    # before: a folder named 's3:' in the working directory, written silently
-    with pytest.raises(ConfigError, match=r"'output_dir' is 's3://bucket/runs': .*not supported.*cluster.storage_path"):
-        load_config(None, ["output_dir=s3://bucket/runs"])
+    # output_dir may be s3://bucket[/prefix] (oal.storage); another scheme, or any other path key as a URI, is refused
+    assert load_config(None, ["output_dir=s3://bucket/runs"]).ray_storage == "s3://bucket/runs/digits/ray"
+    for bad in ("gs://bucket/runs", "s3://", "s3:///"):
+        with pytest.raises(ConfigError, match=rf"'output_dir' is '{bad}'; expected a local or mounted path, or s3://"):
+            load_config(None, [f"output_dir={bad}"])
+    with pytest.raises(ConfigError, match=r"'data.root' is 's3://b/data': .*only output_dir may be s3://"):
+        load_config(None, ["data.root=s3://b/data"])
     assert load_config(None, ["cluster.storage_path=s3://bucket/ray"]).cluster.storage_path == "s3://bucket/ray"
 
 
