@@ -115,8 +115,8 @@ def _trial_mlflow_run(cfg: C.OALConfig, base: C.OALConfig, mlflow_info: dict, tr
 
     client = MlflowClient(mlflow_info["uri"])
     record = cfg.run_dir / "mlflow_run.json"
-    if record.exists():
-        return str(json.loads(record.read_text())["run_id"])
+    if storage.exists(record):  # asked of the bucket with an s3:// output_dir: the trial may restart on another node
+        return str(json.loads(storage.pull(record).read_text())["run_id"])
     run = client.create_run(mlflow_info["experiment_id"], run_name=f"trial-{trial_id}",
                             tags={"mlflow.parentRunId": mlflow_info["parent"], "oal.kind": "trial"})
     for k, v in {**{w: getattr(cfg.loss, w) for w in base.search.weights}, "student.lr": cfg.student.lr}.items():
@@ -186,7 +186,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
     tracker = tracker or Tracker.from_env(cfg)
     out = cfg.run_dir / "tune"
     results: dict[str, stages.StageResult] = {}
-    storage = cfg.ray_storage
+    ray_storage = cfg.ray_storage
     parent_file = out / "mlflow_parent.json"  # so that a resumed search keeps one parent run
     resume_parent = None
     if tracker.enabled and parent_file.exists() and Path(json.loads(parent_file.read_text())["path"]).exists():
@@ -209,7 +209,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
                                  objective=objective_spec(s, base_acc)),
             TRIAL_RESOURCES)
         name = f"{cfg.name}-tune-{C.fingerprint(s, stages.student_fp(full))}"
-        path = f"{storage.rstrip('/')}/{name}"
+        path = f"{ray_storage.rstrip('/')}/{name}"
         if parent_id:
             write_json({"run_id": parent_id, "path": path}, parent_file)
         if tune.Tuner.can_restore(path):
@@ -220,7 +220,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
                 metric="objective", mode="max", search_alg=_searcher(s, cfg.seed),
                 scheduler=_scheduler(s, cfg.student.epochs), num_samples=s.num_samples,
                 max_concurrent_trials=s.max_concurrent if s.algorithm == "optuna" else None),
-                run_config=tune.RunConfig(name=name, storage_path=storage))
+                run_config=tune.RunConfig(name=name, storage_path=ray_storage))
         grid = tuner.fit()
         trial_results = [grid[i] for i in range(len(grid))]
         finished = [r for r in trial_results if r.error is None and r.metrics and "objective" in r.metrics]

@@ -78,7 +78,7 @@ def cache_root() -> Path:
     """Where object-storage outputs are mirrored on this node (the same on every node of a cluster: the
     default, or the env var set through the job's runtime_env)."""
     root = os.environ.get(OBJECT_CACHE_ENV) or Path.home() / ".cache" / "oal" / "objects"
-    return Path(root).expanduser().absolute()
+    return Path(root).expanduser().resolve()
 
 
 def mirror(uri: str) -> Path:
@@ -92,7 +92,7 @@ def mirror(uri: str) -> Path:
 def remote(path: str | os.PathLike) -> tuple[str, str] | None:
     """(bucket, key) of a mirror path; None for any other path (a plain local or mounted file)."""
     try:
-        rel = Path(path).absolute().relative_to(cache_root() / "s3")
+        rel = Path(path).resolve().relative_to(cache_root() / "s3")
     except ValueError:
         return None
     if len(rel.parts) < 2:
