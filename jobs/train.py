@@ -119,7 +119,6 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
 
     k = cfg.cluster
     fp = stages.training_fp(cfg, stage)
-    storage = cfg.ray_storage
     return TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": C.to_dict(cfg), "stage": stage, "use_gpu": k.use_gpu, "progress": progress,
@@ -128,7 +127,7 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
         scaling_config=ScalingConfig(num_workers=k.num_workers, use_gpu=k.use_gpu,
                                      resources_per_worker={"CPU": k.cpus_per_worker, **({"GPU": 1} if k.use_gpu else {})}),
         # A stable name per (run, stage, inputs): a resubmitted job resumes the same Ray Train run.
-        run_config=RunConfig(name=run_name or f"{cfg.name}-{stage}-{fp}", storage_path=storage, callbacks=callbacks,
+        run_config=RunConfig(name=run_name or f"{cfg.name}-{stage}-{fp}", storage_path=cfg.ray_storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=k.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=k.checkpoints_to_keep)),
     )

@@ -15,19 +15,27 @@ import torch
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def _renamed_into(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-        upload(path)  # an object-storage output: the complete file, as one object
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds, then (under an
+    object-storage output) upload the complete file as one object."""
+    path = Path(path)
+    with _renamed_into(path) as tmp:
+        yield tmp
+    upload(path)
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
@@ -178,15 +186,8 @@ def pull(path: str | os.PathLike) -> Path:
     head = _head(*loc)
     if head is None or _same(path, head):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        client().download_file(*loc, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _renamed_into(path) as tmp:  # not atomic_path: that would upload it again
+        client().download_file(*loc, str(tmp))
     _stamp(path, head)
     return path
 
