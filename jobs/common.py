@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from oal import config as C
+from oal import storage
 
 log = logging.getLogger("oal.jobs")
 TOKEN_HELP = ("Ray's token authentication is on (Ray 2.5x+ default): the client needs RAY_AUTH_MODE=token and "
@@ -36,13 +37,11 @@ def load(args: argparse.Namespace) -> C.OALConfig:
         cfg = C.absolute_paths(C.load_config(args.config, args.overrides))
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
-    from oal import storage
 
-    if storage.is_uri(cfg.output_dir):  # a missing bucket or refused credentials: now, not after the first stage
-        try:
-            storage.check_bucket(cfg.output_dir)
-        except ValueError as e:
-            sys.exit(f"storage error: {e}")
+    try:  # an s3:// output_dir's missing bucket or refused credentials: now, not after the first stage
+        storage.check_bucket(cfg.output_dir)
+    except ValueError as e:
+        sys.exit(f"storage error: {e}")
     return cfg
 
 
@@ -143,7 +142,7 @@ def on_worker(cluster: C.ClusterConfig, what: str, fn: Any, *args: Any, **kwargs
     returns. The driver (on a cluster, the head) only waits: it needs neither the data nor a GPU."""
     import ray
 
-    return ray.get(_worker_task(cluster, what).remote(fn, args, kwargs))
+    return ray.get(_worker_task(cluster, what).remote(fn, args, kwargs, str(storage.cache_root())))
 
 
 def shard_count(cluster: C.ClusterConfig) -> int:
@@ -159,12 +158,13 @@ def on_shards(cluster: C.ClusterConfig, what: str, shard_fn: Any, finish_fn: Any
 
     n = shard_count(cluster)
     task = _worker_task(cluster, what)
-    parts = [task.remote(shard_fn, args, {**kwargs, "shard": (i, n)}) for i in range(n)]
+    cache = str(storage.cache_root())
+    parts = [task.remote(shard_fn, args, {**kwargs, "shard": (i, n)}, cache) for i in range(n)]
     log.info("%s: %d shard(s) on Ray workers", what, n)
     # Merging, scoring and writing need no GPU: one CPU, so that an autoscaler starts no GPU node for them.
     merge = task.options(num_cpus=min(1.0, cluster.cpus_per_worker), num_gpus=0)
     try:
-        return ray.get(merge.remote(_gathered, (finish_fn,), {}, *parts))
+        return ray.get(merge.remote(_gathered, (finish_fn,), {}, cache, *parts))
     except BaseException:
         for ref in parts:  # a failed shard (or an interrupted driver) stops the others, not only the merge
             ray.cancel(ref)
@@ -178,9 +178,11 @@ def _gathered(finish_fn: Any, *parts: Any) -> Any:
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
-def _logged(fn: Any, args: tuple, kwargs: dict, *resolved: Any) -> Any:
+def _logged(fn: Any, args: tuple, kwargs: dict, object_cache: str, *resolved: Any) -> Any:
     """In the worker: the stage's own INFO lines (a worker's root logger drops them) go to its stderr, which Ray
-    forwards to the driver and the job log, as they did when the stage ran in the driver."""
+    forwards to the driver and the job log, as they did when the stage ran in the driver. The driver's object
+    cache root is this process's too: the paths handed over are the driver's mirror paths (oal.storage)."""
+    os.environ[storage.OBJECT_CACHE_ENV] = object_cache
     ours = logging.getLogger("oal")
     if not ours.handlers:
         handler = logging.StreamHandler()

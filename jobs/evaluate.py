@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from jobs import common
@@ -26,9 +27,11 @@ from oal.tracking import Tracker
 from oal.train import CHECKPOINT
 
 
-def _newest_ray_checkpoint(run: Path) -> Path | None:
-    found = sorted(run.glob(f"checkpoint_*/{CHECKPOINT}"), key=lambda p: p.parent.name)
-    return found[-1] if found else None
+def _newest_ray_checkpoint(run: str | Path) -> Path | None:
+    """The newest checkpoint_*/checkpoint.pt of a Ray Train run folder (local, or in the object store: listed
+    there and fetched), None when it has none."""
+    found = sorted(storage.listing(run, f"checkpoint_*/{CHECKPOINT}"), key=lambda p: p.parent.name)
+    return storage.pull(found[-1]) if found else None
 
 
 def resolve(cfg: C.OALConfig, checkpoint: str | None, trial: str | None) -> tuple[Path, str]:
@@ -39,12 +42,14 @@ def resolve(cfg: C.OALConfig, checkpoint: str | None, trial: str | None) -> tupl
         from jobs.tune import trial_name
 
         name = trial_name(cfg, trial)
-        run_dir = cfg.run_dir.parent / name  # the trial's own run folder (jobs.tune.trial_config)
-        finished = run_dir / "student" / CHECKPOINT
-        ray_run = Path(cfg.cluster.storage_path or run_dir / "ray") / f"{name}-student"
-        path = storage.pull(finished) if storage.exists(finished) else _newest_ray_checkpoint(ray_run)
+        trial_cfg = replace(cfg, name=name)  # the trial's own run folder (jobs.tune.trial_config)
+        finished = trial_cfg.run_dir / "student" / CHECKPOINT
+        # its Ray Train run, in the trial's Ray storage (the bucket's when output_dir is s3://)
+        ray_run = f"{trial_cfg.ray_storage.rstrip('/')}/{name}-student"
+        path = storage.pull(finished)
+        path = path if path.is_file() else _newest_ray_checkpoint(ray_run)
         if path is None:
-            raise FileNotFoundError(f"trial '{trial}' has no checkpoint: neither {finished} nor a "
+            raise FileNotFoundError(f"trial '{trial}' has no checkpoint: neither {storage.uri(finished)} nor a "
                                     f"checkpoint_*/{CHECKPOINT} under {ray_run} (is it a trial id of a search run "
                                     f"with this config, e.g. from {cfg.run_dir / 'tune' / 'trials.md'}?)")
         return path, f"trial-{trial}"
@@ -53,16 +58,18 @@ def resolve(cfg: C.OALConfig, checkpoint: str | None, trial: str | None) -> tupl
         if not storage.exists(path):
             raise FileNotFoundError(f"no student checkpoint at {path}: run the pipeline first, or give --checkpoint")
         return path, "student"
-    given = Path(checkpoint).expanduser().resolve()
-    if given.is_dir():
-        path = given / CHECKPOINT if (given / CHECKPOINT).is_file() else _newest_ray_checkpoint(given)
-        if path is None:
-            raise FileNotFoundError(f"{given} holds neither {CHECKPOINT} nor checkpoint_*/{CHECKPOINT} (a Ray Train "
-                                    "run folder)")
-    elif given.is_file():
+    # a file or folder here, or an object or folder of objects in the store (s3://...)
+    given = storage.local(checkpoint) if storage.is_uri(checkpoint) else Path(checkpoint).expanduser().resolve()
+    if storage.pull(given).is_file():
         path = given
+    elif storage.pull(given / CHECKPOINT).is_file():
+        path = given / CHECKPOINT
     else:
-        raise FileNotFoundError(f"checkpoint {given} does not exist")
+        found = _newest_ray_checkpoint(given)
+        if found is None:
+            raise FileNotFoundError(f"checkpoint '{checkpoint}' is neither a checkpoint file nor a folder holding "
+                                    f"{CHECKPOINT} or checkpoint_*/{CHECKPOINT} (a Ray Train run folder)")
+        path = found
     label = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{path.parent.name}-{path.stem}").strip("-")
     return path, label
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oal import config as C
-from oal import stages
+from oal import stages, storage
 from oal.storage import load_torch
 from oal.train import CHECKPOINT
 
@@ -56,6 +56,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     quiet_ray_train_reports()
 
+    os.environ[storage.OBJECT_CACHE_ENV] = config["object_cache"]  # see oal.storage: the driver's cache root
     cfg = C.from_dict(config["cfg"])
     stage = config["stage"]
     ctx = ray.train.get_context()
@@ -123,7 +124,8 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
         _worker_loop,
         train_loop_config={"cfg": C.to_dict(cfg), "stage": stage, "use_gpu": k.use_gpu, "progress": progress,
                            "mlflow_run_id": mlflow_run_id, "objective": objective,
-                           "mlflow_uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")},
+                           "mlflow_uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                           "object_cache": str(storage.cache_root())},  # the workers read the driver's mirror paths
         scaling_config=ScalingConfig(num_workers=k.num_workers, use_gpu=k.use_gpu,
                                      resources_per_worker={"CPU": k.cpus_per_worker, **({"GPU": 1} if k.use_gpu else {})}),
         # A stable name per (run, stage, inputs): a resubmitted job resumes the same Ray Train run.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -80,7 +81,7 @@ def shared_checkpoints(base: C.OALConfig) -> C.ModelConfig:
     return replace(base.model, teacher_checkpoint=teacher, base_checkpoint=str(stages.base_checkpoint(base)))
 
 
-def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective: dict) -> None:
+def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective: dict, object_cache: str) -> None:
     """A Tune function trainable: one Ray Train run of the student with this trial's weights.
 
     The trial trains into its own run folder and writes the stage manifest there when it ends. A trial that
@@ -91,6 +92,7 @@ def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective
 
     from jobs.train import run_stage, with_objective
 
+    os.environ[storage.OBJECT_CACHE_ENV] = object_cache  # the driver's: its mirror paths are in base_dict
     base = C.from_dict(base_dict)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id)
@@ -189,8 +191,9 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
     ray_storage = cfg.ray_storage
     parent_file = out / "mlflow_parent.json"  # so that a resumed search keeps one parent run
     resume_parent = None
-    if tracker.enabled and parent_file.exists() and Path(json.loads(parent_file.read_text())["path"]).exists():
-        resume_parent = json.loads(parent_file.read_text())["run_id"]
+    record = storage.read_text(parent_file)  # from the store under an s3:// output_dir, as the search state is
+    if tracker.enabled and record and tune.Tuner.can_restore(json.loads(record)["path"]):
+        resume_parent = json.loads(record)["run_id"]
     with tracker.pipeline_run(cfg, kind="tune", resume_run_id=resume_parent) as parent_id:
         full = pipeline.prepare(every_term(cfg), tracker, results, progress)
         base_acc = baseline_accuracy(full, progress)
@@ -206,7 +209,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
         # never fit when they ask for every CPU of a node (the fashion preset's 2 on a 2-core machine).
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base_dict=C.to_dict(full), mlflow_info=mlflow_info,
-                                 objective=objective_spec(s, base_acc)),
+                                 objective=objective_spec(s, base_acc), object_cache=str(storage.cache_root())),
             TRIAL_RESOURCES)
         name = f"{cfg.name}-tune-{C.fingerprint(s, stages.student_fp(full))}"
         path = f"{ray_storage.rstrip('/')}/{name}"

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from oal import stages, storage
 
-    if args.command != "config" and storage.is_uri(cfg.output_dir):
+    if args.command != "config":
         try:
             storage.check_bucket(cfg.output_dir)
         except ValueError as e:

@@ -518,6 +518,8 @@ def absolute_paths(cfg: OALConfig, cwd: Path | None = None) -> OALConfig:
     directory): Ray workers and actors run elsewhere. A given input that does not exist is a ConfigError now,
     not an error in a remote worker after the stages before it ran. `diffusion.model` counts as a path only when
     it names an existing folder (else it is a built-in name or a hub id)."""
+    from oal import storage
+
     cwd = cwd or Path.cwd()
     d = to_dict(cfg)
     for key in PATH_KEYS:
@@ -534,7 +536,9 @@ def absolute_paths(cfg: OALConfig, cwd: Path | None = None) -> OALConfig:
             if path.is_dir():
                 node[leaf] = str(path.resolve())
             continue
-        if key != "output_dir" and not path.exists():
+        # an s3:// run's file, named by its mirror path (e.g. tune/best.yaml's checkpoints), is looked for in the
+        # store: it is fetched when read, the node running this may never have had it
+        if key != "output_dir" and not path.exists() and not (storage.remote(path) and storage.exists(path)):
             raise ConfigError(f"'{key}' is '{value}', which does not exist (looked for {path}); expected an "
                               f"existing {'folder' if key.startswith('data.') else 'file'}")
         node[leaf] = str(path.resolve())

@@ -548,7 +548,7 @@ def write_grid(cfg: C.OALConfig, shard_dir: Path, path: Path) -> Path:
     from oal.diffusion import decode, load_model
 
     lat = []
-    for f in sorted(storage.pull_dir(shard_dir).glob("shard_*.pt")):
+    for f in storage.listing(shard_dir, "shard_*.pt"):  # fetched one by one, only as many as the grid shows
         lat.append(load_torch(f, "shard")["latents"])
         if sum(len(x) for x in lat) >= cfg.diffusion.grid_samples:
             break

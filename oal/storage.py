@@ -3,15 +3,15 @@ under an object-storage output_dir (s3://...), the same files are mirrored to an
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 @contextmanager
@@ -39,6 +39,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    import torch  # here, not at the top: oal.config reads the store too and stays free of torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -54,6 +56,8 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def load_torch(path: str | os.PathLike, what: str) -> Any:
     """torch.load with one clear error for a missing or unreadable file."""
+    import torch
+
     path = pull(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{uri(path)}' does not exist")
@@ -70,9 +74,12 @@ def load_torch(path: str | os.PathLike, what: str) -> Any:
 #   - every file written under the mirror (through `atomic_path`, so `save_torch`, `write_text`, `write_json`) is
 #     uploaded whole as soon as it is complete; an object is either there whole or absent, never partial, and as a
 #     stage writes its manifest last, the manifest's object is uploaded last;
-#   - `load_torch` and `pull` fetch a file the mirror lacks, or holds in another version (size and time differ);
-#   - `exists` and `read_text` ask the store, so a node never trusts a file only its own mirror has.
+#   - `load_torch` and `pull` fetch a file the mirror lacks, or holds in another version (the object's ETag, kept
+#     beside the mirror under <cache>/versions/, differs), and drop a mirror file whose object is gone;
+#   - `exists`, `read_text` and `listing` ask the store, so a node never trusts a file only its own mirror has.
 # A node that never saw the run (a fresh worker, another machine) finds every finished stage by its manifest.
+# Paths cross processes as mirror paths, so every process of a job uses the driver's cache root (jobs.common
+# hands it to each Ray task, training worker and trial: `OAL_OBJECT_CACHE`).
 
 OBJECT_CACHE_ENV = "OAL_OBJECT_CACHE"
 SCHEMES = ("s3",)
@@ -135,7 +142,8 @@ def client() -> Any:
         import logging
 
         logging.getLogger("botocore").setLevel(logging.WARNING)  # not one INFO line per client about its sources
-        _clients[key] = boto3.client("s3", config=Config(connect_timeout=timeout, read_timeout=timeout,
+        # a session of its own: boto3's default one keeps the credentials it first found in the environment
+        _clients[key] = boto3.session.Session().client("s3", config=Config(connect_timeout=timeout, read_timeout=timeout,
                                                          retries={"max_attempts": attempts, "mode": "standard"}))
     return _clients[key]
 
@@ -155,15 +163,23 @@ def _head(bucket: str, key: str) -> dict | None:
         raise
 
 
+def _version_file(path: Path) -> Path:
+    return cache_root() / "versions" / path.resolve().relative_to(cache_root())
+
+
 def _stamp(path: Path, head: dict) -> None:
-    """Give the mirror file the object's time: the mark that it holds this version."""
+    """Record which version of the object the mirror file holds (its ETag; written after the file), and give the
+    file the object's time (so that a file's size and time, e.g. in a fingerprint, agree on every node)."""
     t = head["LastModified"].timestamp()
     os.utime(path, (t, t))
+    v = _version_file(path)
+    v.parent.mkdir(parents=True, exist_ok=True)
+    v.write_text(f"{head['ETag']} {path.stat().st_size}")
 
 
 def _same(path: Path, head: dict) -> bool:
-    st = path.stat() if path.is_file() else None
-    return st is not None and st.st_size == head["ContentLength"] and int(st.st_mtime) == int(head["LastModified"].timestamp())
+    v = _version_file(path)
+    return path.is_file() and v.is_file() and v.read_text() == f"{head['ETag']} {path.stat().st_size}"
 
 
 def upload(path: str | os.PathLike) -> None:
@@ -171,6 +187,7 @@ def upload(path: str | os.PathLike) -> None:
     loc = remote(path)
     if loc is None:
         return
+    _version_file(Path(path)).unlink(missing_ok=True)  # until the store holds it, the file is no known version
     client().upload_file(str(path), *loc)
     head = _head(*loc)
     if head is not None:
@@ -178,13 +195,20 @@ def upload(path: str | os.PathLike) -> None:
 
 
 def pull(path: str | os.PathLike) -> Path:
-    """Make the mirror hold the store's version of `path` (a no-op for local paths and for absent objects)."""
-    path = Path(path)
+    """Make the mirror hold the store's version of `path` (an s3:// URI or its mirror path; a no-op for other
+    paths). When the store has no such object, a mirror file of that name is stale (the object was deleted to
+    force a recompute, or its upload failed): it is removed, so that no reader takes it for the store's."""
+    path = local(path)
     loc = remote(path)
     if loc is None:
         return path
     head = _head(*loc)
-    if head is None or _same(path, head):
+    if head is None:
+        if path.is_file():
+            path.unlink()
+            _version_file(path).unlink(missing_ok=True)
+        return path
+    if _same(path, head):
         return path
     with _renamed_into(path) as tmp:  # not atomic_path: that would upload it again
         client().download_file(*loc, str(tmp))
@@ -192,27 +216,41 @@ def pull(path: str | os.PathLike) -> Path:
     return path
 
 
+def listing(folder: str | os.PathLike, pattern: str = "**") -> list[Path]:
+    """The files under `folder` whose path relative to it matches the glob `pattern` ("**": all), sorted; for a
+    mirror folder (or its s3:// URI) as the store lists them, without fetching any."""
+    folder = local(folder)
+    loc = remote(folder)
+    if loc is None:
+        return sorted(p for p in folder.glob(pattern) if p.is_file())
+    bucket, prefix = loc[0], loc[1].rstrip("/") + "/"
+    found = []
+    for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):]
+            # fnmatch's * also matches "/": a pattern matches only as many levels as it names
+            if pattern == "**" or (fnmatch.fnmatchcase(rel, pattern) and rel.count("/") == pattern.count("/")):
+                found.append(folder / rel)
+    return sorted(found)
+
+
 def pull_dir(path: str | os.PathLike) -> Path:
     """`pull` every object under a mirror folder (e.g. before logging a stage's files to MLflow)."""
-    path = Path(path)
-    loc = remote(path)
-    if loc is None:
-        return path
-    bucket, prefix = loc
-    for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
-        for obj in page.get("Contents", []):
-            pull(cache_root() / "s3" / bucket / obj["Key"])
-    return path
+    for f in listing(path):
+        pull(f)
+    return local(path)
 
 
 def exists(path: str | os.PathLike) -> bool:
-    """Whether the file exists: in the store for a mirror path, on disk otherwise."""
+    """Whether the file exists: in the store for an s3:// URI or a mirror path, on disk otherwise."""
+    path = local(path)
     loc = remote(path)
     return Path(path).exists() if loc is None else _head(*loc) is not None
 
 
 def read_text(path: str | os.PathLike) -> str | None:
-    """A small file's text, straight from the store for a mirror path; None when absent."""
+    """A small file's text, straight from the store for an s3:// URI or a mirror path; None when absent."""
+    path = local(path)
     loc = remote(path)
     if loc is None:
         p = Path(path)
@@ -241,23 +279,33 @@ def credential_source() -> str:
 
 def check_bucket(output_uri: str) -> None:
     """Fail at once, naming the bucket and the credential source, when an s3:// output_dir cannot be written:
-    the bucket does not exist, the credentials are refused, or the endpoint does not answer."""
+    the bucket does not exist, the credentials are refused (to read, or only to write: a small object is put
+    under the prefix and deleted), or the endpoint does not answer. A no-op for a local output_dir."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket = str(output_uri).partition("://")[2].split("/")[0]
+    if not is_uri(output_uri):
+        return
+    bucket, _, prefix = str(output_uri).partition("://")[2].partition("/")
     c = client()
     endpoint = c.meta.endpoint_url
     where = f"output_dir '{output_uri}': bucket '{bucket}' at {endpoint}"
+    probe = f"{prefix.strip('/')}/.oal-write-check-{uuid.uuid4().hex}".lstrip("/")
     try:
         c.head_bucket(Bucket=bucket)
+        c.put_object(Bucket=bucket, Key=probe, Body=b"")
+        try:
+            c.delete_object(Bucket=bucket, Key=probe)
+        except ClientError:  # a writer that may not delete leaves an empty probe object: harmless
+            pass
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code"))
         if code in ("404", "NoSuchBucket"):
             raise ValueError(f"{where} does not exist (checked with {credential_source()}); create it "
                              f"(`aws s3 mb s3://{bucket}`) or name another") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "401"):
-            raise ValueError(f"{where} refused {credential_source()} ({code}); set credentials that may read and "
-                             f"write it") from None
+            op = e.operation_name if hasattr(e, "operation_name") else "a request"
+            raise ValueError(f"{where} refused {credential_source()} ({code} on {op}); set credentials that may "
+                             f"read and write it") from None
         raise ValueError(f"{where}: {code} {e} ({credential_source()})") from None
     except BotoCoreError as e:  # no credentials, endpoint not answering
         raise ValueError(f"{where} cannot be reached ({e}; {credential_source()})") from None

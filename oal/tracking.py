@@ -65,9 +65,25 @@ class MetricLogger:
             self.last_error = f"{type(e).__name__}: {e}"
             log.warning("MLflow metric write failed (%s); buffered locally", type(e).__name__)
             if self.buffer is not None:
-                self.buffer.parent.mkdir(parents=True, exist_ok=True)
-                with self.buffer.open("a") as f:
-                    f.write(json.dumps({"run_id": self.run_id, "step": step, "metrics": metrics}) + "\n")
+                self._buffer({"run_id": self.run_id, "step": step, "metrics": metrics})
+
+    def _buffer(self, record: dict) -> None:
+        """Append to the buffer file; under an s3:// output_dir, also into the store (the process may run on a
+        worker whose disk nobody reads), onto the store's copy when this node has none. A store that fails too
+        only costs a warning: the lines stay on this node."""
+        assert self.buffer is not None
+        try:
+            if not self.buffer.is_file():
+                storage.pull(self.buffer)
+        except Exception as e:
+            log.warning("could not fetch %s from the object store (%s)", storage.uri(self.buffer), e)
+        self.buffer.parent.mkdir(parents=True, exist_ok=True)
+        with self.buffer.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        try:
+            storage.upload(self.buffer)
+        except Exception as e:
+            log.warning("could not upload %s to the object store (%s)", storage.uri(self.buffer), e)
 
 
 @dataclass

@@ -139,10 +139,14 @@ def test_killed_synthesis_actor_loses_and_duplicates_nothing(ray_driver, tmp_pat
         assert torch.allclose(got["vectors"], reference.run(spec)["vectors"], atol=1e-5)
 
 
-def test_a_shard_whose_worker_dies_is_retried_alone(ray_driver, tmp_path):
+def test_a_shard_whose_worker_dies_is_retried_alone(ray_driver, tmp_path, monkeypatch):
     """jobs.common.on_shards: the worker of shard 1 dies (its process exits) on its first attempt; Ray runs that
-    shard again, the other shard once, and the merge gets both results in shard order."""
+    shard again, the other shard once, and the merge gets both results in shard order. Every task works in the
+    driver's object cache (it reads the driver's mirror paths), whatever its own environment says."""
     from jobs import common
+    from oal import storage
+
+    monkeypatch.setenv(storage.OBJECT_CACHE_ENV, str(tmp_path / "driver-cache"))
 
     cfg = _cfg(tmp_path, "cluster.shards=2", "cluster.cpus_per_worker=1", "cluster.max_failures=2")
     marks = tmp_path / "attempts"
@@ -154,13 +158,14 @@ def test_a_shard_whose_worker_dies_is_retried_alone(ray_driver, tmp_path):
         if i == 1 and not (marks / "died").exists():
             (marks / "died").touch()
             os._exit(1)  # the worker process dies, as on a lost node
-        return {"i": i, "n": n, "value": value * (i + 1), "pid": os.getpid()}
+        return {"i": i, "n": n, "value": value * (i + 1), "pid": os.getpid(), "cache": str(storage.cache_root())}
 
     def finish(parts):
-        return [(p["i"], p["n"], p["value"]) for p in parts], os.getpid()
+        return [(p["i"], p["n"], p["value"], p["cache"]) for p in parts], (os.getpid(), str(storage.cache_root()))
 
-    merged, merger = common.on_shards(cfg.cluster, "the test stage", shard_fn, finish, 7)
-    assert merged == [(0, 2, 7), (1, 2, 14)]
+    merged, (merger, merger_cache) = common.on_shards(cfg.cluster, "the test stage", shard_fn, finish, 7)
+    cache = str((tmp_path / "driver-cache").resolve())
+    assert merged == [(0, 2, 7, cache), (1, 2, 14, cache)] and merger_cache == cache
     assert merger != os.getpid()
     attempts = [p.name.split("-")[0] for p in marks.iterdir() if p.name != "died"]
     assert sorted(attempts) == ["0", "1", "1"], attempts  # shard 1 twice: the retry ran; shard 0 once

@@ -111,32 +111,42 @@ def test_pipeline_on_s3_is_found_complete_by_a_node_with_an_empty_mirror(s3, tmp
 
 
 def test_a_stage_whose_s3_server_stops_mid_write_is_not_complete_and_resumes(s3, tmp_path, monkeypatch, caplog):
-    """The server is paused (SIGSTOP) right after the teacher's first checkpoint object is written: the stage
-    fails, no manifest exists, and the stage run again resumes from that checkpoint, read back from the store."""
+    """The server is paused (SIGSTOP) just before the teacher's second checkpoint (epoch 2) is put: that write is
+    in flight when the store stops. The stage fails, the store still holds epoch 1's checkpoint whole and no
+    manifest; run again on the same node (whose mirror holds epoch 2's file, which never reached the store), the
+    stage resumes from the store's epoch 1."""
     monkeypatch.setenv("OAL_S3_TIMEOUT", "2")
     monkeypatch.setenv("OAL_S3_ATTEMPTS", "1")
     cfg = load_config("digits", [*QUICK, "teacher.epochs=3", "output_dir=s3://runs/stop"])
-    paused = []
+    puts: list[str] = []
 
-    def pause_after_first_put(**_):
-        if not paused:
-            paused.append(time.time())
-            s3.proc.send_signal(signal.SIGSTOP)
+    def pause_before_second_checkpoint(params, **_):
+        if params["Key"].endswith("teacher/checkpoint.pt"):
+            puts.append(params["Key"])
+            if len(puts) == 2:
+                s3.proc.send_signal(signal.SIGSTOP)
 
-    storage.client().meta.events.register("after-call.s3.PutObject", pause_after_first_put)
+    event = "before-parameter-build.s3.PutObject"
+    storage.client().meta.events.register(event, pause_before_second_checkpoint)
     with pytest.raises(Exception) as failed:
         stages.run_teacher(cfg, progress=False)
-    assert paused, "the server was never paused: no object was written"
     s3.proc.send_signal(signal.SIGCONT)
-    storage.client().meta.events.unregister("after-call.s3.PutObject", pause_after_first_put)
+    storage.client().meta.events.unregister(event, pause_before_second_checkpoint)
+    assert len(puts) == 2, f"the second checkpoint was never written: {puts}"
     assert "timeout" in repr(failed.value).lower() or "timed out" in str(failed.value).lower(), repr(failed.value)
 
-    # In the store: the first checkpoint (whole), no manifest. A node asking the store finds the stage not done.
+    # In the store: epoch 1's checkpoint (whole, readable), no manifest. A node asking the store finds it not done.
     assert _keys("stop/digits/teacher/") == ["stop/digits/teacher/checkpoint.pt"]
+    body = storage.client().get_object(Bucket="runs", Key="stop/digits/teacher/checkpoint.pt")["Body"].read()
+    (tmp_path / "stored.pt").write_bytes(body)
+    import torch
+
+    assert torch.load(tmp_path / "stored.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    local = stages.stage_dir(cfg, "teacher") / "checkpoint.pt"
+    assert torch.load(local, map_location="cpu", weights_only=False)["epoch"] == 2  # renamed, never stored
     assert not stages.is_done(stages.stage_dir(cfg, "teacher"), stages.teacher_fp(cfg))
 
-    # Run again on another node (empty mirror): it resumes from the stored epoch-1 checkpoint and completes.
-    monkeypatch.setenv(storage.OBJECT_CACHE_ENV, str(tmp_path / "mirror-b"))
+    # Run again on this node: the store's version wins over the mirror's; resumes from epoch 1 and completes.
     caplog.set_level(logging.INFO, logger="oal")
     res = stages.run_teacher(cfg, progress=False)
     assert "(epoch 1)" in caplog.text and "resuming from" in caplog.text
@@ -145,18 +155,53 @@ def test_a_stage_whose_s3_server_stops_mid_write_is_not_complete_and_resumes(s3,
     assert not res.skipped and stages.is_done(stages.stage_dir(cfg, "teacher"), stages.teacher_fp(cfg))
 
 
+def test_a_mirror_file_is_the_stores_version_or_nothing(s3, tmp_path):
+    """pull/load_torch read the store's version: a replaced object (same size, same second) is fetched again; a
+    deleted one leaves no stale mirror file behind to be loaded."""
+    path = storage.mirror("s3://runs/v/x.pt")
+    storage.save_torch({"v": 1}, path)
+    size = path.stat().st_size
+    other = tmp_path / "other" / "x.pt"  # torch.save records the file's name: the same name, the same size
+    storage.save_torch({"v": 2}, other)
+    assert other.stat().st_size == size  # the same size: only the version tells them apart
+    storage.client().upload_file(str(other), "runs", "v/x.pt")  # another node writes it
+    assert storage.load_torch(path, "test file") == {"v": 2}
+
+    storage.client().delete_object(Bucket="runs", Key="v/x.pt")  # e.g. removed to force a recompute
+    with pytest.raises(FileNotFoundError, match=r"test file 's3://runs/v/x\.pt' does not exist"):
+        storage.load_torch(path, "test file")
+    assert not path.exists()
+    assert storage.listing("s3://runs/v") == [] and storage.listing(tmp_path, "*/x.pt") == [other]
+
+
 def test_missing_bucket_or_refused_credentials_fail_at_once_naming_bucket_and_source(s3, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"bucket 'nope' at http://127\.0\.0\.1:\d+ does not exist .*credentials "
                                          r"from the environment \(AWS_ACCESS_KEY_ID"):
         storage.check_bucket("s3://nope/runs")
     storage.check_bucket("s3://runs/anything")  # the existing bucket passes
 
-    # A server that checks credentials (moto's IAM mode from its first request): this key is unknown to it
-    strict = S3Server(tmp_path, {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    # A server that checks credentials (moto's IAM mode after 5 requests: its start probe and the set-up): a key
+    # unknown to it, then a user that may read the bucket but not write to it
+    strict = S3Server(tmp_path, {"INITIAL_NO_AUTH_ACTION_COUNT": "5"})
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", strict.endpoint)
+        import boto3
+
+        storage.client().create_bucket(Bucket="locked")
+        iam = boto3.client("iam", endpoint_url=strict.endpoint)
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                                                   {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
         with pytest.raises(ValueError, match=r"bucket 'locked' .* refused credentials from the environment .*"
-                                             r"\((403|InvalidAccessKeyId)\)"):
+                                             r"\((403|InvalidAccessKeyId) on HeadBucket\)"):
+            storage.check_bucket("s3://locked/runs")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        storage.client().head_bucket(Bucket="locked")  # it may read
+        with pytest.raises(ValueError, match=r"bucket 'locked' .* refused credentials from the environment .*"
+                                             r"\(AccessDenied on PutObject\)"):
             storage.check_bucket("s3://locked/runs")
     finally:
         strict.stop()
@@ -169,7 +214,6 @@ def test_the_cli_reports_a_missing_bucket_before_any_stage(s3, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("oal: storage error: output_dir 's3://absent-bucket/x': "
                                                         "bucket 'absent-bucket'"), r.stderr[-2000:]
-    assert not list(tmp_path.rglob("stage.json"))
 
 
 def test_mirror_paths_map_to_uris_and_back(tmp_path, monkeypatch):
@@ -182,3 +226,51 @@ def test_mirror_paths_map_to_uris_and_back(tmp_path, monkeypatch):
     assert storage.remote(tmp_path / "elsewhere" / "f") is None and storage.uri("/data/f") == "/data/f"
     with pytest.raises(ValueError, match="expected s3://bucket/prefix"):
         storage.mirror("gs://b/x")
+
+
+def test_a_trials_checkpoints_and_a_best_config_are_found_in_the_store(s3, tmp_path):
+    """With Ray's storage in the bucket, a tune trial that ASHA stopped has its checkpoints only there:
+    `jobs.evaluate` lists them in the store. A config naming an s3 run's file by its mirror path (as
+    tune/best.yaml does) is accepted on a node that never fetched it, and only if the store holds it."""
+    from jobs.evaluate import resolve
+    from oal.config import ConfigError, absolute_paths
+
+    cfg = load_config("digits", [*QUICK, "output_dir=s3://runs/t"])
+    run = "t/digits-trial-abc/ray/digits-trial-abc-student"
+    for i in (1, 2):
+        storage.client().put_object(Bucket="runs", Key=f"{run}/checkpoint_00000{i}/checkpoint.pt", Body=b"%d" % i)
+    path, label = resolve(cfg, None, "abc")
+    assert path == storage.mirror(f"s3://runs/{run}/checkpoint_000002/checkpoint.pt") and label == "trial-abc"
+    assert path.read_bytes() == b"2"  # fetched
+    assert resolve(cfg, f"s3://runs/{run}", None)[0] == path  # --checkpoint: the Ray Train run folder's URI
+    with pytest.raises(FileNotFoundError, match="trial 'zzz' has no checkpoint"):
+        resolve(cfg, None, "zzz")
+
+    shutil.rmtree(storage.cache_root())
+    got = absolute_paths(load_config("digits", [f"model.teacher_checkpoint={path}"]))
+    assert got.model.teacher_checkpoint == str(path) and not path.exists()
+    with pytest.raises(ConfigError, match="model.teacher_checkpoint' is .* which does not exist"):
+        absolute_paths(load_config("digits", [f"model.teacher_checkpoint={path.parent.parent}/checkpoint_9/x.pt"]))
+
+
+def test_metrics_buffered_on_a_worker_reach_the_store(s3, tmp_path, monkeypatch):
+    """MLflow down: a stage's buffered metric lines (tracking_buffer.jsonl) are put into the store, not left on
+    the worker's disk; a later append on another node continues the store's file."""
+    import socket
+
+    import mlflow
+
+    from oal.tracking import MetricLogger
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", "http://127.0.0.1:1")
+    buf = storage.mirror("s3://runs/m/digits/teacher/tracking_buffer.jsonl")
+    MetricLogger("0123456789abcdef", buf, dead).log({"loss": 0.5}, step=1)
+    monkeypatch.setenv(storage.OBJECT_CACHE_ENV, str(tmp_path / "mirror-b"))  # another node
+    other = storage.mirror("s3://runs/m/digits/teacher/tracking_buffer.jsonl")
+    assert other != buf and not other.exists()
+    MetricLogger("0123456789abcdef", other, dead).log({"loss": 0.25}, step=2)
+    rows = [json.loads(x) for x in storage.read_text("s3://runs/m/digits/teacher/tracking_buffer.jsonl").splitlines()]
+    assert [(r["step"], r["metrics"]) for r in rows] == [(1, {"loss": 0.5}), (2, {"loss": 0.25})]
