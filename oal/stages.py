@@ -108,9 +108,9 @@ def _resume_ok(ckpt: Path, fp: str) -> bool:
     """Resume only from a checkpoint written for the same inputs; otherwise start over."""
     if not storage.exists(ckpt):
         return False
-    meta = load_torch(ckpt, "checkpoint").get("meta", {})
-    if meta.get("fingerprint") == fp:
-        log.info("resuming from %s (epoch %s)", ckpt, load_torch(ckpt, "checkpoint").get("epoch"))
+    state = load_torch(ckpt, "checkpoint")
+    if state.get("meta", {}).get("fingerprint") == fp:
+        log.info("resuming from %s (epoch %s)", ckpt, state.get("epoch"))
         return True
     log.warning("checkpoint %s was written for other inputs; starting over", ckpt)
     return False
@@ -412,12 +412,13 @@ def load_base(cfg: C.OALConfig, net: Classifier, num_classes: int) -> None:
         raise FileNotFoundError(f"base checkpoint '{path}' does not exist (model.student_init=base); run the base "
                                 f"stage first (`oal base`), give model.base_checkpoint, or set "
                                 f"model.student_init=scratch")
-    meta = load_torch(path, "base checkpoint").get("meta", {})
+    state = load_torch(path, "base checkpoint")
+    meta = state.get("meta", {})
     arch, classes = meta.get("arch"), meta.get("num_classes")
     if arch != cfg.model.student or classes != num_classes:
         raise ValueError(f"base checkpoint '{path}' (model.base_checkpoint) holds a {arch} with {classes} classes; "
                          f"expected model.student={cfg.model.student} with {num_classes} classes")
-    loaded = load_checkpoint_net(path, net, cfg.eval.checkpoint)
+    loaded = load_checkpoint_net(path, net, cfg.eval.checkpoint, state)
     log.info("student starts from the base checkpoint %s (epoch %s, %s)", path, loaded["epoch"], cfg.eval.checkpoint)
 
 
@@ -432,12 +433,13 @@ def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -
     if not storage.exists(path):
         raise FileNotFoundError(f"teacher checkpoint '{path}' does not exist; run `oal teacher` first, or set "
                                 f"loss.w_logit_kd=0 loss.w_feat_kd=0 to train without a teacher")
-    meta = load_torch(path, "teacher checkpoint").get("meta", {})
+    state = load_torch(path, "teacher checkpoint")
+    meta = state.get("meta", {})
     if meta.get("input_size", teacher_input_size(cfg)) != teacher_input_size(cfg):
         raise ValueError(f"teacher checkpoint '{path}' was trained at {meta['input_size']} px; this config builds the "
                          f"teacher at {teacher_input_size(cfg)} px (model.teacher_image_size)")
     net = build_teacher(cfg.model, num_classes, cfg.data.image_size)
-    load_checkpoint_net(path, net, cfg.eval.checkpoint)  # the reference distils from the teacher's best.ckpt
+    load_checkpoint_net(path, net, cfg.eval.checkpoint, state)  # the reference distils from the teacher's best.ckpt
     return net.eval()
 
 
@@ -592,9 +594,9 @@ def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None
                shard: Shard = (0, 1)) -> dict[str, Any]:
     """The checkpoint's outputs on one slice of each dataset the evaluation needs (`oal.evaluate.eval_sets`)."""
     bench = bench or build_benchmark(cfg.data)
-    meta = load_torch(checkpoint, f"{of} checkpoint").get("meta", {})
-    net = build_student(meta.get("arch", cfg.model.student), bench.num_classes)
-    loaded = load_checkpoint_net(Path(checkpoint), net, cfg.eval.checkpoint)
+    state = load_torch(checkpoint, f"{of} checkpoint")
+    net = build_student(state.get("meta", {}).get("arch", cfg.model.student), bench.num_classes)
+    loaded = load_checkpoint_net(Path(checkpoint), net, cfg.eval.checkpoint, state)
     device = resolve_device(cfg.device)
     net = net.to(device).eval()
     outs = {key: collect(net, data_shard(ds, *shard), cfg.data.eval_batch_size, device, cfg.data.num_workers)

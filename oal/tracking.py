@@ -306,9 +306,10 @@ class Tracker:
         from oal.models import LogitsOnly, build_student
         from oal.train import load_checkpoint_net
 
-        meta = torch.load(storage.pull(checkpoint), map_location="cpu", weights_only=False).get("meta", {})
+        state = storage.load_torch(checkpoint, "student checkpoint")
+        meta = state.get("meta", {})
         net = build_student(meta.get("arch", cfg.model.student), meta["num_classes"]).eval()
-        load_checkpoint_net(checkpoint, net, cfg.eval.checkpoint)  # the weights the evaluation scored
+        load_checkpoint_net(checkpoint, net, cfg.eval.checkpoint, state)  # the weights the evaluation scored
         x = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size)
         served = LogitsOnly(net).eval()
         with torch.no_grad():

@@ -448,11 +448,13 @@ def _check_finite(acc: Accelerator, total: torch.Tensor, terms: dict[str, torch.
             f"Last good checkpoint: '{ckpt}'" + ("" if ckpt.exists() else " (none written yet)"))
 
 
-def load_checkpoint_net(path: str | Path, net: nn.Module, which: str = "last") -> dict[str, Any]:
+def load_checkpoint_net(path: str | Path, net: nn.Module, which: str = "last",
+                        state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the network weights of a `fit` checkpoint into `net`: those of its last epoch, or with `which="best"`
     those of the epoch with the best ID validation accuracy (the last where no validation ran). Returns the
-    checkpoint's meta, with `epoch` set to the loaded epoch."""
-    state = load_torch(path, "checkpoint")
+    checkpoint's meta, with `epoch` set to the loaded epoch. `state`: the file's contents when the caller has
+    read it already (a ViT-B/16 checkpoint is 1 GB with its optimizer state: read once)."""
+    state = load_torch(path, "checkpoint") if state is None else state
     if not isinstance(state, dict) or "modules" not in state:
         raise ValueError(f"checkpoint '{path}' is not an OAL checkpoint (no 'modules' entry)")
     if which not in ("last", "best"):
