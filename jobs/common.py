@@ -33,16 +33,18 @@ def parser(description: str) -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> C.OALConfig:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        # Files are addressed by absolute path: Ray workers do not share the driver's working directory.
-        cfg = C.absolute_paths(C.load_config(args.config, args.overrides))
+        cfg = C.load_config(args.config, args.overrides)
     except C.ConfigError as e:
         sys.exit(f"config error: {e}")
-
     try:  # an s3:// output_dir's missing bucket or refused credentials: now, not after the first stage
         storage.check_bucket(cfg.output_dir)
     except ValueError as e:
         sys.exit(f"storage error: {e}")
-    return cfg
+    try:
+        # Files are addressed by absolute path: Ray workers do not share the driver's working directory.
+        return C.absolute_paths(cfg)
+    except C.ConfigError as e:
+        sys.exit(f"config error: {e}")
 
 
 def driver_address(address: str | None = None) -> str:

@@ -16,6 +16,7 @@ bookkeeping on top. The pool here is ~60 lines and every failure path is ours to
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import replace
@@ -26,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from oal import config as C
-from oal import stages
+from oal import stages, storage
 from oal.storage import load_torch, save_torch
 from oal.synthesize import LatentSynthesizer, ShardSpec, finalize, plan_shards, shard_ok
 
@@ -37,7 +38,8 @@ class SynthActor:
     """Holds one diffusion model; computes shards on request."""
 
     def __init__(self, diffusion: dict, class_names: list[str], outliers: torch.Tensor, model_seed: int,
-                 use_gpu: bool, threads: int):
+                 use_gpu: bool, threads: int, object_cache: str):
+        os.environ[storage.OBJECT_CACHE_ENV] = object_cache  # the model checkpoint is named by the driver's mirror path
         torch.set_num_threads(max(1, threads))  # share the node's cores with the other actors
         self.synth = LatentSynthesizer(C.DiffusionConfig(**diffusion), class_names, outliers,
                                        "cuda" if use_gpu else "cpu", model_seed)
@@ -68,7 +70,7 @@ class ActorPool:
         opts = {"num_gpus": 1, "num_cpus": 1} if k.use_gpu else {"num_cpus": k.synth_cpus_per_actor}
         self._remote: Any = ray.remote(**opts)(SynthActor)
         self._args = (C.to_dict(cfg.diffusion), class_names, ray.put(outliers), cfg.seed, k.use_gpu,
-                      max(1, int(k.synth_cpus_per_actor)))
+                      max(1, int(k.synth_cpus_per_actor)), str(storage.cache_root()))
         self.actors: list[Any] = [self._remote.remote(*self._args) for _ in range(size or k.synth_actors)]
 
     def replace(self, dead: Any) -> Any:

@@ -537,8 +537,9 @@ def absolute_paths(cfg: OALConfig, cwd: Path | None = None) -> OALConfig:
                 node[leaf] = str(path.resolve())
             continue
         # an s3:// run's file, named by its mirror path (e.g. tune/best.yaml's checkpoints), is looked for in the
-        # store: it is fetched when read, the node running this may never have had it
-        if key != "output_dir" and not path.exists() and not (storage.remote(path) and storage.exists(path)):
+        # store only: it is fetched when read (this node may never have had it) and a mirror copy of an object
+        # that is gone does not count
+        if key != "output_dir" and not (storage.exists(path) if storage.remote(path) else path.exists()):
             raise ConfigError(f"'{key}' is '{value}', which does not exist (looked for {path}); expected an "
                               f"existing {'folder' if key.startswith('data.') else 'file'}")
         node[leaf] = str(path.resolve())

@@ -35,6 +35,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with _renamed_into(path) as tmp:
         yield tmp
+        if remote(path) is not None:  # before the rename: a reader must never pair the new file with the old version
+            _version_file(path).unlink(missing_ok=True)
     upload(path)
 
 
@@ -205,7 +207,7 @@ def pull(path: str | os.PathLike) -> Path:
     head = _head(*loc)
     if head is None:
         if path.is_file():
-            path.unlink()
+            path.unlink(missing_ok=True)
             _version_file(path).unlink(missing_ok=True)
         return path
     if _same(path, head):
@@ -222,7 +224,7 @@ def listing(folder: str | os.PathLike, pattern: str = "**") -> list[Path]:
     folder = local(folder)
     loc = remote(folder)
     if loc is None:
-        return sorted(p for p in folder.glob(pattern) if p.is_file())
+        return sorted(p for p in (folder.rglob("*") if pattern == "**" else folder.glob(pattern)) if p.is_file())
     bucket, prefix = loc[0], loc[1].rstrip("/") + "/"
     found = []
     for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

@@ -166,6 +166,18 @@ def test_a_shard_whose_worker_dies_is_retried_alone(ray_driver, tmp_path, monkey
     merged, (merger, merger_cache) = common.on_shards(cfg.cluster, "the test stage", shard_fn, finish, 7)
     cache = str((tmp_path / "driver-cache").resolve())
     assert merged == [(0, 2, 7, cache), (1, 2, 14, cache)] and merger_cache == cache
+    # and so does a synthesis actor (it loads the diffusion checkpoint by the driver's mirror path)
+    import ray
+    import torch
+
+    from jobs.synthesize import ActorPool
+
+    pool = ActorPool(_cfg(tmp_path, "diffusion.steps=2"), ["a", "b"], torch.zeros(2, 1, 32), size=1)
+    try:
+        seen = ray.get(pool.actors[0].__ray_call__.remote(lambda actor: os.environ.get(storage.OBJECT_CACHE_ENV)))
+    finally:
+        pool.shutdown()
+    assert seen == cache
     assert merger != os.getpid()
     attempts = [p.name.split("-")[0] for p in marks.iterdir() if p.name != "died"]
     assert sorted(attempts) == ["0", "1", "1"], attempts  # shard 1 twice: the retry ran; shard 0 once

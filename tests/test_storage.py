@@ -251,6 +251,12 @@ def test_a_trials_checkpoints_and_a_best_config_are_found_in_the_store(s3, tmp_p
     assert got.model.teacher_checkpoint == str(path) and not path.exists()
     with pytest.raises(ConfigError, match="model.teacher_checkpoint' is .* which does not exist"):
         absolute_paths(load_config("digits", [f"model.teacher_checkpoint={path.parent.parent}/checkpoint_9/x.pt"]))
+    # a mirror copy of an object that is gone does not count
+    storage.pull(path)
+    storage.client().delete_object(Bucket="runs", Key=f"{run}/checkpoint_000002/checkpoint.pt")
+    assert path.is_file()
+    with pytest.raises(ConfigError, match="model.teacher_checkpoint' is .* which does not exist"):
+        absolute_paths(load_config("digits", [f"model.teacher_checkpoint={path}"]))
 
 
 def test_metrics_buffered_on_a_worker_reach_the_store(s3, tmp_path, monkeypatch):
