@@ -117,8 +117,9 @@ def _trial_mlflow_run(cfg: C.OALConfig, base: C.OALConfig, mlflow_info: dict, tr
 
     client = MlflowClient(mlflow_info["uri"])
     record = cfg.run_dir / "mlflow_run.json"
-    if storage.exists(record):  # asked of the bucket with an s3:// output_dir: the trial may restart on another node
-        return str(json.loads(storage.pull(record).read_text())["run_id"])
+    known = storage.read_text(record)  # asked of the bucket with an s3:// output_dir: the trial may restart elsewhere
+    if known is not None:
+        return str(json.loads(known)["run_id"])
     run = client.create_run(mlflow_info["experiment_id"], run_name=f"trial-{trial_id}",
                             tags={"mlflow.parentRunId": mlflow_info["parent"], "oal.kind": "trial"})
     for k, v in {**{w: getattr(cfg.loss, w) for w in base.search.weights}, "student.lr": cfg.student.lr}.items():
@@ -191,8 +192,9 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
     ray_storage = cfg.ray_storage
     parent_file = out / "mlflow_parent.json"  # so that a resumed search keeps one parent run
     resume_parent = None
-    record = storage.read_text(parent_file)  # from the store under an s3:// output_dir, as the search state is
-    if tracker.enabled and record and tune.Tuner.can_restore(json.loads(record)["path"]):
+    # read from the store under an s3:// output_dir, as the search state is; only when there is a run to resume
+    record = storage.read_text(parent_file) if tracker.enabled else None
+    if record and tune.Tuner.can_restore(json.loads(record)["path"]):
         resume_parent = json.loads(record)["run_id"]
     with tracker.pipeline_run(cfg, kind="tune", resume_run_id=resume_parent) as parent_id:
         full = pipeline.prepare(every_term(cfg), tracker, results, progress)

@@ -169,6 +169,11 @@ def _version_file(path: Path) -> Path:
     return cache_root() / "versions" / path.resolve().relative_to(cache_root())
 
 
+def _mark(path: Path, head: dict) -> str:
+    """What the version file of a mirror file holding the object `head` describes says."""
+    return f"{head['ETag']} {path.stat().st_size}"
+
+
 def _stamp(path: Path, head: dict) -> None:
     """Record which version of the object the mirror file holds (its ETag; written after the file), and give the
     file the object's time (so that a file's size and time, e.g. in a fingerprint, agree on every node)."""
@@ -176,12 +181,12 @@ def _stamp(path: Path, head: dict) -> None:
     os.utime(path, (t, t))
     v = _version_file(path)
     v.parent.mkdir(parents=True, exist_ok=True)
-    v.write_text(f"{head['ETag']} {path.stat().st_size}")
+    v.write_text(_mark(path, head))
 
 
 def _same(path: Path, head: dict) -> bool:
     v = _version_file(path)
-    return path.is_file() and v.is_file() and v.read_text() == f"{head['ETag']} {path.stat().st_size}"
+    return path.is_file() and v.is_file() and v.read_text() == _mark(path, head)
 
 
 def upload(path: str | os.PathLike) -> None:
@@ -247,7 +252,7 @@ def exists(path: str | os.PathLike) -> bool:
     """Whether the file exists: in the store for an s3:// URI or a mirror path, on disk otherwise."""
     path = local(path)
     loc = remote(path)
-    return Path(path).exists() if loc is None else _head(*loc) is not None
+    return path.exists() if loc is None else _head(*loc) is not None
 
 
 def read_text(path: str | os.PathLike) -> str | None:
@@ -255,8 +260,7 @@ def read_text(path: str | os.PathLike) -> str | None:
     path = local(path)
     loc = remote(path)
     if loc is None:
-        p = Path(path)
-        return p.read_text() if p.is_file() else None
+        return path.read_text() if path.is_file() else None
     try:
         return client().get_object(Bucket=loc[0], Key=loc[1])["Body"].read().decode()
     except Exception as e:
@@ -305,9 +309,8 @@ def check_bucket(output_uri: str) -> None:
             raise ValueError(f"{where} does not exist (checked with {credential_source()}); create it "
                              f"(`aws s3 mb s3://{bucket}`) or name another") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "401"):
-            op = e.operation_name if hasattr(e, "operation_name") else "a request"
-            raise ValueError(f"{where} refused {credential_source()} ({code} on {op}); set credentials that may "
-                             f"read and write it") from None
+            raise ValueError(f"{where} refused {credential_source()} ({code} on {e.operation_name}); set credentials "
+                             f"that may read and write it") from None
         raise ValueError(f"{where}: {code} {e} ({credential_source()})") from None
     except BotoCoreError as e:  # no credentials, endpoint not answering
         raise ValueError(f"{where} cannot be reached ({e}; {credential_source()})") from None
