@@ -59,6 +59,7 @@ RECORDED = (*PORTS, "num_cpus", "bucket", "ray_temp_dir")
 RAY_WORKER_PORTS = range(10002, 20000)
 RAY_DEFAULT_TOKEN = Path.home() / ".ray" / "auth_token"
 STOP_WAIT_S = 45.0  # `ray start --block` drains for up to 30 s on SIGTERM
+AUTH_CACHE_SECONDS = 300  # MLflow basic-auth: how long a checked password is remembered (see _auth_config)
 # Health checks only ever talk to loopback: never through a proxy from the environment.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -287,12 +288,16 @@ class Stack:
 
     def _auth_config(self) -> Path:
         """The basic-auth app's settings: its user store beside mlflow.db; a logged-in user may read every
-        experiment, and writes to the ones it created (what the jobs' user does)."""
+        experiment, and writes to the ones it created (what the jobs' user does). A checked password is
+        remembered for AUTH_CACHE_SECONDS (MLflow's own cache, off by default): without it every request hashes
+        the password again, half a second each on 2 cores, and a pipeline makes hundreds. One server worker, so a
+        password changed through the API takes effect at once (MLflow drops that user's cached entries)."""
         path = self.state_dir / "mlflow_auth.ini"
         path.write_text("[mlflow]\ndefault_permission = READ\n"
                         f"database_uri = sqlite:///{self.state_dir / 'mlflow_auth.db'}\n"
                         "admin_username = admin\n"
-                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                        f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n")
         return path
 
     def _ensure_jobs_user(self) -> None:

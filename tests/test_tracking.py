@@ -14,6 +14,7 @@ import sqlite3
 import struct
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -191,7 +192,16 @@ def test_artifacts_are_in_s3(tracked_run, stack):
     import mlflow
 
     models = mlflow.search_logged_models(experiment_ids=[tracked_run["exp"].experiment_id], output_format="list")
-    assert any(m.name == "student" for m in models)
+    student = [m for m in models if m.name == "student"]
+    assert len(student) == 1
+    # the evaluation's metrics are the model's (logged against it, not linked afterwards)
+    linked = {m.key: m.value for m in student[0].metrics}
+    assert linked["id_accuracy"] == pytest.approx(kids["eval"].data.metrics["id_accuracy"])
+    assert set(linked) == {k for k in kids["eval"].data.metrics if not k.startswith("system/")}
+    assert len(linked) > 20
+    # its requirements are named (MLflow's inference not run), pinned to this environment's versions
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{student[0].model_id}")).read_text().split()
+    assert f"torch=={version('torch').split('+')[0]}" in reqs and any(r.startswith("oal==") for r in reqs)
 
 
 def test_no_secret_reaches_mlflow_s3_or_logs(tracked_run, stack):
