@@ -262,8 +262,8 @@ class Tracker:
                 mlflow.log_artifact(str(d / "grid.png"))
         if result.name in ("eval", "eval_base") and report is not None:
             # The model first, so that the metrics below are logged against it (the logged model's page shows
-            # them). Logged after them, MLflow would link them itself by reading each metric's history back: one
-            # request per metric, some 200 here (37 s of a 4-minute digits pipeline on 2 cores).
+            # them). Logged after them, MLflow links them itself by reading each metric's history back: one
+            # request per metric, some 200 for digits.
             model_id = None
             if self.log_model and student is not None and cfg is not None:
                 model_id = self._model(cfg, Path(student.outputs["checkpoint"]))
