@@ -194,7 +194,7 @@ def test_artifacts_are_in_s3(tracked_run, stack):
     models = mlflow.search_logged_models(experiment_ids=[tracked_run["exp"].experiment_id], output_format="list")
     student = [m for m in models if m.name == "student"]
     assert len(student) == 1
-    # the evaluation's metrics are the model's (logged against it, not linked afterwards)
+    # the evaluation's metrics are the model's (MLflow would also link them if logged before it: this checks the link)
     linked = {m.key: m.value for m in student[0].metrics}
     assert linked["id_accuracy"] == pytest.approx(kids["eval"].data.metrics["id_accuracy"])
     assert set(linked) == {k for k in kids["eval"].data.metrics if not k.startswith("system/")}
