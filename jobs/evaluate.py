@@ -46,8 +46,8 @@ def resolve(cfg: C.OALConfig, checkpoint: str | None, trial: str | None) -> tupl
         finished = trial_cfg.run_dir / "student" / CHECKPOINT
         # its Ray Train run, in the trial's Ray storage (the bucket's when output_dir is s3://)
         ray_run = f"{trial_cfg.ray_storage.rstrip('/')}/{name}-student"
-        path = storage.pull(finished)
-        path = path if path.is_file() else _newest_ray_checkpoint(ray_run)
+        pulled = storage.pull(finished)
+        path = pulled if pulled.is_file() else _newest_ray_checkpoint(ray_run)
         if path is None:
             raise FileNotFoundError(f"trial '{trial}' has no checkpoint: neither {storage.uri(finished)} nor a "
                                     f"checkpoint_*/{CHECKPOINT} under {ray_run} (is it a trial id of a search run "
