@@ -254,9 +254,10 @@ def fit_ldm(
                 noisy = noise_sched.add_noise(z, noise, t)
                 drop = torch.rand(len(y), generator=gen) < cfg.cond_dropout
                 cls = torch.where(drop, len(class_names), y)  # the empty prompt for a share of the images
-                weight = None if cfg.snr_gamma is None else snr_weights(noise_sched.alphas_cumprod, t, cfg.snr_gamma)
+                weight = (None if cfg.snr_gamma is None
+                          else snr_weights(noise_sched.alphas_cumprod, t, cfg.snr_gamma).to(acc.device))
                 loss, terms = unet_model(noisy.to(acc.device), t.to(acc.device), cls.to(acc.device),
-                                         noise.to(acc.device), None if weight is None else weight.to(acc.device))
+                                         noise.to(acc.device), weight)
                 opt = unet_opt
             if not torch.isfinite(loss.detach()):
                 raise RuntimeError(f"builtin-ldm: non-finite {phase} loss at epoch {epoch + 1}, step {batch_idx + 1}; "
