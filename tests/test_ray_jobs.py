@@ -249,8 +249,13 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
 
     first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     teacher_done = lambda: bool(keys("teacher/stage.json"))  # noqa: E731
-    # Stop while the teacher trains: once Ray Train holds a reported checkpoint of it (in S3), before it finishes
-    reported = lambda: [k for k in keys("ray/") if "teacher" in k and "/checkpoint_" in k]  # noqa: E731
+    # Stop while the teacher trains: once Ray Train holds a reported checkpoint of it (in S3), before it finishes.
+    # Held means registered in the run's checkpoint-manager snapshot, which a restarted run restores from: a
+    # checkpoint_* folder alone can be an upload the manager has not registered yet (a resume from scratch).
+    def reported():
+        snaps = [k for k in keys("ray/") if "teacher" in k and k.endswith("/checkpoint_manager_snapshot.json")]
+        return any(stored(k.split("/digits/", 1)[1]).get("latest_checkpoint_result") for k in snaps)
+
     deadline = time.time() + 300
     while not reported() and not teacher_done() and time.time() < deadline:
         assert client.get_job_status(first) not in (JobStatus.FAILED,), client.get_job_logs(first)[-3000:]
