@@ -206,6 +206,17 @@ def embeddings_on_workers(cfg: C.OALConfig) -> Any:
                      functools.partial(stages.finish_embeddings, cfg, fp), cfg)
 
 
+def knn_on_workers(cfg: C.OALConfig) -> Any:
+    """The k-NN stage (`oal.stages.run_knn`) with its classes split over `shard_count` Ray workers; skipped when
+    up to date."""
+    from oal import stages
+
+    d, fp = stages.stage_dir(cfg, "knn"), stages.knn_fp(cfg)
+    if stages.is_done(d, fp):
+        return stages.skipped("knn", d, fp)
+    return on_shards(cfg.cluster, "the knn stage", stages.knn_shard, functools.partial(stages.finish_knn, cfg, fp), cfg)
+
+
 def evaluate_on_workers(cfg: C.OALConfig, what: str, checkpoint: str | None = None, out_dir: Any = None,
                         force: bool = False, of: str = "student") -> Any:
     """`oal.stages.run_evaluate` over `shard_count` Ray workers: (StageResult, report or None when skipped)."""

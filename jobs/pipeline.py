@@ -7,8 +7,8 @@ diffusion.model=builtin-ldm (Ray Train) -> embeddings -> anchors -> k-NN outlier
 -> latent outliers (actor pool) -> OAL student (Ray Train; starts from the base student with
 model.student_init=base) -> evaluation of both (Ray tasks) -> results.md (CE baseline row, OAL row).
 Every stage that computes runs in a Ray worker with a training worker's resources (a GPU with
-cluster.use_gpu=true); embeddings and evaluation split their data over cluster.shards such workers (default: one
-per training worker) and merge in order. The driver only orchestrates and tracks.
+cluster.use_gpu=true); embeddings and evaluation split their data, k-NN its classes, over cluster.shards such
+workers (default: one per training worker) and merge in order. The driver only orchestrates and tracks.
 Stopping and resubmitting the job redoes only what is missing: finished stages are skipped by
 fingerprint, and a training stage resumes from its last Ray Train checkpoint.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
-from jobs.common import embeddings_on_workers, evaluate_on_workers, on_worker
+from jobs.common import embeddings_on_workers, evaluate_on_workers, knn_on_workers, on_worker
 from oal import config as C
 from oal import stages, storage
 from oal.tracking import Tracker
@@ -49,10 +49,12 @@ def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageR
         with tracker.stage("embeddings", cfg):
             results["embeddings"] = embeddings_on_workers(cfg)
             tracker.record_stage(results["embeddings"])
-        for name, fn in (("anchors", stages.run_anchors), ("knn", stages.run_knn)):
-            with tracker.stage(name, cfg):
-                results[name] = on_worker(cfg.cluster, f"the {name} stage", fn, cfg)
-                tracker.record_stage(results[name])
+        with tracker.stage("anchors", cfg):
+            results["anchors"] = on_worker(cfg.cluster, "the anchors stage", stages.run_anchors, cfg)
+            tracker.record_stage(results["anchors"])
+        with tracker.stage("knn", cfg):
+            results["knn"] = knn_on_workers(cfg)  # classes split over the workers
+            tracker.record_stage(results["knn"])
     if need_lat:
         with tracker.stage("latents", cfg):
             results["latents"] = js.run_stage(cfg, progress)

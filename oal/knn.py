@@ -5,6 +5,9 @@ boundary); then, for `rounds` rounds, perturb `pic_nums` random boundary points 
 Gaussian draws each (scale `sigma`), L2-normalise, and keep the `keep_per_point` candidates whose
 K-th NN distance to the class's ID points is largest. Kept vectors are scaled by the class anchor's
 norm so that they live at the scale of the text encoder's token embeddings.
+
+Each class draws from its own generator, seeded by (seed, class), so that classes can be sampled apart (a Ray job
+spreads them over workers) and give the same outliers as one process sampling them all.
 """
 
 from __future__ import annotations
@@ -68,16 +71,32 @@ def sample_class(feats: torch.Tensor, cfg: KNNConfig, gen: torch.Generator) -> t
     return torch.cat(kept)  # (rounds * P * keep, D)
 
 
-def sample_outliers(embeddings: torch.Tensor, cfg: KNNConfig, seed: int,
-                    anchor_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """ID embeddings [C, N, D] -> outlier embeddings [C, M, D], scaled by each class anchor's norm."""
+def class_generator(seed: int, c: int) -> torch.Generator:
+    """Class `c`'s own random stream: independent of the other classes' and of the order they are sampled in."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, c]).generate_state(1, np.uint64)[0]))
+
+
+def sample_classes(embeddings: torch.Tensor, cfg: KNNConfig, seed: int, classes: range | None = None) -> torch.Tensor:
+    """ID embeddings [C, N, D] -> unit-norm outlier embeddings [len(classes), M, D] of `classes` (default: all)."""
     if embeddings.dim() != 3:
         raise ValueError(f"ID embeddings must be [C, N, D]; got shape {tuple(embeddings.shape)}")
     check_config(cfg, embeddings.shape[1])
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.stack([sample_class(embeddings[c], cfg, gen) for c in range(embeddings.shape[0])])  # (C, M, D)
-    if anchor_norms is not None:
-        if anchor_norms.shape != (embeddings.shape[0],):
-            raise ValueError(f"anchor norms must be [C={embeddings.shape[0]}]; got {tuple(anchor_norms.shape)}")
-        out = out * anchor_norms.view(-1, 1, 1).float()
-    return out
+    classes = range(embeddings.shape[0]) if classes is None else classes
+    if not classes:  # a block of no classes (more Ray workers than classes)
+        return embeddings.new_zeros(0, cfg.rounds * cfg.pic_nums * cfg.keep_per_point, embeddings.shape[2])
+    return torch.stack([sample_class(embeddings[c], cfg, class_generator(seed, c)) for c in classes])
+
+
+def scale_to_anchors(outliers: torch.Tensor, anchor_norms: torch.Tensor | None) -> torch.Tensor:
+    """Unit-norm outliers [C, M, D] scaled by each class anchor's norm [C] (unchanged when None)."""
+    if anchor_norms is None:
+        return outliers
+    if anchor_norms.shape != (outliers.shape[0],):
+        raise ValueError(f"anchor norms must be [C={outliers.shape[0]}]; got {tuple(anchor_norms.shape)}")
+    return outliers * anchor_norms.view(-1, 1, 1).float()
+
+
+def sample_outliers(embeddings: torch.Tensor, cfg: KNNConfig, seed: int,
+                    anchor_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """ID embeddings [C, N, D] -> outlier embeddings [C, M, D], scaled by each class anchor's norm."""
+    return scale_to_anchors(sample_classes(embeddings, cfg, seed), anchor_norms)

@@ -192,7 +192,8 @@ def anchors_fp(cfg: C.OALConfig) -> str:
 
 
 def knn_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("knn", anchors_fp(cfg), cfg.knn, cfg.seed)
+    # "per-class-streams": since each class draws from its own seeded generator (outputs differ from before)
+    return C.fingerprint("knn", anchors_fp(cfg), cfg.knn, cfg.seed, "per-class-streams")
 
 
 def latents_fp(cfg: C.OALConfig) -> str:
@@ -500,21 +501,39 @@ def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
 
 def run_knn(cfg: C.OALConfig, force: bool = False) -> StageResult:
     """k-NN boundary outlier embeddings [C, M, E], in the conditioning space, at the anchors' scale."""
-    from oal.diffusion import AnchorProjection
-    from oal.knn import sample_outliers
-
     d, fp = stage_dir(cfg, "knn"), knn_fp(cfg)
     if not force and is_done(d, fp):
         return skipped("knn", d, fp)
+    return finish_knn(cfg, fp, [knn_shard(cfg)])
+
+
+def knn_shard(cfg: C.OALConfig, shard: Shard = (0, 1)) -> dict[str, Any]:
+    """Unit-norm outliers of one contiguous block of classes (a Ray job spreads the blocks over workers; each
+    class has its own seeded stream, so the blocks equal one process's)."""
+    from oal.diffusion import AnchorProjection
+    from oal.knn import sample_classes
+
     emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")["embeddings"]
     a = load_torch(stage_dir(cfg, "anchors") / "anchors.pt", "anchors")
+    i, n = shard
+    classes = range(i * emb.shape[0] // n, (i + 1) * emb.shape[0] // n)
     proj = AnchorProjection(a["in_dim"], a["out_dim"])
     proj.load_state_dict(a["projection"])
     with torch.no_grad():
         projected = proj(emb.float())  # (C, N, E)
-    out = sample_outliers(projected, cfg.knn, cfg.seed, a["scales"])
+    return {"outliers": sample_classes(projected, cfg.knn, cfg.seed, classes), "by": process()}
+
+
+def finish_knn(cfg: C.OALConfig, fp: str, parts: list[dict[str, Any]]) -> StageResult:
+    """The blocks in class order, scaled by the anchors' norms; written, then the manifest (fingerprint `fp`)."""
+    from oal.knn import scale_to_anchors
+
+    d = stage_dir(cfg, "knn")
+    a = load_torch(stage_dir(cfg, "anchors") / "anchors.pt", "anchors")
+    out = scale_to_anchors(torch.cat([p["outliers"] for p in parts]), a["scales"])
     save_torch({"outliers": out, "class_names": a["class_names"]}, d / "knn_outliers.pt")
-    return _finish("knn", d, fp, cfg, {"outliers": d / "knn_outliers.pt"}, shape=list(out.shape))
+    return _finish("knn", d, fp, cfg, {"outliers": d / "knn_outliers.pt"}, shape=list(out.shape),
+                   shards=[p["by"] for p in parts])
 
 
 def run_latents(cfg: C.OALConfig, force: bool = False, progress: bool = True) -> StageResult:

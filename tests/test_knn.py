@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from oal.config import KNNConfig
-from oal.knn import _index, kth_distance, sample_outliers
+from oal.knn import _index, kth_distance, sample_classes, sample_outliers, scale_to_anchors
 
 
 def _clusters(c=2, n=120, d=8, seed=0):
@@ -49,3 +49,17 @@ def test_bad_settings_are_named():
         sample_outliers(data, KNNConfig(k=5, select=4, pic_nums=5), seed=0)
     with pytest.raises(ValueError, match=r"\[C, N, D\]"):
         sample_outliers(data[0], CFG, seed=0)
+
+
+def test_classes_sampled_apart_equal_all_at_once():
+    """Each class has its own seeded stream: blocks of classes sampled separately (as Ray tasks do) and put back
+    in order give exactly the outliers of one pass over every class, whatever the split."""
+    data = _clusters(c=5, n=60)
+    whole = sample_classes(data, CFG, seed=7)
+    assert whole.shape == (5, 24, 8)
+    for blocks in ([range(0, 2), range(2, 5)], [range(0, 1), range(1, 3), range(3, 5)], [range(0, 0), range(0, 5)]):
+        assert torch.equal(torch.cat([sample_classes(data, CFG, seed=7, classes=b) for b in blocks]), whole)
+    assert sample_classes(data, CFG, seed=7, classes=range(3, 3)).shape == (0, 24, 8)
+    # a class sampled alone gets the same outliers
+    assert torch.equal(sample_classes(data, CFG, seed=7, classes=range(4, 5))[0], whole[4])
+    assert torch.equal(scale_to_anchors(whole, torch.full((5,), 3.0)), 3.0 * whole)

@@ -134,7 +134,7 @@ def test_metrics_per_epoch_and_per_ood_set(tracked_run):
 
 def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process_one(tracked_run, tmp_path):
     """The pipeline's driver (this test process) only orchestrated: each stage's manifest was written by another
-    process, the one that computed it; embeddings and evaluation ran as two shards. The outputs are the
+    process, the one that computed it; embeddings, k-NN and evaluation ran as two shards. The outputs are the
     single-process commands' (same inputs, same seed)."""
     import torch
 
@@ -148,8 +148,9 @@ def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process
     assert set(writers) == {"base", "teacher", "diffusion", "embeddings", "anchors", "knn", "latents", "student",
                             "eval_base", "eval"}
     assert all(w["pid"] != os.getpid() for w in writers.values()), writers
-    # embeddings and both evaluations were split over two Ray tasks (cluster.shards=2), merged in a third
-    for name in ("embeddings", "eval_base", "eval"):
+    # embeddings and both evaluations (their data) and k-NN (its classes) were split over two Ray tasks
+    # (cluster.shards=2), merged in a third
+    for name in ("embeddings", "knn", "eval_base", "eval"):
         shards = json.loads((run / name / "stage.json").read_text())["shards"]
         assert len(shards) == 2 and all(s["pid"] != os.getpid() for s in shards), (name, shards)
     # the same stages in this process, from the Ray run's teacher, diffusion model and students
