@@ -222,7 +222,7 @@ class ClusterConfig:
     num_workers: int = 1  # Ray Train workers (data-parallel ranks) per training stage
     cpus_per_worker: float = 1.0  # CPUs reserved per training worker
     # Ray tasks (each with a training worker's resources) that the embeddings and evaluation stages split their
-    # datasets over, merged in order; 0: one per training worker (cluster.num_workers)
+    # datasets over, and the k-NN stage its classes, merged in order; 0: one per training worker (cluster.num_workers)
     shards: int = 0
     max_failures: int = 2  # Ray Train restarts from the last checkpoint after a worker dies
     checkpoints_to_keep: int = 2  # Ray Train checkpoints kept per training stage
