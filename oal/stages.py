@@ -508,10 +508,10 @@ def run_knn(cfg: C.OALConfig, force: bool = False) -> StageResult:
 
 
 def knn_shard(cfg: C.OALConfig, shard: Shard = (0, 1)) -> dict[str, Any]:
-    """Unit-norm outliers of one contiguous block of classes (a Ray job spreads the blocks over workers; each
-    class has its own seeded stream, so the blocks equal one process's)."""
+    """Outliers of one contiguous block of classes, at their anchors' scale (a Ray job spreads the blocks over
+    workers; each class has its own seeded stream, so the blocks equal one process's)."""
     from oal.diffusion import AnchorProjection
-    from oal.knn import sample_classes
+    from oal.knn import sample_classes, scale_to_anchors
 
     emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")["embeddings"]
     a = load_torch(stage_dir(cfg, "anchors") / "anchors.pt", "anchors")
@@ -521,17 +521,15 @@ def knn_shard(cfg: C.OALConfig, shard: Shard = (0, 1)) -> dict[str, Any]:
     proj.load_state_dict(a["projection"])
     with torch.no_grad():
         projected = proj(emb.float())  # (C, N, E)
-    return {"outliers": sample_classes(projected, cfg.knn, cfg.seed, classes), "by": process()}
+    out = scale_to_anchors(sample_classes(projected, cfg.knn, cfg.seed, classes), a["scales"][classes.start:classes.stop])
+    return {"outliers": out, "class_names": a["class_names"], "by": process()}
 
 
 def finish_knn(cfg: C.OALConfig, fp: str, parts: list[dict[str, Any]]) -> StageResult:
-    """The blocks in class order, scaled by the anchors' norms; written, then the manifest (fingerprint `fp`)."""
-    from oal.knn import scale_to_anchors
-
+    """The blocks in class order; written, then the manifest (fingerprint `fp`)."""
     d = stage_dir(cfg, "knn")
-    a = load_torch(stage_dir(cfg, "anchors") / "anchors.pt", "anchors")
-    out = scale_to_anchors(torch.cat([p["outliers"] for p in parts]), a["scales"])
-    save_torch({"outliers": out, "class_names": a["class_names"]}, d / "knn_outliers.pt")
+    out = torch.cat([p["outliers"] for p in parts])
+    save_torch({"outliers": out, "class_names": parts[0]["class_names"]}, d / "knn_outliers.pt")
     return _finish("knn", d, fp, cfg, {"outliers": d / "knn_outliers.pt"}, shape=list(out.shape),
                    shards=[p["by"] for p in parts])
 
