@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -57,9 +59,50 @@ def test_two_fpr95_conventions_differ_as_defined():
 
 
 def test_knn_score_orders_by_distance():
-    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [1.0, 0.05]])
-    s = KNNScore(bank, k=2)(torch.tensor([[1.0, 0.02], [0.0, 1.0]]))
+    """The score is minus the Euclidean distance to the K-th nearest L2-normalised bank feature, pinned on a bank
+    of unit vectors at 0, 60, 90 and 180 degrees (chords 2 sin(angle / 2): 0, 1, sqrt 2, 2) given at other
+    lengths, so that normalising matters."""
+    deg = torch.tensor([0.0, 60.0, 90.0, 180.0]) * torch.pi / 180
+    bank = torch.stack([deg.cos(), deg.sin()], 1) * torch.tensor([[3.0], [0.5], [7.0], [2.0]])  # (4, 2)
+    q = torch.tensor([[5.0, 0.0],  # at 0 degrees: chords 0, 1, sqrt 2, 2
+                      [0.0, -0.2],  # at 270 degrees: chords sqrt 2, 2 sin(75), 2, sqrt 2
+                      [-1.0, 0.0]])  # at 180 degrees: chords 0, sqrt 2, 2 sin(60), 2
+    chords = lambda a: sorted(2 * np.sin(np.radians(abs(a - b)) / 2) for b in (0, 60, 90, 180))  # noqa: E731
+    by_hand = np.array([chords(0), chords(270), chords(180)])  # (3, 4): each query's distances, nearest first
+    assert by_hand[0].tolist() == pytest.approx([0.0, 1.0, np.sqrt(2), 2.0])
+    for k in (1, 2, 3, 4):
+        s = KNNScore(bank, k=k)(q)
+        assert s.dtype == torch.float32 and s.shape == (3,)
+        assert s.numpy() == pytest.approx(-by_hand[:, k - 1], abs=1e-5), k
+    # k above the bank's size: the farthest point
+    assert KNNScore(bank, k=50).k == 4
+    assert KNNScore(bank, k=50)(q).numpy() == pytest.approx(-by_hand[:, 3], abs=1e-5)
+    # nearer the bank = higher (more ID)
+    s = KNNScore(bank[:3], k=2)(torch.tensor([[1.0, 0.02], [0.0, -1.0]]))
     assert s[0] > s[1] and s[0] <= 0
+    # the knn postprocessor in the report is this score on the ID training features
+    from oal.evaluate import build_postprocessor
+
+    train = Outputs(torch.zeros(4, 3), bank, torch.zeros(4, dtype=torch.long))
+    pp = build_postprocessor("knn", EvalConfig(knn_k=3), train)
+    assert pp(Outputs(torch.zeros(3, 3), q, torch.zeros(3, dtype=torch.long))).numpy() == pytest.approx(
+        -by_hand[:, 2], abs=1e-5)
+    with pytest.raises(ValueError, match="needs the ID training set's features"):
+        build_postprocessor("knn", EvalConfig(knn_k=3), None)
+
+
+def _auroc_by_hand(id_conf: np.ndarray, ood_conf: np.ndarray) -> float:
+    """P(an ID sample scores above an OOD one), ties counted half (the Mann-Whitney form of AUROC)."""
+    diff = id_conf[:, None] - ood_conf[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def _forward(net, ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The network on a whole TensorDataset in one batch (eval mode): (logits, features, labels)."""
+    x, y = ds.tensors
+    with torch.no_grad():
+        logits, feat = net.eval()(x)
+    return logits, feat, y
 
 
 def test_evaluate_report_and_plots(tmp_path):
@@ -72,13 +115,39 @@ def test_evaluate_report_and_plots(tmp_path):
     assert set(ebo.per_set) == {"digits678", "photo_patches", "noise"}
     assert ebo.near["auroc"] == pytest.approx(ebo.per_set["digits678"].auroc)
     assert ebo.far["auroc"] == pytest.approx((ebo.per_set["photo_patches"].auroc + ebo.per_set["noise"].auroc) / 2)
-    assert 0 <= report.id_accuracy <= 1
+    # the numbers, computed here from the network's own outputs on each set
+    logits, feat, y = _forward(net, bench.test)
+    assert report.id_accuracy == pytest.approx(float((logits.argmax(-1) == y).float().mean()), abs=1e-7)
+    assert 0 < report.id_accuracy < 1
+    _, train_feat, _ = _forward(net, bench.train_plain)
+    bank = torch.nn.functional.normalize(train_feat, dim=-1)
+    by_hand = {"ebo": lambda lo, fe: torch.logsumexp(lo, -1), "msp": lambda lo, fe: torch.softmax(lo, -1).amax(-1),
+               "mls": lambda lo, fe: lo.amax(-1),
+               "knn": lambda lo, fe: -torch.cdist(torch.nn.functional.normalize(fe, dim=-1), bank).kthvalue(3, -1).values}
+    id_conf = {pp: f(logits, feat).numpy() for pp, f in by_hand.items()}
+    for pp, f in by_hand.items():
+        assert report.scores[pp]["id"] == pytest.approx(id_conf[pp], abs=1e-4), pp
+        for name, ds in {**bench.near, **bench.far}.items():
+            lo, fe, _ = _forward(net, ds)
+            conf = f(lo, fe).numpy()
+            assert report.scores[pp][name] == pytest.approx(conf, abs=1e-4), (pp, name)
+            m = report.results[pp].per_set[name]
+            assert m.auroc == pytest.approx(_auroc_by_hand(id_conf[pp], conf), abs=1e-3), (pp, name)
+            assert (m.n_id, m.n_ood) == (len(bench.test), len(ds))
     files = write_report(report, tmp_path, "ebo")
     names = {f.name for f in files}
-    assert {"results.json", "results.md", "ebo_noise.png", "knn_digits678.png"} <= names
-    assert (tmp_path / "plots" / "ebo_noise.png").read_bytes()[:4] == b"\x89PNG"
+    plots = {f"{pp}_{name}.png" for pp in by_hand for name in ("digits678", "photo_patches", "noise")}
+    assert names == {"results.json", "results.md"} | plots  # one ROC + histogram figure per postprocessor and set
+    for p in plots:
+        assert (tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["id_accuracy"] == report.id_accuracy and saved["far_sets"] == ["photo_patches", "noise"]
+    assert saved["results"]["knn"]["per_set"]["noise"]["auroc"] == report.results["knn"].per_set["noise"].auroc
+    assert saved["results"]["ebo"]["near"] == pytest.approx(ebo.near)
     md = (tmp_path / "results.md").read_text()
     assert md.index("| ebo |") < md.index("| msp |")
+    assert f"ID accuracy: **{100 * report.id_accuracy:.2f}%**" in md
+    assert f"| noise | far | {100 * ebo.per_set['noise'].auroc:.2f} |" in md
     assert not list(tmp_path.rglob("*.tmp"))
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from oal.config import KNNConfig
-from oal.knn import _index, kth_distance, sample_classes, sample_outliers, scale_to_anchors
+from oal.knn import _index, class_generator, kth_distance, sample_classes, sample_outliers, scale_to_anchors
 
 
 def _clusters(c=2, n=120, d=8, seed=0):
@@ -63,3 +63,75 @@ def test_classes_sampled_apart_equal_all_at_once():
     # a class sampled alone gets the same outliers
     assert torch.equal(sample_classes(data, CFG, seed=7, classes=range(4, 5))[0], whole[4])
     assert torch.equal(scale_to_anchors(whole, torch.full((5,), 3.0)), 3.0 * whole)
+
+
+def _circle(degrees) -> torch.Tensor:
+    a = torch.tensor(degrees, dtype=torch.float64) * torch.pi / 180
+    return torch.stack([a.cos(), a.sin()], -1).float()  # (N, 2) unit vectors
+
+
+def test_kth_distance_by_hand():
+    index = _index(np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [-10.0, 0.0]], dtype=np.float32), use_gpu=False)
+    q = np.array([[0.0, 0.0], [3.0, 4.0]], dtype=np.float32)
+    # from (0, 0): 0, 3, 4, 10; from (3, 4): 4, 3, 5, sqrt(13^2 + 4^2)
+    assert kth_distance(index, q, 1).tolist() == pytest.approx([0.0, 3.0], abs=1e-5)
+    assert kth_distance(index, q, 2).tolist() == pytest.approx([3.0, 4.0], abs=1e-5)
+    assert kth_distance(index, q, 3).tolist() == pytest.approx([4.0, 5.0], abs=1e-5)
+    assert kth_distance(index, q.astype(np.float64), 4).tolist() == pytest.approx([10.0, np.hypot(13, 4)], abs=1e-4)
+    assert _index(np.eye(3), use_gpu=True).ntotal == 3  # no GPU (or no faiss-gpu): the CPU index
+
+
+def test_boundary_skips_each_points_own_match():
+    """Every ID point finds itself first (distance 0), so a point's K-th neighbour among the others is the
+    (K+1)-th hit. On a circle: a dense arc at 0-20 degrees, a point P at 60 and a pair Q at 180/182. With K=2 the
+    pair lies farthest from its 2nd other neighbour (P, 118 degrees away); P's 1st other neighbour is the
+    farthest (40 degrees): counting the self-match as a neighbour would pick P. The kept outliers are small
+    perturbations (sigma 0.01) of boundary points, so they lie at the pair."""
+    pts = _circle([0, 5, 10, 15, 20, 60, 180, 182])
+    for select in (1, 2):
+        cfg = KNNConfig(k=2, select=select, sigma=0.01, rounds=3, pic_nums=1, candidates=6, keep_per_point=2)
+        out = sample_classes(pts.unsqueeze(0), cfg, seed=0)[0]  # (6, 2)
+        angles = torch.rad2deg(torch.atan2(out[:, 1], out[:, 0])) % 360
+        assert out.shape == (6, 2) and ((angles - 181).abs() < 5).all(), angles
+
+
+def test_every_bad_setting_has_its_own_message():
+    data = _clusters(n=20)
+    ok = dict(k=5, select=4, rounds=1, pic_nums=2, candidates=4, keep_per_point=2, sigma=0.1)
+    cases = [(dict(k=20), r"knn.k=20 must be smaller than the ID points per class \(20\); lower knn.k or raise "
+                          r"knn.per_class_cap"),
+             (dict(select=21), r"knn.select=21 exceeds the ID points per class \(20\)"),
+             (dict(pic_nums=5), r"knn.pic_nums=5 exceeds knn.select=4"),
+             (dict(keep_per_point=5), r"knn.keep_per_point=5 exceeds knn.candidates=4"),
+             (dict(k=0), r"knn.k must be >= 1"), (dict(rounds=0), r"knn.rounds must be >= 1"),
+             (dict(pic_nums=0), r"knn.pic_nums must be >= 1"), (dict(keep_per_point=0), r"knn.keep_per_point must be >= 1"),
+             (dict(select=0, pic_nums=0), r"knn.select must be >= 1"),
+             (dict(candidates=0, keep_per_point=0), r"knn.candidates must be >= 1"),
+             (dict(sigma=0.0), r"knn.sigma=0.0 must be > 0"), (dict(sigma=-1.0), r"knn.sigma=-1.0 must be > 0")]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            sample_outliers(data, KNNConfig(**{**ok, **change}), seed=0)
+    # the limits themselves are allowed
+    out = sample_outliers(data, KNNConfig(**{**ok, "k": 19, "select": 20, "pic_nums": 20, "candidates": 2,
+                                             "keep_per_point": 2}), seed=0)
+    assert out.shape == (2, 1 * 20 * 2, 8)
+    with pytest.raises(ValueError, match=r"got shape \(2, 20, 8, 1\)"):
+        sample_outliers(data.unsqueeze(-1), CFG, seed=0)
+
+
+def test_class_streams_and_anchor_scaling():
+    a, b = torch.rand(5, generator=class_generator(3, 1)), torch.rand(5, generator=class_generator(3, 1))
+    assert torch.equal(a, b)  # a class's stream is fixed by (seed, class)
+    assert not torch.equal(a, torch.rand(5, generator=class_generator(3, 2)))
+    assert not torch.equal(a, torch.rand(5, generator=class_generator(4, 1)))
+    assert not torch.equal(torch.rand(5, generator=class_generator(1, 3)), a)  # (seed, class), not seed + class
+    out = torch.randn(3, 4, 2)
+    assert scale_to_anchors(out, None) is out
+    assert torch.equal(scale_to_anchors(out, torch.tensor([1.0, 2.0, 3.0])),
+                       out * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1))
+    assert scale_to_anchors(out.double(), torch.ones(3, dtype=torch.int64)).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"anchor norms must be \[C=3\]; got \(3, 1\)"):
+        scale_to_anchors(out, torch.ones(3, 1))
+    data = _clusters(c=3, n=40)
+    empty = sample_classes(data, CFG, seed=0, classes=range(1, 1))
+    assert empty.shape == (0, 24, 8) and empty.dtype == data.dtype

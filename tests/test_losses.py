@@ -117,3 +117,29 @@ def test_club_training_modes():
     out = ll(**inp)
     out.terms["micl_knn_q_nll"].backward()
     assert ll.club_knn.mu[0].weight.grad is not None and inp["feat"].grad is None  # q's fit is on detached y
+
+
+def test_loglik_total_adds_each_q_fit_unweighted():
+    """club_training=loglik: q's own fit (the negative log-likelihood of the features under q(y|x)) is in the
+    total at weight 1 beside the weighted MI estimates, so that one backward trains q too."""
+    cfg = LossConfig(w_logit_kd=0, w_feat_kd=0, w_micl_knn=0.1, w_micl_lat=0.2, club_training="loglik")
+    loss = OALLoss(cfg, student_dim=6, knn_dim=10, latent_dim=4)
+    inp = _inputs()
+    out = loss(**inp)
+    t = out.terms
+    assert set(t) == {"ce", "micl_knn", "micl_lat", "micl_knn_q_nll", "micl_lat_q_nll"}
+    assert t["micl_knn_q_nll"].item() == pytest.approx(loss.club_knn.learning_loss(inp["knn"], inp["feat"]).item())
+    assert t["micl_lat_q_nll"].item() == pytest.approx(loss.club_lat.learning_loss(inp["latent"], inp["feat"]).item())
+    mu, logvar = loss.club_knn(inp["knn"])
+    assert t["micl_knn"].item() == pytest.approx(club_estimate(mu, logvar, inp["feat"]).item())
+    expected = (t["ce"] + 0.1 * t["micl_knn"] + 0.2 * t["micl_lat"] + t["micl_knn_q_nll"] + t["micl_lat_q_nll"])
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert abs(t["micl_knn_q_nll"].item()) > 1e-3  # not a vanishing term the check above could miss
+    out.total.backward()
+    assert loss.club_knn.mu[0].weight.grad.abs().sum() > 0 and loss.club_lat.logvar[0].weight.grad.abs().sum() > 0
+    # reference: no separate fit; q is trained through the estimate itself
+    ref = OALLoss(LossConfig(w_logit_kd=0, w_feat_kd=0, w_micl_knn=0.1, w_micl_lat=0.2), student_dim=6, knn_dim=10,
+                  latent_dim=4)
+    r = ref(**_inputs())
+    assert set(r.terms) == {"ce", "micl_knn", "micl_lat"}
+    assert r.total.item() == pytest.approx((r.terms["ce"] + 0.1 * r.terms["micl_knn"] + 0.2 * r.terms["micl_lat"]).item())
