@@ -9,7 +9,7 @@ import os
 import re
 import socket
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from oal import config as C
 from oal import storage
@@ -31,20 +31,28 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> C.OALConfig:
+    """The job's config, checked before any work: a bad key, type, range, name or missing input is one line on
+    stderr and exit code 2 (as `oal`'s), never a traceback."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         cfg = C.load_config(args.config, args.overrides)
     except C.ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _usage_error(f"config error: {e}")
     try:  # an s3:// output_dir's missing bucket or refused credentials: now, not after the first stage
         storage.check_bucket(cfg.output_dir)
     except ValueError as e:
-        sys.exit(f"storage error: {e}")
+        _usage_error(f"storage error: {e}")
     try:
-        # Files are addressed by absolute path: Ray workers do not share the driver's working directory.
+        # Files are addressed by absolute path: Ray workers do not share the driver's working directory. A given
+        # input that does not exist (e.g. data.root) is a ConfigError here.
         return C.absolute_paths(cfg)
     except C.ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _usage_error(f"config error: {e}")
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(message, file=sys.stderr)
+    sys.exit(2)
 
 
 def driver_address(address: str | None = None) -> str:

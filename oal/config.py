@@ -1,18 +1,24 @@
 """Typed configuration: dataclass defaults <- YAML preset <- dotted command-line overrides.
 
-Every field carries a one-line docstring-style comment; `oal config --help-keys` prints them.
+Every field carries a docstring-style comment (on its line, or the lines above it), and every numeric field its
+accepted range (`num`), every string field with fixed values its choices (`choice`): `validate` checks them at load
+and `oal config --help-keys` prints them all.
 Library functions take the narrowest piece (e.g. `LossConfig`), never the whole tree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -20,6 +26,52 @@ PRESETS_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key named in the message."""
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # a run name: one plain folder name
+SEED_MAX = 2**31 - 1  # numpy's, scikit-learn's and torch's seeds all accept [0, 2^31 - 1]
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: bounds (each inclusive or not) and a note on special values."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself excluded (> lo rather than >= lo)
+    hi_open: bool = False  # hi itself excluded
+    note: str = ""  # what a special value means, e.g. "0 turns it off"
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def __str__(self) -> str:
+        lo, hi = ("" if b is None else str(int(b)) if b == int(b) else f"{b:g}" for b in (self.lo, self.hi))
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return "any finite number"
+
+
+def num(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, note: str = "") -> Any:
+    """A numeric dataclass field with its accepted range (checked by `validate` at load): `ge`/`gt` the lower bound
+    (inclusive / exclusive), `le`/`lt` the upper one. A field typed `X | None` also accepts None."""
+    rng = Range(lo=gt if gt is not None else ge, hi=lt if lt is not None else le, lo_open=gt is not None,
+                hi_open=lt is not None, note=note)
+    return field(default=default, metadata={"range": rng})
+
+
+def choice(default: str, *others: str) -> Any:
+    """A string dataclass field that accepts one of a fixed set of values (checked by `validate` at load)."""
+    return field(default=default, metadata={"choices": (default, *others)})
 
 
 @dataclass
@@ -31,15 +83,18 @@ class DataConfig:
     # OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/ or images_largescale/): ID train/val/test come
     # from its lists (the leaderboard's split) and the OOD sets too; without it CIFAR comes from data.root
     openood_root: str | None = None
-    image_size: int = 32  # side of the square input the student sees (32 or 224 for CIFAR)
-    batch_size: int = 64  # ID images per step (reference 128)
-    eval_batch_size: int = 256  # images per forward pass during evaluation
+    image_size: int = num(32, ge=1)  # side of the square input the student sees (32 or 224 for CIFAR)
+    batch_size: int = num(64, ge=1)  # ID images per step (reference 128)
+    eval_batch_size: int = num(256, ge=1)  # images per forward pass during evaluation
     # DataLoader processes of training, validation, embeddings and evaluation (each shard): 0 for the embedded
     # in-memory sets, 4-8 in the image-folder presets. Not persistent across epochs: a resumed run then draws
     # the same augmentation seeds as an uninterrupted one
-    num_workers: int = 0
-    split_seed: int = 0  # seed of the digits and fashion benchmarks' splits
-    train_per_class: int | None = None  # cap on ID training images per class (fashion; None: all)
+    num_workers: int = num(0, ge=0)
+    split_seed: int = num(0, ge=0, le=SEED_MAX)  # seed of the digits and fashion benchmarks' splits
+    train_per_class: int | None = num(None, ge=1)  # cap on ID training images per class (fashion; None: all)
+    # An image file of an OpenOOD list that cannot be read: error (stop, naming the file and its list) | skip (left
+    # out at load time, where every listed file's header is read once; the count per list is logged)
+    on_bad_image: str = choice("error", "skip")
 
 
 @dataclass
@@ -50,54 +105,55 @@ class ModelConfig:
     teacher_checkpoint: str | None = None  # the fine-tuned teacher; default <output_dir>/<name>/teacher/checkpoint.pt
     # Side of the teacher's input; the student's batch is resized to it (reference: 224 whatever the student's
     # size). None: the student's data.image_size
-    teacher_image_size: int | None = None
+    teacher_image_size: int | None = num(None, ge=1, note="null: the student's data.image_size")
     # The OAL student's starting weights: scratch (random) | base (the base stage's CE-trained student, as the
     # reference fine-tunes a CE-trained ResNet-18)
-    student_init: str = "scratch"
+    student_init: str = choice("scratch", "base")
     base_checkpoint: str | None = None  # the CE-trained student; default <output_dir>/<name>/base/checkpoint.pt
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5  # passes over the ID training set
-    optimizer: str = "sgd"  # sgd (reference: Nesterov SGD) | adam (reference teacher) | adamw (ViTs from scratch)
-    lr: float = 0.005  # learning rate of the network being trained (reference 0.005)
-    head_lr: float | None = None  # learning rate of the classifier head; None: lr (reference teacher: 1e-4)
-    momentum: float = 0.9  # SGD momentum
+    epochs: int = num(5, ge=1)  # passes over the ID training set
+    # sgd (reference: Nesterov SGD) | adam (reference teacher) | adamw (ViTs from scratch)
+    optimizer: str = choice("sgd", "adam", "adamw")
+    lr: float = num(0.005, gt=0)  # learning rate of the network being trained (reference 0.005)
+    head_lr: float | None = num(None, gt=0)  # learning rate of the classifier head; None: lr (reference teacher: 1e-4)
+    momentum: float = num(0.9, ge=0, lt=1)  # SGD momentum
     nesterov: bool = True  # Nesterov momentum
-    weight_decay: float = 5e-4  # L2 penalty on the network's weights
-    dt_lr: float = 0.01  # learning rate of the DT projector (reference 0.01)
-    club_lr: float = 1e-4  # learning rate of the CLUB q-networks (reference 1e-4)
-    grad_accum_steps: int = 1  # optimizer step every N batches
+    weight_decay: float = num(5e-4, ge=0)  # L2 penalty on the network's weights
+    dt_lr: float = num(0.01, gt=0)  # learning rate of the DT projector (reference 0.01)
+    club_lr: float = num(1e-4, gt=0)  # learning rate of the CLUB q-networks (reference 1e-4)
+    grad_accum_steps: int = num(1, ge=1)  # optimizer step every N batches
     # auto: bf16 autocast on a GPU that has it (Ampere and later), none on a CPU (the reference trains in fp32: "no")
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (fp16 only on GPU)
+    mixed_precision: str = choice("auto", "no", "fp16", "bf16")  # auto | no | fp16 | bf16 (fp16 only on GPU)
     # The frozen teacher of the OAL student's training (KD targets): auto is a bf16 copy of its weights (cast once,
     # not per op as autocast casts) where the run's mixed precision is bf16, else fp32 (under fp16: autocast)
-    teacher_dtype: str = "auto"  # auto | fp32 | bf16
+    teacher_dtype: str = choice("auto", "fp32", "bf16")  # auto | fp32 | bf16
     channels_last: bool = True  # networks and image batches in channels-last layout on a GPU (a CPU run ignores it)
-    checkpoint_every: int = 1  # save a resumable checkpoint every N epochs
-    precise_bn: int = 2048  # training images that recompute BatchNorm statistics after each epoch (0: off)
+    checkpoint_every: int = num(1, ge=1)  # save a resumable checkpoint every N epochs
+    precise_bn: int = num(2048, ge=0)  # training images that recompute BatchNorm statistics after each epoch (0: off)
 
 
 @dataclass
 class LossConfig:
-    w_logit_kd: float = 4.0  # weight of KL(teacher logits || student logits) (reference 4)
-    w_feat_kd: float = 8.0  # weight of KL(DT(teacher features) || student features) (reference 8)
-    w_micl_knn: float = 0.1  # weight of CLUB(k-NN outliers -> student features) (reference 0.1)
-    w_micl_lat: float = 0.2  # weight of deep CLUB(latent outliers -> student features) (reference 0.2)
+    w_logit_kd: float = num(4.0, ge=0)  # weight of KL(teacher logits || student logits) (reference 4)
+    w_feat_kd: float = num(8.0, ge=0)  # weight of KL(DT(teacher features) || student features) (reference 8)
+    w_micl_knn: float = num(0.1, ge=0)  # weight of CLUB(k-NN outliers -> student features) (reference 0.1)
+    w_micl_lat: float = num(0.2, ge=0)  # weight of deep CLUB(latent outliers -> student features) (reference 0.2)
     # The reference's energy_rl variant (its scripts use it instead of the two CLUB terms, weight 2.5 each):
     # logistic regression of ID vs outlier on the logsumexp energy of features (outliers through their own DT)
-    w_energy_knn: float = 0.0  # weight of the energy regulariser on the k-NN outliers (reference variant 2.5)
-    w_energy_lat: float = 0.0  # weight of the energy regulariser on the latent outliers (reference variant 2.5)
+    w_energy_knn: float = num(0.0, ge=0)  # weight of the energy regulariser on the k-NN outliers (reference variant 2.5)
+    w_energy_lat: float = num(0.0, ge=0)  # weight of the energy regulariser on the latent outliers (reference variant 2.5)
     # Beyond the paper (oal/losses.py says why and how), off at 0: a VOS-style term on the energy score EBO reads
     # (logsumexp of logits; outliers through their own projector and the student's own classifier head), and
     # outlier exposure on the latent outliers decoded to pixels (diffusion.mode=pixel, or outliers.pixel_path)
-    w_logit_energy_knn: float = 0.0  # logit-energy term on the k-NN outliers (VOS's weight: 0.1)
-    w_logit_energy_lat: float = 0.0  # logit-energy term on the latent outliers (VOS's weight: 0.1)
-    w_pixel_oe: float = 0.0  # outlier exposure (cross-entropy to uniform) on decoded outliers (OE's weight: 0.5)
-    kd_temperature: float = 1.0  # softmax temperature of both KD terms
-    club_training: str = "reference"  # reference: q-nets minimise the OAL loss | loglik: q-nets fit log q(y|x)
-    outlier_batch_size: int = 128  # outliers drawn per step (capped by the ID batch's size)
+    w_logit_energy_knn: float = num(0.0, ge=0)  # logit-energy term on the k-NN outliers (VOS's weight: 0.1)
+    w_logit_energy_lat: float = num(0.0, ge=0)  # logit-energy term on the latent outliers (VOS's weight: 0.1)
+    w_pixel_oe: float = num(0.0, ge=0)  # outlier exposure (cross-entropy to uniform) on decoded outliers (OE's weight: 0.5)
+    kd_temperature: float = num(1.0, gt=0)  # softmax temperature of both KD terms
+    club_training: str = choice("reference", "loglik")  # reference: q-nets minimise the OAL loss | loglik: q-nets fit log q(y|x)
+    outlier_batch_size: int = num(128, ge=1)  # outliers drawn per step (capped by the ID batch's size)
 
     @property
     def uses_teacher(self) -> bool:
@@ -130,14 +186,14 @@ class OutlierConfig:
 
 @dataclass
 class KNNConfig:
-    k: int = 300  # K of the K-th nearest-neighbour distance (reference 300)
-    select: int = 50  # boundary points per class: those with the largest K-th NN distance
-    sigma: float = 0.07  # std of the Gaussian perturbation of boundary points
-    rounds: int = 100  # sampling rounds per class
-    pic_nums: int = 5  # boundary points perturbed per round
-    candidates: int = 1500  # Gaussian candidates per perturbed boundary point
-    keep_per_point: int = 2  # farthest candidates kept per perturbed boundary point
-    per_class_cap: int = 500  # ID embeddings kept per class (reference 500 for CIFAR-100)
+    k: int = num(300, ge=1)  # K of the K-th nearest-neighbour distance (reference 300)
+    select: int = num(50, ge=1)  # boundary points per class: those with the largest K-th NN distance
+    sigma: float = num(0.07, gt=0)  # std of the Gaussian perturbation of boundary points
+    rounds: int = num(100, ge=1)  # sampling rounds per class
+    pic_nums: int = num(5, ge=1)  # boundary points perturbed per round
+    candidates: int = num(1500, ge=1)  # Gaussian candidates per perturbed boundary point
+    keep_per_point: int = num(2, ge=1)  # farthest candidates kept per perturbed boundary point
+    per_class_cap: int = num(500, ge=1)  # ID embeddings kept per class (reference 500 for CIFAR-100)
     use_gpu: bool = True  # put faiss indexes on a GPU when faiss-gpu and a GPU are present
 
 
@@ -152,26 +208,28 @@ class DiffusionConfig:
     # token embedding: token_embedding (the class name's first sub-token's embedding row; what the reference's
     # CIFAR-100 anchor file holds, norms 0.34-0.42) | encoder_mean (the mean over positions of the encoder output
     # for the bare name; the reference's CIFAR-10 anchor file, norms about 27)
-    anchor_norm: str = "token_embedding"
-    scheduler: str = "ddim"  # ddim | pndm (PLMS, the reference's) | dpm (DPM-Solver++)
-    steps: int = 50  # denoising steps (reference 50)
-    guidance_scale: float = 7.5  # classifier-free guidance (reference 7.5)
-    num_outliers: int = 300  # latent outliers to synthesise (reference 300 per run)
-    batch_size: int = 3  # samples per sampler call (reference 3)
-    shard_size: int = 30  # outliers per output shard (the unit of resume and of Ray work)
-    resolution: int | None = None  # image side in pixels; default: the model's own (512 for SD v1)
-    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    anchor_norm: str = choice("token_embedding", "encoder_mean")
+    scheduler: str = choice("ddim", "pndm", "dpm")  # ddim | pndm (PLMS, the reference's) | dpm (DPM-Solver++)
+    steps: int = num(50, ge=1)  # denoising steps (reference 50)
+    guidance_scale: float = num(7.5, ge=0)  # classifier-free guidance (reference 7.5)
+    num_outliers: int = num(300, ge=1)  # latent outliers to synthesise (reference 300 per run)
+    batch_size: int = num(3, ge=1)  # samples per sampler call (reference 3)
+    shard_size: int = num(30, ge=1)  # outliers per output shard (the unit of resume and of Ray work)
+    resolution: int | None = num(None, ge=8)  # image side in pixels; default: the model's own (512 for SD v1)
+    dtype: str = choice("auto", "fp32", "fp16", "bf16")  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
     # torch.compile the UNet for sampling: off | default | max-autotune (a GPU run: one compile per actor, minutes;
     # pays back over many sampling calls, see bench.gpu_speed)
-    compile: str = "off"
-    reduction: str = "channel_row_mean"  # latent -> vector: channel_row_mean (reference) | channel_mean | flatten
-    mode: str = "latent"  # latent (never decoded) | pixel (also decode: loss.w_pixel_oe, the pixel-space comparison)
+    compile: str = choice("off", "default", "max-autotune")
+    # latent -> vector: channel_row_mean (reference) | channel_mean | flatten
+    reduction: str = choice("channel_row_mean", "channel_mean", "flatten")
+    # latent (never decoded) | pixel (also decode: loss.w_pixel_oe, the pixel-space comparison)
+    mode: str = choice("latent", "pixel")
     # What conditions each sample: outliers (a k-NN outlier embedding written at the class token: OAL) | class (the
     # plain class prompt, no outlier: an ablation, in-distribution-looking samples)
-    conditioning: str = "outliers"
-    max_nonfinite_fraction: float = 0.1  # fail if more than this fraction of latents is NaN/inf
-    projection_steps: int = 300  # steps to learn the teacher->conditioning projection (widths differ)
-    grid_samples: int = 16  # latent outliers decoded into a grid image, for looking only (0: none)
+    conditioning: str = choice("outliers", "class")
+    max_nonfinite_fraction: float = num(0.1, ge=0, le=1)  # fail if more than this fraction of latents is NaN/inf
+    projection_steps: int = num(300, ge=0)  # steps to learn the teacher->conditioning projection (widths differ)
+    grid_samples: int = num(16, ge=0)  # latent outliers decoded into a grid image, for looking only (0: none)
 
 
 @dataclass
@@ -179,35 +237,35 @@ class LDMConfig:
     """The built-in latent diffusion model the diffusion stage trains on the ID images (diffusion.model=builtin-ldm):
     the autoencoder first, then the text-conditioned UNet (oal/ldm.py)."""
 
-    vae_epochs: int = 2  # autoencoder passes over the ID training set
-    epochs: int = 10  # UNet passes over the ID training set (after the autoencoder's)
-    batch_size: int = 64  # images per step
-    vae_lr: float = 2e-3  # AdamW learning rate of the autoencoder
-    lr: float = 2e-3  # AdamW learning rate of the UNet and text encoder (after a warm-up of 5% of its steps)
+    vae_epochs: int = num(2, ge=1)  # autoencoder passes over the ID training set
+    epochs: int = num(10, ge=1)  # UNet passes over the ID training set (after the autoencoder's)
+    batch_size: int = num(64, ge=1)  # images per step
+    vae_lr: float = num(2e-3, gt=0)  # AdamW learning rate of the autoencoder
+    lr: float = num(2e-3, gt=0)  # AdamW learning rate of the UNet and text encoder (after a warm-up of 5% of its steps)
     # constant (after the warm-up) | cosine (decay to 0 over the UNet's steps). Constant: fashion's demo model, 25
     # epochs, reached 83.3% class-conditional accuracy against cosine's 69.3% (same judge; docs/benchmarks.md)
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0  # AdamW weight decay of both
+    lr_schedule: str = choice("constant", "cosine")
+    weight_decay: float = num(0.0, ge=0)  # AdamW weight decay of both
     # Min-SNR-gamma weighting of the UNet's loss (5 in its paper); null: plain MSE. On fashion at 15 UNet epochs it
     # did not bring class conditioning sooner: 46.9% class-conditional accuracy against 49.5% (docs/benchmarks.md)
-    snr_gamma: float | None = None
-    kl_weight: float = 1e-4  # weight of the autoencoder's KL term (per latent element) beside its reconstruction MSE
-    cond_dropout: float = 0.1  # share of images trained with the empty prompt (for classifier-free guidance)
+    snr_gamma: float | None = num(None, gt=0, note="5 in the Min-SNR paper; null: plain MSE")
+    kl_weight: float = num(1e-4, ge=0)  # weight of the autoencoder's KL term (per latent element) beside its reconstruction MSE
+    cond_dropout: float = num(0.1, ge=0, lt=1)  # share of images trained with the empty prompt (for classifier-free guidance)
     # The text encoder learns with the UNet (latent diffusion's own recipe); false: frozen, as Stable Diffusion's CLIP
     train_text_encoder: bool = True
-    eval_samples: int = 32  # samples per class for the class-conditional accuracy (judged by the teacher)
-    grid_per_class: int = 8  # samples per class in the decoded grid image (0: none)
-    mixed_precision: str = "no"  # no | fp16 | bf16 (fp16 only on GPU)
+    eval_samples: int = num(32, ge=1)  # samples per class for the class-conditional accuracy (judged by the teacher)
+    grid_per_class: int = num(8, ge=0)  # samples per class in the decoded grid image (0: none)
+    mixed_precision: str = choice("no", "fp16", "bf16")  # no | fp16 | bf16 (fp16 only on GPU)
 
 
 @dataclass
 class EvalConfig:
     postprocessors: list[str] = field(default_factory=lambda: ["ebo", "msp", "mls", "knn"])  # scores to report
     primary: str = "ebo"  # postprocessor whose numbers head the results table
-    checkpoint: str = "last"  # which epoch's weights are evaluated: last | best (by ID val accuracy, as OpenOOD)
+    checkpoint: str = choice("last", "best")  # which epoch's weights are evaluated: last | best (by ID val accuracy, as OpenOOD)
     baseline: bool = True  # also train the base stage (CE only) and report it as the CE baseline row
-    ebo_temperature: float = 1.0  # T in T * logsumexp(logits / T)
-    knn_k: int = 10  # K of the KNN feature-space score
+    ebo_temperature: float = num(1.0, gt=0)  # T in T * logsumexp(logits / T)
+    knn_k: int = num(10, ge=1)  # K of the KNN feature-space score
     plots: bool = True  # write ROC curves and score histograms as PNG
 
 
@@ -216,16 +274,17 @@ class ClusterConfig:
     """How the jobs in `jobs/` place the work on Ray (the library itself never reads this)."""
 
     use_gpu: bool = False  # one GPU per synthesis actor and per training worker
-    synth_actors: int = 2  # Ray actors that sample latent outliers (shards handed out as a work queue)
-    synth_cpus_per_actor: float = 1.0  # CPUs reserved per synthesis actor (its torch thread count on CPU)
-    synth_max_replacements: int = 4  # dead synthesis actors replaced before the job gives up
-    num_workers: int = 1  # Ray Train workers (data-parallel ranks) per training stage
-    cpus_per_worker: float = 1.0  # CPUs reserved per training worker
+    synth_actors: int = num(2, ge=1)  # Ray actors that sample latent outliers (shards handed out as a work queue)
+    synth_cpus_per_actor: float = num(1.0, gt=0)  # CPUs reserved per synthesis actor (its torch thread count on CPU)
+    synth_max_replacements: int = num(4, ge=0)  # dead synthesis actors replaced before the job gives up
+    num_workers: int = num(1, ge=1)  # Ray Train workers (data-parallel ranks) per training stage
+    cpus_per_worker: float = num(1.0, gt=0)  # CPUs reserved per training worker
     # Ray tasks (each with a training worker's resources) that the embeddings and evaluation stages split their
     # datasets over, and the k-NN stage its classes, merged in order; 0: one per training worker (cluster.num_workers)
-    shards: int = 0
-    max_failures: int = 2  # Ray Train restarts from the last checkpoint after a worker dies
-    checkpoints_to_keep: int = 2  # Ray Train checkpoints kept per training stage
+    shards: int = num(0, ge=0, note="0 means one per training worker")
+    # Ray Train restarts from the last checkpoint after a worker dies
+    max_failures: int = num(2, ge=-1, note="-1: unlimited, as Ray Train")
+    checkpoints_to_keep: int = num(2, ge=1)  # Ray Train checkpoints kept per training stage
     storage_path: str | None = None  # Ray Train storage (local path or s3://...); default <run dir>/ray
     # The cluster adds nodes on demand (cluster launcher, KubeRay autoscaler): resource checks then use the
     # maximum the autoscaler publishes, and are skipped where it publishes none; false: what is there now.
@@ -237,19 +296,19 @@ class SearchConfig:
     """Ray Tune over the OAL loss weights (jobs/tune.py)."""
 
     weights: list[str] = field(default_factory=lambda: ["w_logit_kd", "w_feat_kd", "w_micl_knn", "w_micl_lat"])  # searched
-    range_factor: float = 10.0  # log-uniform in [reference / f, reference * f] for each searched weight
+    range_factor: float = num(10.0, gt=1)  # log-uniform in [reference / f, reference * f] for each searched weight
     allow_zero: bool = True  # each weight may also be 0 (an ablation), with probability 1/2
     tune_lr: bool = False  # also search student.lr, log-uniform in [lr_min, lr_max]
-    lr_min: float = 0.001  # lower bound of student.lr
-    lr_max: float = 0.1  # upper bound of student.lr
-    algorithm: str = "random"  # random | grid (reference x {0, 1/f, 1, f}) | optuna (TPE)
-    scheduler: str = "fifo"  # fifo (every trial runs all epochs) | asha (early stopping)
-    num_samples: int = 8  # trials (for grid: repetitions of the grid)
-    max_concurrent: int = 2  # trials at once (each is a Ray Train run of cluster.num_workers workers)
-    metric: str = "val/ood_auroc"  # validation OOD AUROC: never a test OOD set
-    max_id_acc_drop: float = 0.02  # a trial losing more ID val accuracy than this vs the baseline cannot win
-    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: float = 4.0  # ASHA: keep the top 1/factor at each rung (Ray's default)
+    lr_min: float = num(0.001, gt=0)  # lower bound of student.lr
+    lr_max: float = num(0.1, gt=0)  # upper bound of student.lr
+    algorithm: str = choice("random", "grid", "optuna")  # random | grid (reference x {0, 1/f, 1, f}) | optuna (TPE)
+    scheduler: str = choice("fifo", "asha")  # fifo (every trial runs all epochs) | asha (early stopping)
+    num_samples: int = num(8, ge=1)  # trials (for grid: repetitions of the grid)
+    max_concurrent: int = num(2, ge=1)  # trials at once (each is a Ray Train run of cluster.num_workers workers)
+    metric: str = choice("val/ood_auroc", "val/id_accuracy")  # validation OOD AUROC: never a test OOD set
+    max_id_acc_drop: float = num(0.02, ge=0, le=1)  # a trial losing more ID val accuracy than this vs the baseline cannot win
+    grace_period: int = num(1, ge=1)  # ASHA: epochs before a trial can be stopped
+    reduction_factor: float = num(4.0, gt=1)  # ASHA: keep the top 1/factor at each rung (Ray's default)
     retrain_best: bool = False  # retrain the best weights and evaluate on the test OOD sets
 
 
@@ -265,8 +324,8 @@ class TrackingConfig:
 class OALConfig:
     name: str = "digits"  # run name; outputs go to <output_dir>/<name>/
     output_dir: str = "runs"  # root of all outputs: a local or mounted path, or s3://bucket/prefix
-    seed: int = 0  # seed of weights, data order and outlier draws
-    device: str = "auto"  # auto | cpu | cuda
+    seed: int = num(0, ge=0, le=SEED_MAX)  # seed of weights, data order and outlier draws
+    device: str = choice("auto", "cpu", "cuda")  # auto | cpu | cuda
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.05))
@@ -344,6 +403,10 @@ def _check_keys(base: DictConfig, other: Any, source: str, prefix: str = "") -> 
         if k not in base:
             siblings = ", ".join(_valid_keys(base, prefix)) if prefix else ", ".join(str(k) for k in base.keys())
             raise ConfigError(f"unknown config key '{path}' (from {source}); valid keys here: {siblings}")
+        if isinstance(base[k], DictConfig) and not isinstance(v, (dict, DictConfig)):
+            first = next(iter(base[k].keys()))
+            raise ConfigError(f"'{path}' is {v!r} (from {source}); it is a section, not a value: give its keys, "
+                              f"e.g. {path}.{first}=... (its keys: {', '.join(_valid_keys(base[k], path + '.'))})")
         if isinstance(v, (dict, DictConfig)) and isinstance(base[k], DictConfig):
             _check_keys(base[k], v, source, path + ".")
 
@@ -362,15 +425,31 @@ def preset_path(name_or_path: str) -> Path:
 
 
 def load_config(preset: str | None = None, overrides: list[str] | None = None) -> OALConfig:
-    """Merge defaults, a preset (name or .yaml path) and `key=value` overrides into an `OALConfig`."""
+    """Merge defaults, a preset (name or .yaml path) and `key=value` overrides into an `OALConfig`, then check every
+    value against its field's type and range (`validate`). Any problem is a one-line ConfigError naming the key."""
     cfg = OmegaConf.structured(OALConfig)
     layers: list[tuple[str, Any]] = []
     if preset:
         path = preset_path(preset)
-        layers.append((str(path), OmegaConf.load(path)))
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax: the parser's first line says where
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
+                              f"{getattr(e, 'problem', None) or _first_line(e)}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file '{path}' holds a list; expected a mapping of keys (e.g. `student:` "
+                              f"then `  epochs: 3`)")
+        layers.append((str(path), loaded))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. student.epochs=3)")
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as e:  # the value is parsed as YAML
+            raise ConfigError(f"override '{item}' cannot be parsed: {getattr(e, 'problem', None) or _first_line(e)}"
+                              ) from None
     if overrides:
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
     required: set[str] = set()  # a preset's `???` values; OmegaConf's merge skips them, so they are tracked here
@@ -380,9 +459,9 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except ValidationError as e:
-            raise ConfigError(f"bad value for '{e.full_key}' (from {source}): {e.msg}") from None
+            raise ConfigError(_type_error(str(e.full_key or ""), layer, source, e)) from None
         except (ConfigKeyError, OmegaConfBaseException) as e:
-            raise ConfigError(f"config error (from {source}): {e}") from None
+            raise ConfigError(f"config error (from {source}): {_first_line(e)}") from None
     missing = sorted(required)
     if missing:
         where = f"preset '{preset}'" if preset else "the config"
@@ -392,6 +471,31 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     assert isinstance(obj, OALConfig)
     validate(obj)
     return obj
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message without OmegaConf's or a parser's context lines."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "list[str]": "a list of strings"}
+
+
+def _type_error(key: str, layer: Any, source: str, e: Exception) -> str:
+    """One line for a value of the wrong type: the key, the value given, what the field accepts."""
+    f = KEY_FIELDS.get(key)
+    if f is None:
+        return f"bad value for '{key}' (from {source}): {_first_line(e)}"
+    try:
+        given = OmegaConf.select(layer, key)
+        given = OmegaConf.to_container(given) if isinstance(given, DictConfig | ListConfig) else given
+    except OmegaConfBaseException:
+        given = "?"
+    base = str(f.type).replace(" | None", "")
+    expected = allowed(f) or _TYPE_WORDS.get(base, base) + (" or null" if "None" in str(f.type) else "")
+    return f"'{key}' is {given!r} (from {source}); expected {expected}"
 
 
 # What a preset's required value (`???` in its YAML) is, for the error that asks for it.
@@ -418,31 +522,6 @@ def _leaf_keys(node: DictConfig, missing: bool, prefix: str = "") -> list[str]:
     return out
 
 
-_CHOICES = {
-    "device": ("auto", "cpu", "cuda"),
-    "loss.club_training": ("reference", "loglik"),
-    "teacher.mixed_precision": ("auto", "no", "fp16", "bf16"),
-    "student.mixed_precision": ("auto", "no", "fp16", "bf16"),
-    "student.teacher_dtype": ("auto", "fp32", "bf16"),
-    "teacher.optimizer": ("sgd", "adam", "adamw"),
-    "base.optimizer": ("sgd", "adam", "adamw"),
-    "base.mixed_precision": ("auto", "no", "fp16", "bf16"),
-    "model.student_init": ("scratch", "base"),
-    "eval.checkpoint": ("last", "best"),
-    "diffusion.scheduler": ("ddim", "pndm", "dpm"),
-    "diffusion.dtype": ("auto", "fp32", "fp16", "bf16"),
-    "diffusion.compile": ("off", "default", "max-autotune"),
-    "diffusion.reduction": ("channel_row_mean", "channel_mean", "flatten"),
-    "diffusion.anchor_norm": ("token_embedding", "encoder_mean"),
-    "diffusion.mode": ("latent", "pixel"),
-    "diffusion.conditioning": ("outliers", "class"),
-    "ldm.mixed_precision": ("no", "fp16", "bf16"),
-    "ldm.lr_schedule": ("constant", "cosine"),
-    "search.algorithm": ("random", "grid", "optuna"),
-    "search.scheduler": ("fifo", "asha"),
-    "search.metric": ("val/ood_auroc", "val/id_accuracy"),
-    "student.optimizer": ("sgd", "adam", "adamw"),
-}
 
 
 # The loss weights, and the reference's value of each (the energy pair: its energy_rl variant's; the terms beyond the
@@ -453,34 +532,62 @@ REFERENCE_WEIGHTS = {"w_logit_kd": 4.0, "w_feat_kd": 8.0, "w_micl_knn": 0.1, "w_
 LOSS_WEIGHTS = tuple(REFERENCE_WEIGHTS)
 
 
+def fields(node: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Every leaf field of a config class or instance, as (dotted key, field, value; for a class, the default)."""
+    for f in dataclasses.fields(node):
+        if not isinstance(node, type):
+            value = getattr(node, f.name)
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = f.default
+        if dataclasses.is_dataclass(value):
+            yield from fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
+
+
+KEY_FIELDS = {key: f for key, f, _ in fields(OALConfig)}  # every leaf key -> its dataclass field
+_CONFIG_CLASSES = (OALConfig, DataConfig, ModelConfig, TrainConfig, LossConfig, OutlierConfig, KNNConfig, DiffusionConfig,
+                   LDMConfig, EvalConfig, ClusterConfig, TrackingConfig, SearchConfig)
+
+
+def allowed(f: dataclasses.Field) -> str:
+    """The values a field accepts, in words ('' when its type says it all)."""
+    if "choices" in f.metadata:
+        return "one of " + ", ".join(f.metadata["choices"])
+    rng: Range | None = f.metadata.get("range")
+    if rng is None:
+        return ""
+    kind = "an integer" if str(f.type).startswith("int") else "a number"
+    return f"{kind} {rng}" + (" or null" if "None" in str(f.type) else "") + (f" ({rng.note})" if rng.note else "")
+
+
 def validate(cfg: OALConfig) -> None:
-    """Checks that need more than a type: ranges and choices, each naming its key."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
-        if value not in choices:
-            raise ConfigError(f"'{key}' is {value!r}; expected one of {', '.join(choices)}")
-    for key in ("data.batch_size", "data.image_size", "teacher.epochs", "base.epochs", "student.epochs", "eval.knn_k",
-                "teacher.grad_accum_steps", "student.grad_accum_steps", "loss.outlier_batch_size",
-                "diffusion.steps", "diffusion.num_outliers", "diffusion.batch_size", "diffusion.shard_size",
-                "cluster.synth_actors", "cluster.num_workers", "search.num_samples", "search.max_concurrent",
-                "ldm.batch_size", "ldm.epochs", "ldm.vae_epochs"):
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
-        if value < 1:
-            raise ConfigError(f"'{key}' is {value}; expected an integer >= 1")
-    for key in ("teacher.precise_bn", "base.precise_bn", "student.precise_bn", "cluster.shards"):
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
-        if value < 0:
-            meaning = "means one per training worker" if key == "cluster.shards" else "turns it off"
-            raise ConfigError(f"'{key}' is {value}; expected an integer >= 0 (0 {meaning})")
-    for w in LOSS_WEIGHTS:
-        if getattr(cfg.loss, w) < 0:
-            raise ConfigError(f"'loss.{w}' is {getattr(cfg.loss, w)}; loss weights must be >= 0")
-    if cfg.model.teacher_image_size is not None and cfg.model.teacher_image_size < 1:
-        raise ConfigError(f"'model.teacher_image_size' is {cfg.model.teacher_image_size}; expected a side >= 1 "
-                          f"or null (the student's data.image_size)")
-    if cfg.ldm.snr_gamma is not None and not cfg.ldm.snr_gamma > 0:
-        raise ConfigError(f"'ldm.snr_gamma' is {cfg.ldm.snr_gamma}; expected a number > 0 (5 in the Min-SNR paper) "
-                          f"or null (plain MSE)")
+    """Checks that need more than a type, each naming its key: every field's declared range or choices (`num`,
+    `choice`), then the checks that involve several fields."""
+    for key, f, value in fields(cfg):
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"'{key}' is {value!r}; expected {allowed(f)}")
+        rng = f.metadata.get("range")
+        if rng is not None and value is not None and value not in rng:
+            raise ConfigError(f"'{key}' is {value!r}; expected {allowed(f)}")
+    if not NAME_RE.fullmatch(cfg.name) or cfg.name in (".", ".."):
+        raise ConfigError(f"'name' is {cfg.name!r}; expected a plain name (letters, digits, '-', '_', '.'; no '/', "
+                          f"not '.' or '..'): the run folder is <output_dir>/<name>")
+    for stage in ("teacher", "base", "student"):
+        t: TrainConfig = getattr(cfg, stage)
+        if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
+            raise ConfigError(f"'{stage}.momentum' is 0 with {stage}.nesterov=true; Nesterov SGD needs a momentum "
+                              f"> 0 (or set {stage}.nesterov=false)")
+    k = cfg.knn
+    for a, b, ok in (("k", "per_class_cap", k.k < k.per_class_cap),
+                     ("select", "per_class_cap", k.select <= k.per_class_cap),
+                     ("pic_nums", "select", k.pic_nums <= k.select),
+                     ("keep_per_point", "candidates", k.keep_per_point <= k.candidates)):
+        if not ok:
+            rel = "smaller than" if a == "k" else "at most"
+            raise ConfigError(f"'knn.{a}' is {getattr(k, a)}; expected {rel} knn.{b} ({getattr(k, b)})")
     out = str(cfg.output_dir)
     if "://" in out and (not out.startswith("s3://") or not out[len("s3://"):].strip("/")):
         raise ConfigError(f"'output_dir' is '{out}'; expected a local or mounted path, or s3://bucket[/prefix]")
@@ -495,10 +602,7 @@ def validate(cfg: OALConfig) -> None:
         raise ConfigError(f"'search.weights' names {bad}, which are not loss weights; valid: {', '.join(known)}")
     if not cfg.search.weights and not cfg.search.tune_lr:
         raise ConfigError("'search.weights' is empty and search.tune_lr is false: nothing to search")
-    if cfg.search.range_factor <= 1:
-        raise ConfigError(f"'search.range_factor' is {cfg.search.range_factor}; expected > 1 (an empty or inverted "
-                          f"range otherwise)")
-    if not 0 < cfg.search.lr_min < cfg.search.lr_max:
+    if not cfg.search.lr_min < cfg.search.lr_max:
         raise ConfigError(f"'search.lr_min'/'search.lr_max' are {cfg.search.lr_min}/{cfg.search.lr_max}; expected "
                           f"0 < lr_min < lr_max")
     pixel_oe = cfg.loss.w_pixel_oe > 0 or "w_pixel_oe" in cfg.search.weights
@@ -552,6 +656,56 @@ def absolute_paths(cfg: OALConfig, cwd: Path | None = None) -> OALConfig:
     return from_dict(d)
 
 
+def field_hints() -> dict[str, str]:
+    """Each config dataclass field's comment in this file (the block on the lines above it, then the one at its
+    end), by "Class.field": the one source of every key's documentation."""
+    import ast
+    import io
+    import tokenize
+
+    src = Path(__file__).read_text()
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whether the comment stands on a line of its own)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[: tok.start[1]].strip())
+    hints = {}
+    for node in ast.parse(src).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for st in node.body:
+            if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
+                above, ln = [], st.lineno - 1
+                while ln in comments and comments[ln][1]:
+                    above.insert(0, comments[ln][0])
+                    ln -= 1
+                end = comments.get(st.end_lineno or st.lineno)
+                hints[f"{node.name}.{st.target.id}"] = "; ".join(
+                    x for x in (" ".join(above), end[0] if end and not end[1] else "") if x)
+    return hints
+
+
+def help_keys() -> str:
+    """Every config key: its type, default, accepted values and the comment on its field (`oal config --help-keys`)."""
+    hints = field_hints()
+    lines = ["Every config key (give as key=value after the command, or in a preset's YAML): type, default, accepted "
+             "values, meaning."]
+    section = None
+    for key, f, default in fields(OALConfig):
+        top = key.split(".")[0] if "." in key else ""
+        if top != section:
+            section = top
+            cls = type(getattr(OALConfig(), top)) if top else OALConfig
+            doc = (cls.__doc__ or "").strip()
+            doc = "" if doc.startswith(cls.__name__ + "(") else " ".join(doc.split())
+            lines += ["", f"[{top or 'top level'}]" + (f" {doc}" if doc else "")]
+        owner = next(c for c in _CONFIG_CLASSES if f in dataclasses.fields(c))
+        rule = allowed(f)
+        lines.append(f"  {key} ({f.type}; default {json.dumps(default)}" + (f"; {rule}" if rule else "") + ")"
+                     + (f": {hints.get(f'{owner.__name__}.{f.name}', '')}" if hints.get(f"{owner.__name__}.{f.name}")
+                        else ""))
+    return "\n".join(lines)
+
+
 def from_dict(d: dict) -> OALConfig:
     """Rebuild a config from `to_dict` output (e.g. inside a Ray worker)."""
     obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OALConfig), d))
@@ -569,9 +723,23 @@ def to_dict(cfg: Any) -> dict:
     return out
 
 
+# Keys added after runs were fingerprinted, left out of a fingerprint at the value that reproduces the earlier
+# behaviour, so that adding them did not invalidate finished stages.
+_FINGERPRINT_NEUTRAL = {"on_bad_image": "error"}
+
+
+def _fingerprint_dict(part: Any) -> dict:
+    d = to_dict(part)
+    data = d if isinstance(part, DataConfig) else d.get("data") if isinstance(part, OALConfig) else None
+    for k, v in _FINGERPRINT_NEUTRAL.items():
+        if data is not None and data.get(k) == v:
+            del data[k]
+    return d
+
+
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of config pieces and other inputs (for skip-if-done)."""
-    blob = json.dumps([to_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
+    blob = json.dumps([_fingerprint_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
