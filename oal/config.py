@@ -591,8 +591,9 @@ def validate(cfg: OALConfig) -> None:
     out = str(cfg.output_dir)
     if "://" in out and (not out.startswith("s3://") or not out[len("s3://"):].strip("/")):
         raise ConfigError(f"'output_dir' is '{out}'; expected a local or mounted path, or s3://bucket[/prefix]")
+    values = {key: value for key, _, value in fields(cfg)}
     for key in PATH_KEYS[1:]:
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        value = values[key]
         if value and "://" in str(value):
             raise ConfigError(f"'{key}' is '{value}': it is read as a file path, and object storage URIs are not "
                               "supported for it; expected a local or mounted path (only output_dir may be s3://...)")
