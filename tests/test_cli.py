@@ -88,10 +88,32 @@ def test_clear_errors(tmp_path, args, code, needle):
     assert "Traceback" not in r.stderr
 
 
+# every stage of `run_pipeline` by its command name (embeddings: embed, latents: synthesize, student: train), then
+# the pipeline itself and the config printer
+COMMANDS = ("base", "teacher", "diffusion", "embed", "anchors", "knn", "synthesize", "train", "evaluate", "pipeline",
+            "config")
+
+
 def test_python_dash_m_oal_help_lists_every_stage(tmp_path):
+    import re
+
     r = oal("--help", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("usage: oal")
-    assert all(cmd in r.stdout for cmd in ("teacher", "diffusion", "pipeline", "evaluate"))
+    listed = re.search(r"\{([a-z,]+)\}", r.stdout).group(1).split(",")
+    assert listed == list(COMMANDS)  # every stage, in pipeline order, and nothing else
+    # each with its own line of help under "positional arguments"
+    helped = re.findall(r"^    ([a-z]+) +\S", r.stdout.split("positional arguments:")[1], re.M)
+    assert helped == list(COMMANDS)
+    # and each one is a command that parses (its own --help names its options)
+    from oal.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.dest == "command")
+    assert list(sub.choices) == list(COMMANDS)
+    for name, p in sub.choices.items():
+        options = {o for a in p._actions for o in a.option_strings}
+        assert {"--config", "--force", "--no-progress"} <= options, name
+        assert ("--checkpoint" in options) == (name == "evaluate"), name
+        assert p.description and p.description == next(a.help for a in sub._choices_actions if a.dest == name)
 
 
 def test_tracebacks_only_for_faults_outside_the_package():

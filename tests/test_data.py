@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -56,8 +58,66 @@ def test_unknown_benchmark():
         build_benchmark(DataConfig(benchmark="mnist"))
 
 
-def test_every_registered_benchmark_has_a_builder():
-    assert {"digits", "cifar10", "cifar100", "imagenet200"} <= set(BENCHMARKS)
+def _openood_tree(root: Path) -> Path:
+    """A tiny OpenOOD v1.5 tree: every list of cifar10, cifar100 and imagenet200 (each class once in the ID lists),
+    all pointing at 12x12 PNGs."""
+    from oal.data.cifar import OPENOOD_SPLITS
+
+    root.mkdir()
+    Image.fromarray(np.full((12, 12, 3), 200, dtype=np.uint8)).save(root / "img.png")
+    for images in ("images_classic", "images_largescale"):
+        (root / images).mkdir()
+        Image.open(root / "img.png").save(root / images / "x.png")
+    wnids = ("n01443537", "n01440764")  # goldfish, tench
+    for folder in wnids:
+        (root / "images_largescale" / "imagenet_1k" / "train" / folder).mkdir(parents=True)
+        Image.open(root / "img.png").save(root / "images_largescale" / "imagenet_1k" / "train" / folder / "a.png")
+    for name, k in (("cifar10", 10), ("cifar100", 100), ("imagenet200", 2)):
+        lists = root / "benchmark_imglist" / name
+        lists.mkdir(parents=True)
+        ood = [stem for split in OPENOOD_SPLITS[name] for stem in split.values()]
+        for stem in ood + [f"val_{name}", f"test_{name}"]:
+            (lists / f"{stem}.txt").write_text("x.png 0\nx.png 0\n")
+        if name == "imagenet200":
+            lines = [f"imagenet_1k/train/{w}/a.png {i}" for i, w in enumerate(wnids)]
+        else:
+            lines = [f"x.png {i}" for i in range(k)]
+        (lists / f"train_{name}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_every_registered_benchmark_has_a_builder(tmp_path, monkeypatch):
+    """Each registered name builds a whole benchmark from its own data format (tiny stand-ins here): ID splits
+    of images at data.image_size, its classes, and for OpenOOD lists the near and far OOD sets."""
+    from oal.data.cifar import OPENOOD_SPLITS
+    from tests.test_fashion import make_fashion_folder
+
+    assert set(BENCHMARKS) == {"digits", "fashion", "cifar10", "cifar100", "imagenet200"}
+    monkeypatch.setenv("OAL_DATA_DIR", str(tmp_path / "empty-cache"))  # fashion never reads the machine's cache
+    openood = _openood_tree(tmp_path / "openood")
+    fashion = make_fashion_folder(tmp_path / "fashion", train_per_class=210, test_per_class=2)  # 200 for val
+    configs = {"digits": DataConfig(image_size=16),
+               "fashion": DataConfig(benchmark="fashion", root=str(fashion), train_per_class=4, image_size=16)}
+    configs |= {n: DataConfig(benchmark=n, openood_root=str(openood), image_size=16)
+                for n in ("cifar10", "cifar100", "imagenet200")}
+    classes = {"digits": 6, "fashion": 6, "cifar10": 10, "cifar100": 100, "imagenet200": 2}
+    for name, builder in BENCHMARKS.items():
+        b = builder(configs[name])
+        assert b.name == name
+        assert b.num_classes == classes[name] and len(set(b.class_names)) == classes[name], name
+        for split in (b.train, b.train_plain, b.val, b.test):
+            x, y = split[0]
+            assert tuple(x.shape) == (3, 16, 16) and 0 <= int(y) < classes[name], name
+        assert len(b.train) == len(b.train_plain) > 0 and len(b.test) > 0, name
+        if name in OPENOOD_SPLITS:
+            val, near, far = OPENOOD_SPLITS[name]
+            assert (set(b.ood_val), set(b.near), set(b.far)) == (set(val), set(near), set(far)), name
+            x, y = b.far[next(iter(far))][1]
+            assert tuple(x.shape) == (3, 16, 16) and y == -1
+        else:
+            assert b.near and b.far and all(int(y) == -1 for ds in (*b.near.values(), *b.far.values()) for _, y in ds)
+    assert build_benchmark(configs["imagenet200"]).class_names == ["goldfish", "tench"]
+    assert build_benchmark(configs["cifar10"]).class_names[:2] == ["airplane", "automobile"]
 
 
 def test_openood_image_list(tmp_path):

@@ -172,13 +172,32 @@ def test_shards_merged_in_order_give_the_whole_sets_report_and_embeddings():
     assert sum(len(s["id"]) for s in slices) == len(bench.test) and len(slices[0]["id"]) < len(bench.test)
     parts = [{k: collect(net, ds, 64, "cpu") for k, ds in s.items()} for s in slices]  # other batches, too
     merged = {k: merge([p[k] for p in parts]) for k in sets}
-    assert torch.equal(merged["id"].labels, torch.as_tensor([y for _, y in bench.test]))
+    # the merged outputs are the network's outputs on each whole set, image for image and in order (computed here
+    # in one batch, without collect/shard/merge)
+    for k, ds in sets.items():
+        logits, feat, labels = _forward(net, ds)
+        assert torch.equal(merged[k].labels, labels), k
+        assert torch.allclose(merged[k].logits, logits, atol=1e-5) and torch.allclose(merged[k].features, feat,
+                                                                                        atol=1e-5), k
     report = report_from_outputs(merged, bench.name, list(bench.near), list(bench.far), cfg)
     assert report.id_accuracy == whole.id_accuracy
     for pp, res in whole.results.items():
         for name, m in res.per_set.items():
-            assert report.results[pp].per_set[name].auroc == pytest.approx(m.auroc, abs=1e-6), (pp, name)
+            for key, value in vars(m).items():
+                assert getattr(report.results[pp].per_set[name], key) == pytest.approx(value, abs=1e-6), (pp, name, key)
+        assert report.results[pp].near == pytest.approx(res.near, abs=1e-6)
+        assert report.results[pp].far == pytest.approx(res.far, abs=1e-6)
+        for name, conf in whole.scores[pp].items():
+            assert report.scores[pp][name] == pytest.approx(conf, abs=1e-5), (pp, name)
+    # k-NN's ID embeddings from the merged training outputs: cap=20 features of each class, each one the network's
+    # feature of a distinct training image of that class
     emb = per_class_sample(merged["train"], bench.num_classes, cap=20, seed=1)
+    assert emb.shape == (bench.num_classes, 20, net.feature_dim)
+    _, train_feat, train_y = _forward(net, bench.train_plain)
+    for c in range(bench.num_classes):
+        match = torch.cdist(emb[c], train_feat).argmin(1)  # (20,): the training image each row is
+        assert torch.allclose(emb[c], train_feat[match], atol=1e-5)
+        assert (train_y[match] == c).all() and len(set(match.tolist())) == 20
     assert torch.allclose(emb, class_embeddings(net, bench.train_plain, bench.num_classes, 20, "cpu", seed=1),
                           atol=1e-5)
     # more shards than images: the empty ones merge away
