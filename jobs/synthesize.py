@@ -96,9 +96,10 @@ class ActorPool:
 
 
 def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torch.Tensor, fingerprint: str,
-             progress: bool = True, pool: ActorPool | None = None, stats: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-    """Compute every missing shard on the actor pool, then finalize (vectors file, manifest last).
+             progress: bool = True, pool: ActorPool | None = None, stats: dict[str, Any] | None = None,
+             redo: bool = False) -> dict[str, Any]:
+    """Compute every missing shard (`redo`: every shard) on the actor pool, then finalize (vectors file, manifest
+    last).
     `pool`: actors already started (kept running afterwards); default: a pool for this call only. `stats`, when
     given, receives `actors_replaced` and `requeued_shards` (the indices of shards whose actor died under them)."""
     import ray
@@ -106,7 +107,7 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
 
     d, k = cfg.diffusion, cfg.cluster
     plan = plan_shards(d.num_outliers, d.shard_size, cfg.seed)
-    queue: deque[ShardSpec] = deque(s for s in plan if not shard_ok(out / s.filename))
+    queue: deque[ShardSpec] = deque(s for s in plan if redo or not shard_ok(out / s.filename))
     log.info("synthesis on Ray: %d of %d shards to do, %d actors", len(queue), len(plan),
              len(pool.actors) if pool else k.synth_actors)
     if queue:
@@ -165,7 +166,7 @@ def run_stage(cfg: C.OALConfig, progress: bool = True, force: bool = False) -> s
         return stages.skipped("latents", out, fp)
     knn = load_torch(stages.stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
     cfg = replace(cfg, diffusion=stages.diffusion_config(cfg))  # builtin-ldm: the trained checkpoint's path
-    manifest = run_pool(cfg, out, knn["class_names"], knn["outliers"], fp, progress)
+    manifest = run_pool(cfg, out, knn["class_names"], knn["outliers"], fp, progress, redo=force)
     from jobs.common import on_worker
 
     # the decoded grid (a VAE decode) on a worker too

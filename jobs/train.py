@@ -156,6 +156,11 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
         return stages.skipped(stage, d, fp)
     stages.check_inputs(cfg, stage)
     check_resources(cfg.cluster)
+    if force and trainer_options.get("run_name") is None:
+        # A run of its own: under the stable name Ray Train would restore the last run's checkpoint and retrain nothing.
+        import time
+
+        trainer_options["run_name"] = f"{cfg.name}-{stage}-{fp}-redo-{time.strftime('%Y%m%d-%H%M%S')}"
     result = make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
     failed = int((result.metrics or {}).get(FAILED_WRITES, 0))
     if failed:

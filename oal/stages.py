@@ -74,9 +74,22 @@ def read_manifest(d: Path) -> dict[str, Any] | None:
 
 
 def is_done(d: Path, fp: str) -> bool:
+    """A stage is done when its manifest's fingerprint matches `fp` and every output it names is whole: present,
+    with the size the manifest recorded (a file cut short or replaced since is not done, and the stage runs again)."""
     m = read_manifest(d)
-    return m is not None and m.get("fingerprint") == fp and all(storage.exists(storage.local(v))
-                                                                for v in m["outputs"].values())
+    if m is None or m.get("fingerprint") != fp:
+        return False
+    sizes = m.get("sizes", {})
+    for key, value in m["outputs"].items():
+        found = storage.size(storage.local(value))
+        if found is None:
+            log.warning("stage %s: its output %s '%s' is missing; the stage runs again", m.get("stage"), key, value)
+            return False
+        if key in sizes and found != sizes[key]:
+            log.warning("stage %s: its output %s '%s' has %d bytes where its manifest recorded %d (cut short or "
+                        "replaced); the stage runs again", m.get("stage"), key, value, found, sizes[key])
+            return False
+    return True
 
 
 def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, Path], **extra: Any) -> StageResult:
@@ -84,9 +97,12 @@ def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, P
     outs = {k: str(v) for k, v in outputs.items()}
     # which process computed and recorded it (a Ray pipeline does that in workers, never in the driver)
     written_by = process()
+    # what `is_done` checks (a file cut short has another size) and what a reader can verify the bytes against
+    sizes = {k: storage.size(v) for k, v in outs.items()}
+    digests = {k: storage.sha256(v) for k, v in outs.items()}
     # s3://... for an object-storage output (any node maps it to its own mirror), else the path
     write_json({"stage": stage, "fingerprint": fp, "outputs": {k: storage.uri(v) for k, v in outs.items()},
-                "written_by": written_by, **extra}, d / MANIFEST)  # last
+                "sizes": sizes, "sha256": digests, "written_by": written_by, **extra}, d / MANIFEST)  # last
     return StageResult(stage, d, fp, False, outs)
 
 
@@ -104,11 +120,21 @@ def skipped(stage: str, d: Path, fp: str) -> StageResult:
     return StageResult(stage, d, fp, True, {k: str(storage.local(v)) for k, v in m.get("outputs", {}).items()})
 
 
-def _resume_ok(ckpt: Path, fp: str) -> bool:
-    """Resume only from a checkpoint written for the same inputs; otherwise start over."""
+def _resume_ok(ckpt: Path, fp: str, force: bool = False) -> bool:
+    """Resume only from a whole checkpoint written for the same inputs; otherwise start over. One that does not
+    load (cut short by a crash, or not ours) is moved aside, never read again nor lost; with `force` (redo the stage
+    from scratch) an existing checkpoint is moved aside too."""
     if not storage.exists(ckpt):
         return False
-    state = load_torch(ckpt, "checkpoint")
+    if force:
+        log.warning("--force: %s moved aside to '%s'; training starts over", ckpt,
+                    storage.uri(storage.move_aside(ckpt, "replaced")))
+        return False
+    try:
+        state = load_torch(ckpt, "checkpoint")
+    except storage.CorruptFileError as e:
+        log.warning("%s; moved aside to '%s', training starts over", e, storage.uri(storage.move_aside(ckpt, "corrupt")))
+        return False
     if state.get("meta", {}).get("fingerprint") == fp:
         log.info("resuming from %s (epoch %s)", ckpt, state.get("epoch"))
         return True
@@ -245,13 +271,14 @@ def training_config(cfg: C.OALConfig, stage: str) -> C.TrainConfig | C.LDMConfig
 
 
 def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, out_dir: Path | None = None,
-                on_epoch_end: EpochHook | None = None, accelerator: Any = None, progress: bool = True) -> FitResult:
+                on_epoch_end: EpochHook | None = None, accelerator: Any = None, progress: bool = True,
+                force: bool = False) -> FitResult:
     """Train the teacher (cross-entropy), the base student (cross-entropy: the CE baseline, and the OAL student's
     starting point) or the OAL student (CE + KD from the frozen teacher + MICL against the outlier files,
     starting from the base student's weights with `model.student_init=base`), or the built-in latent diffusion
     model (diffusion: autoencoder, then UNet, on the ID images; `oal.ldm`) into `out_dir` (default: the
-    stage's folder), resuming from a checkpoint there that was written for the same inputs. Used as is by
-    `oal train` and inside each Ray Train worker."""
+    stage's folder), resuming from a checkpoint there that was written for the same inputs (`force`: from
+    scratch, the old checkpoint moved aside). Used as is by `oal train` and inside each Ray Train worker."""
     if stage not in TRAINED:
         raise ValueError(f"stage must be one of {TRAINED}; got {stage!r}")
     d, fp = out_dir or stage_dir(cfg, stage), training_fp(cfg, stage)
@@ -264,11 +291,11 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
 
         return ldm.fit_ldm(bench.train_plain, bench.class_names, cfg.diffusion.prompt, cfg.data.image_size, cfg.ldm,
                            d, seed=cfg.seed, device=cfg.device, on_epoch_end=on_epoch_end, meta={"fingerprint": fp},
-                           resume=_resume_ok(d / CHECKPOINT, fp), progress=progress, accelerator=accelerator)
+                           resume=_resume_ok(d / CHECKPOINT, fp, force), progress=progress, accelerator=accelerator)
     device = resolve_device(cfg.device)
     common = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, device=cfg.device, eval_fn=_val_fn(cfg, bench, device),
                   on_epoch_end=on_epoch_end, progress=progress, num_workers=cfg.data.num_workers,
-                  resume=_resume_ok(d / CHECKPOINT, fp), accelerator=accelerator)
+                  resume=_resume_ok(d / CHECKPOINT, fp, force), accelerator=accelerator)
     if stage == "teacher":
         net = build_teacher(cfg.model, bench.num_classes, cfg.data.image_size)
         return fit(net, bench.train, cfg.teacher, d, **common,  # type: ignore[arg-type]
@@ -381,7 +408,7 @@ def _run_trained(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch
     if not force and is_done(d, fp):
         return skipped(stage, d, fp)
     check_inputs(cfg, stage)
-    res = train_stage(cfg, stage, bench, None, on_epoch_end, accelerator, progress)
+    res = train_stage(cfg, stage, bench, None, on_epoch_end, accelerator, progress, force=force)
     return finish_training(cfg, stage, res.checkpoint, res.history, res.resumed_from_epoch)
 
 
@@ -544,7 +571,7 @@ def run_latents(cfg: C.OALConfig, force: bool = False, progress: bool = True) ->
         return skipped("latents", d, fp)
     knn = load_torch(stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
     manifest = synthesize(diffusion_config(cfg), knn["class_names"], knn["outliers"], d, cfg.seed,
-                          resolve_device(cfg.device), fp, progress=progress)
+                          resolve_device(cfg.device), fp, progress=progress, redo=force)
     return finish_latents(cfg, manifest)
 
 

@@ -56,17 +56,66 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
+class CorruptFileError(ValueError):
+    """A file that exists but does not load: cut short, overwritten with something else, or holding pickled code."""
+
+
 def load_torch(path: str | os.PathLike, what: str) -> Any:
-    """torch.load with one clear error for a missing or unreadable file."""
+    """torch.load of tensors and plain containers only (`weights_only=True`: a file that would run pickled code is
+    refused, never executed), with one clear error for a missing or unreadable file."""
     import torch
 
     path = pull(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{uri(path)}' does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
-        raise ValueError(f"{what} '{path}' is corrupt or not a torch file ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CorruptFileError(f"{what} '{uri(path)}' is corrupt, cut short or not a plain torch file of tensors "
+                               f"({type(e).__name__}: {first})") from None
+
+
+def size(path: str | os.PathLike) -> int | None:
+    """The file's size in bytes, asked of the store for an s3:// URI or a mirror path; None when absent."""
+    path = local(path)
+    loc = remote(path)
+    if loc is None:
+        return path.stat().st_size if path.is_file() else None
+    head = _head(*loc)
+    return None if head is None else int(head["ContentLength"])
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex digest of the file's bytes (fetched first under an object-storage output)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(pull(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def move_aside(path: str | os.PathLike, reason: str) -> Path:
+    """Rename a partial or unreadable file to `<name>.<reason>-<n>` beside it (in the store too, under an
+    object-storage output), so that nothing reads it again and nothing is lost; returns the new path."""
+    path = local(path)
+    n = 0
+    while exists(path.with_name(f"{path.name}.{reason}-{n}")):
+        n += 1
+    target = path.with_name(f"{path.name}.{reason}-{n}")
+    loc = remote(path)
+    if loc is None:
+        os.replace(path, target)
+        return target
+    new = remote(target)
+    assert new is not None
+    client().copy_object(Bucket=new[0], Key=new[1], CopySource={"Bucket": loc[0], "Key": loc[1]})
+    client().delete_object(Bucket=loc[0], Key=loc[1])
+    path.unlink(missing_ok=True)
+    _version_file(path).unlink(missing_ok=True)
+    return target
 
 
 # ---- object storage: output_dir=s3://bucket/prefix -------------------------------------------------------------

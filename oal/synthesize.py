@@ -112,18 +112,19 @@ def shard_ok(path: Path) -> bool:
     try:
         d = load_torch(path, "shard")
         return "vectors" in d
-    except ValueError:
-        log.warning("shard %s is unreadable; it will be redone", path)
+    except storage.CorruptFileError as e:
+        log.warning("%s; moved aside to '%s', the shard will be redone", e, storage.uri(storage.move_aside(path, "corrupt")))
         return False
 
 
 def synthesize(cfg: DiffusionConfig, class_names: list[str], outliers: torch.Tensor, out_dir: str | Path,
                seed: int, device: str | torch.device = "cpu", fingerprint: str = "",
-               shards: Iterable[ShardSpec] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Single-process synthesis of every missing shard, then the vectors file and the manifest."""
+               shards: Iterable[ShardSpec] | None = None, progress: bool = True, redo: bool = False) -> dict[str, Any]:
+    """Single-process synthesis of every missing shard (`redo`: of every shard), then the vectors file and the
+    manifest."""
     out = Path(out_dir)
     plan = list(shards) if shards is not None else plan_shards(cfg.num_outliers, cfg.shard_size, seed)
-    todo = [s for s in plan if not shard_ok(out / s.filename)]
+    todo = plan if redo else [s for s in plan if not shard_ok(out / s.filename)]
     log.info("latent synthesis: %d of %d shards to do", len(todo), len(plan))
     t0, done = time.perf_counter(), 0
     if todo:
