@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", "-c", default="digits", help="preset name or YAML path (default: digits)")
         s.add_argument("--force", action="store_true", help="redo the stage even if its outputs are up to date")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "config":
+            s.add_argument("--help-keys", action="store_true",
+                           help="list every config key with its type, default, accepted values and meaning")
         if name == "evaluate":
             s.add_argument("--checkpoint", help="checkpoint to score (default: <run>/<--of>/checkpoint.pt)")
             s.add_argument("--of", choices=("student", "base"), default="student",
@@ -45,12 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "config" and args.help_keys:
+        print(C.help_keys())
+        return 0
     try:
         cfg = C.load_config(args.config, args.overrides)
     except C.ConfigError as e:
         print(f"oal: config error: {e}", file=sys.stderr)
         return 2
-    from oal import stages, storage
+    from oal import storage
 
     if args.command != "config":
         try:
@@ -58,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"oal: storage error: {e}", file=sys.stderr)
             return 2
+        try:  # a given input that does not exist (e.g. data.root): now, not after the stages before it
+            C.absolute_paths(cfg)
+        except C.ConfigError as e:
+            print(f"oal: config error: {e}", file=sys.stderr)
+            return 2
+    from oal import stages  # torch and the rest: only once the config is known to be good
+    from oal.data import DataError
 
     progress = not args.no_progress
     try:
@@ -90,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             print(storage.pull(results["eval"].outputs["table"]).read_text())
             print((cfg.run_dir / "results.md").read_text())
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        if not _raised_by_us(e):  # a fault inside torch or a dependency: its traceback is the useful part
+        # a fault inside torch or a dependency: its traceback is the useful part. A DataError names its file in one
+        # line, also when a DataLoader worker raised it (torch re-raises it from its own frame)
+        if not _raised_by_us(e) and not isinstance(e, DataError):
             traceback.print_exc()
         print(f"oal {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +13,23 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from oal.config import DataConfig
+
+
+class DataError(ValueError):
+    """A data file that cannot be used, named in a one-line message.
+
+    Raised inside a DataLoader worker, torch re-raises it in the main process as the same type built from its own
+    text ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); this class keeps only the
+    original one-line message from that text, so what reaches the user is still one line naming the file."""
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            for line in reversed(message.rstrip().splitlines()):
+                m = re.match(r"[\w.]*DataError: (.*)$", line)
+                if m:
+                    message = m.group(1)
+                    break
+        super().__init__(message)
 
 
 @dataclass
@@ -75,6 +94,10 @@ def build_benchmark(cfg: DataConfig) -> Benchmark:
     if cfg.benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark '{cfg.benchmark}' (data.benchmark); registered: "
                          f"{', '.join(sorted(BENCHMARKS))}")
+    for key in ("root", "openood_root"):  # a folder given is used or is an error, never replaced by another copy
+        folder = getattr(cfg, key)
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise FileNotFoundError(f"data.{key} is '{folder}', which is not an existing folder")
     return BENCHMARKS[cfg.benchmark](cfg)
 
 

@@ -12,6 +12,8 @@ leaderboard's split, and no OOD sets.
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +23,10 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from oal.config import DataConfig
-from oal.data import Benchmark, register
+from oal.data import Benchmark, DataError, register
 from oal.data.names import CIFAR10_NAMES, CIFAR100_NAMES, imagenet_class_names
+
+log = logging.getLogger(__name__)
 
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -45,12 +49,22 @@ OPENOOD_SPLITS = {
 
 
 class ImageList(Dataset):
-    """An OpenOOD image list: one `relative/path label` per line, images read with PIL."""
+    """An OpenOOD image list: one `relative/path label` per line, images read with PIL.
 
-    def __init__(self, list_file: Path, images_dir: Path, transform: Callable, ood: bool):
+    An image that cannot be read (missing, not an image, truncated) is, with `on_bad_image="error"`, a DataError
+    naming the file and the list line it came from, raised when it is read. With "skip", every listed file's
+    header is read once here (one open per file: seconds per 100,000 local files) and the unreadable ones are left
+    out, their count logged; a file whose header reads but whose pixels do not is replaced by the next readable
+    one of the list when it is read (logged)."""
+
+    def __init__(self, list_file: Path, images_dir: Path, transform: Callable, ood: bool, on_bad_image: str = "error"):
         if not list_file.is_file():
             raise FileNotFoundError(f"OpenOOD image list '{list_file}' does not exist (data.openood_root)")
-        self.items = []
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image is {on_bad_image!r}; expected error or skip (data.on_bad_image)")
+        self.list_file, self.on_bad_image = list_file, on_bad_image
+        self.items: list[tuple[Path, int]] = []
+        self.lines: list[int] = []  # the list line of each item, for error messages
         for n, line in enumerate(list_file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -58,15 +72,61 @@ class ImageList(Dataset):
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise ValueError(f"{list_file}:{n}: expected '<path> <label>', got {line!r}")
             self.items.append((images_dir / parts[0], -1 if ood else int(parts[1])))
+            self.lines.append(n)
         self.transform = transform
+        self.skipped = 0  # items left out (skip mode)
+        if on_bad_image == "skip":
+            self._drop_unreadable()
+
+    def _drop_unreadable(self) -> None:
+        keep, bad = [], []
+        for j, (path, _) in enumerate(self.items):
+            try:
+                with Image.open(path):
+                    pass
+            except Exception as e:  # any reason PIL cannot identify the file
+                bad.append((path, e))
+            else:
+                keep.append(j)
+        if bad:
+            path, e = bad[0]
+            log.warning("data.on_bad_image=skip: left out %d of %d images listed in %s (unreadable; the first: %s: %s)",
+                        len(bad), len(self.items), self.list_file, path, _reason(e))
+            self.items = [self.items[j] for j in keep]
+            self.lines = [self.lines[j] for j in keep]
+            self.skipped = len(bad)
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _read(self, i: int) -> Image.Image:
+        path, _ = self.items[i]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as e:  # missing, not an image, truncated: all one message
+            raise DataError(f"image '{path}' (line {self.lines[i]} of {self.list_file}) cannot be read: "
+                            f"{_reason(e)}; replace or remove it, or set data.on_bad_image=skip") from None
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.items[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
+        for j in range(i, i + len(self.items)) if self.on_bad_image == "skip" else (i,):
+            j %= len(self.items)
+            try:
+                img = self._read(j)
+            except DataError as e:
+                if self.on_bad_image == "error":
+                    raise
+                self.skipped += 1
+                log.warning("data.on_bad_image=skip: %s; using the next image of the list instead (%d so far)",
+                            str(e).split("; replace")[0], self.skipped)
+                continue
+            return self.transform(img), self.items[i][1]
+        raise DataError(f"no image of {self.list_file} can be read (data.on_bad_image=skip)")
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the exception's type and message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _transforms(name: str, size: int) -> tuple[Callable, Callable]:
@@ -86,14 +146,16 @@ def _transforms(name: str, size: int) -> tuple[Callable, Callable]:
     return train, test
 
 
-def openood_sets(name: str, root: str | None, transform: Callable) -> tuple[dict, dict, dict]:
+def openood_sets(name: str, root: str | None, transform: Callable,
+                 on_bad_image: str = "error") -> tuple[dict, dict, dict]:
     if root is None:
         return {}, {}, {}
     base = Path(root)
     images = base / ("images_largescale" if name == "imagenet200" else "images_classic")
     lists = base / "benchmark_imglist" / name
     return tuple(  # type: ignore[return-value]
-        {k: ImageList(lists / f"{stem}.txt", images, transform, ood=True) for k, stem in split.items()}
+        {k: ImageList(lists / f"{stem}.txt", images, transform, ood=True, on_bad_image=on_bad_image)
+         for k, stem in split.items()}
         for split in OPENOOD_SPLITS[name]
     )
 
@@ -107,16 +169,18 @@ def _from_lists(name: str, cfg: DataConfig, class_names: Callable[[ImageList], l
     images = base / ("images_largescale" if name == "imagenet200" else "images_classic")
 
     def ds(stem: str, tf: Callable) -> ImageList:
-        return ImageList(lists / f"{stem}.txt", images, tf, ood=False)
+        return ImageList(lists / f"{stem}.txt", images, tf, ood=False, on_bad_image=cfg.on_bad_image)
 
     train = ds(f"train_{name}", train_tf)
+    plain = copy.copy(train)  # the same list, read once (with data.on_bad_image=skip every header is opened)
+    plain.transform = test_tf
     names = class_names(train)
     labels = sorted({label for _, label in train.items})
     if labels != list(range(len(names))):
         raise ValueError(f"{lists / f'train_{name}.txt'}: labels must be 0..{len(names) - 1} for {name}'s "
                          f"{len(names)} classes; found {len(labels)} distinct labels from {labels[0]} to {labels[-1]}")
-    ood_val, near, far = openood_sets(name, cfg.openood_root, test_tf)
-    return Benchmark(name=name, class_names=names, train=train, train_plain=ds(f"train_{name}", test_tf),
+    ood_val, near, far = openood_sets(name, cfg.openood_root, test_tf, cfg.on_bad_image)
+    return Benchmark(name=name, class_names=names, train=train, train_plain=plain,
                      val=ds(f"val_{name}", test_tf), test=ds(f"test_{name}", test_tf), ood_val=ood_val, near=near,
                      far=far, norm=MEAN_STD[name])
 
@@ -131,9 +195,13 @@ def _cifar(name: str, cfg: DataConfig) -> Benchmark:
         raise FileNotFoundError(f"{name}: expected torchvision's folder '{Path(cfg.root or '<data.root>') / folder}'"
                                 f" (set data.root; nothing is downloaded)")
     train_tf, test_tf = _transforms(name, cfg.image_size)
-    train = cls(cfg.root, train=True, transform=train_tf, download=False)
-    plain = cls(cfg.root, train=True, transform=test_tf, download=False)
-    test = cls(cfg.root, train=False, transform=test_tf, download=False)
+    try:
+        train = cls(cfg.root, train=True, transform=train_tf, download=False)
+        plain = cls(cfg.root, train=True, transform=test_tf, download=False)
+        test = cls(cfg.root, train=False, transform=test_tf, download=False)
+    except Exception as e:  # torchvision's checksum check, a truncated or foreign pickle: one message
+        raise DataError(f"{name}: torchvision's folder '{Path(cfg.root) / folder}' cannot be read ({_reason(e)}); "
+                        f"expected the unmodified {folder} files (their checksums are checked)") from None
     # ID validation: a fixed 1,000-image slice of the test split's complement is not available in
     # torchvision's format, so validation uses every 10th test image and test keeps the rest.
     idx = torch.arange(len(test))

@@ -17,8 +17,8 @@ drawn with `data.split_seed`), 200 more per class for ID validation, the officia
 for ID test and near-OOD; 1,000 bag images for validation OOD, and another 1,000 set aside (`real_outliers`)
 for an outlier-exposure upper bound (not used yet).
 
-Files: the four gzipped (or plain) idx files, found in `data.root` (flat, or torchvision's
-`FashionMNIST/raw/`), else in Debian's `dataset-fashion-mnist` location, else in the cache that
+Files: the four gzipped (or plain) idx files, found in `data.root` when it is given (flat, or torchvision's
+`FashionMNIST/raw/`; only there), else in Debian's `dataset-fashion-mnist` location, else in the cache that
 `python -m oal.data fashion` fills without root (`apt-get download` + `dpkg-deb -x`). Nothing is
 downloaded while a pipeline runs.
 """
@@ -63,18 +63,21 @@ def _has_files(d: Path) -> bool:
 
 
 def find_dir(root: str | None) -> Path:
-    """The first folder holding all four idx files: data.root (flat or FashionMNIST/raw), Debian's, the cache."""
-    tried = []
+    """The first folder holding all four idx files: data.root (flat or FashionMNIST/raw) when given (only there:
+    a given folder is never silently replaced by another copy), else Debian's, then the cache."""
     if root is not None:
-        tried += [Path(root), Path(root) / "FashionMNIST" / "raw", Path(root) / "raw"]
-    tried += [DEBIAN_DIR, cache_dir() / DEBIAN_DIR.relative_to("/")]
+        tried = [Path(root), Path(root) / "FashionMNIST" / "raw", Path(root) / "raw"]
+    else:
+        tried = [DEBIAN_DIR, cache_dir() / DEBIAN_DIR.relative_to("/")]
     for d in tried:
         if _has_files(d):
             return d
-    raise FileNotFoundError(
-        "Fashion-MNIST idx files (" + ", ".join(f"{n}[.gz]" for n in FILES.values()) + ") not found in "
-        + ", ".join(str(d) for d in tried) + "; run `python -m oal.data fashion` (fetches Debian's "
-        f"{DEBIAN_PACKAGE} package without root into {cache_dir()}), or give data.root")
+    fix = ("give the folder that holds them as data.root, or leave data.root unset to use Debian's or the cache "
+           "(`python -m oal.data fashion` fills it)" if root is not None else
+           f"run `python -m oal.data fashion` (fetches Debian's {DEBIAN_PACKAGE} package without root into "
+           f"{cache_dir()}), or give data.root")
+    raise FileNotFoundError("Fashion-MNIST idx files (" + ", ".join(f"{n}[.gz]" for n in FILES.values())
+                            + ") not found in " + ", ".join(str(d) for d in tried) + "; " + fix)
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
