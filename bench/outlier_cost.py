@@ -79,8 +79,9 @@ def train_row(preset: str, common: list[str], name: str, method: Method, outlier
     history = json.loads((Path(res.dir) / "stage.json").read_text())["history"]
     ev, _ = stages.run_evaluate(cfg, bench=bench)
     r = load_report(Path(ev.dir) / "results.json")
-    score = r["results"][POSTPROCESSOR]
-    return {"train_s": sum(h["epoch_seconds"] for h in history), "near": score["near"]["auroc"],
+    pp = r.get("chosen") or POSTPROCESSOR  # the score chosen on validation; EBO only where there is no choice
+    score = r["results"][pp]
+    return {"train_s": sum(h["epoch_seconds"] for h in history), "near": score["near"]["auroc"], "score": pp,
             "far": score["far"]["auroc"], "id_acc": r["id_accuracy"]}
 
 
@@ -142,7 +143,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.annotate(f"{n:,}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.axhline(100 * rows[0][key], color="grey", linestyle="--", linewidth=1, label=rows[0]["method"])
         ax.set_xlabel("seconds: synthesis + student training")
-        ax.set_ylabel(f"{title} AUROC (%), EBO")
+        ax.set_ylabel(f"{title} AUROC (%), validation-chosen score")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join([
         f"# Outlier cost on `{preset}`{' (--quick settings)' if args.quick else ''}, seed {args.seed}",
         "",
-        f"EBO AUROC in %; near-OOD: {', '.join(bench.near)}; far-OOD: {', '.join(bench.far)}. Every row: the base "
+        "AUROC in %, each row under the score its evaluation chose on validation; "
+        f"near-OOD: {', '.join(bench.near)}; far-OOD: {', '.join(bench.far)}. Every row: the base "
         "student fine-tuned with KD from the teacher plus the one term named (weight in brackets). Synthesis s: "
         "latent only for the latent terms, latent + VAE decode for pixel OE. Device: "
         f"{resolve_device(probe.device)}, one process.",

@@ -10,8 +10,9 @@ chains for the ablations: `q-seed<s>-untrained` (the same stages with the untrai
 variant then trains and evaluates its own student under `<out>/q-seed<s>-<variant>/`, reading the shared
 teacher, base student and outlier files. Stages keep their skip-if-done manifests: an interrupted benchmark
 resumes, a finished one re-prints at once. `diffusion.checkpoint=PATH` gives every seed one trained diffusion
-model (the diffusion stage's checkpoint) instead of training one per seed. Scores are EBO (energy) on the
-student's logits; metrics follow OpenOOD v1.5 (oal/evaluate.py). Writes `<out>/quality.md`, `quality.json` and `quality.png`.
+model (the diffusion stage's checkpoint) instead of training one per seed. Each row is under the score its
+evaluation chose on validation (ID validation vs validation OOD, never a test set); metrics follow OpenOOD
+v1.5 (oal/evaluate.py). Writes `<out>/quality.md`, `quality.json` and `quality.png`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +37,7 @@ from oal.diffusion import BUILTIN, TRAINED
 from oal.evaluate import load_report
 from oal.storage import load_torch
 
-POSTPROCESSOR = "ebo"
+POSTPROCESSOR = "ebo"  # where an evaluation has no validation choice (no validation OOD set)
 
 # Tiny settings for a smoke run (shared with the tests); no decoded grid needed here.
 QUICK = [*C.QUICK_OVERRIDES, "diffusion.grid_samples=0", "ldm.vae_epochs=1", "ldm.epochs=1", "ldm.eval_samples=2",
@@ -52,7 +54,7 @@ class Variant:
     chain: str = "main"  # whose outlier files: main | untrained (untrained diffusion model) | class (class prompt)
 
 
-BASE_ROW = "CE + EBO (base stage)"
+BASE_ROW = "CE (base stage)"
 VARIANTS = (
     Variant("CE, trained on for the student's epochs (control)", "ce",
             ("loss.w_logit_kd=0", "loss.w_feat_kd=0", *NO_OUTLIER_TERMS)),
@@ -81,14 +83,16 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _metrics(results: dict) -> dict[str, float]:
-    """The table's numbers (fractions) from one variant's results.json."""
-    out = {}
+def _metrics(results: dict) -> dict[str, Any]:
+    """The table's numbers (fractions) from one variant's results.json, under the score its evaluation chose on
+    validation (never on the test sets), named under "score"."""
+    pp = results.get("chosen") or POSTPROCESSOR
+    out: dict[str, Any] = {"score": pp if pp != "knn" else f"knn K={results.get('knn_k')}"}
     for header, where in COLUMNS:
         if where == ("id_accuracy",):
             out[header] = float(results["id_accuracy"])
         else:
-            out[header] = float(results["results"][POSTPROCESSOR][where[0]][where[1]])
+            out[header] = float(results["results"][pp][where[0]][where[1]])
     return out
 
 
@@ -115,7 +119,7 @@ def student_metrics(cfg: C.OALConfig, bench) -> dict[str, float]:
 
 
 def base_metrics(shared: C.OALConfig, base_ckpt: str, bench) -> dict[str, float]:
-    """The CE + EBO row: the base student's evaluation (or its record, when up to date)."""
+    """The CE row: the base student's evaluation (or its record, when up to date)."""
     return _evaluated(stages.run_evaluate(shared, base_ckpt, bench=bench, of="base")[0])
 
 
@@ -185,10 +189,12 @@ def labels(per_seed: dict[int, dict[str, dict[str, float]]]) -> list[str]:
 
 
 def table(per_seed: dict[int, dict[str, dict[str, float]]]) -> str:
-    header = "| variant | " + " | ".join(h for h, _ in COLUMNS) + " | near / far vs CE |"
-    lines = [header, "|---" * (len(COLUMNS) + 2) + "|"]
+    header = ("| variant | score (chosen on validation, by seed) | " + " | ".join(h for h, _ in COLUMNS)
+              + " | near / far vs CE |")
+    lines = [header, "|---" * (len(COLUMNS) + 3) + "|"]
     for label in labels(per_seed):
-        cells = [_mean_std([per_seed[s][label][h] for s in per_seed]) for h, _ in COLUMNS]
+        chosen = ", ".join(str(per_seed[s][label].get("score", POSTPROCESSOR)) for s in per_seed)
+        cells = [chosen, *(_mean_std([per_seed[s][label][h] for s in per_seed]) for h, _ in COLUMNS)]
         gain = [100 * np.mean([per_seed[s][label][h] - per_seed[s][BASE_ROW][h] for s in per_seed])
                 for h in ("near AUROC", "far AUROC")]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {gain[0]:+.2f} / {gain[1]:+.2f} |")
@@ -212,7 +218,7 @@ def plot(per_seed: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
         ax.axvline(vals[0].mean(), color=colour, linestyle="--", linewidth=1)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
-    ax.set_xlabel("AUROC (%), EBO; dashed: CE + EBO")
+    ax.set_xlabel("AUROC (%), each under its validation-chosen score; dashed: CE")
     lo = 100 * min(per_seed[s][n][c] for s in per_seed for n in names for c in ("near AUROC", "far AUROC"))
     ax.set_xlim(max(0.0, lo - 10), 100)
     ax.legend(loc="lower right")
@@ -269,8 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join([
         f"# OAL variants on `{preset}`{' (--quick settings)' if args.quick else ''}",
         "",
-        f"Postprocessor EBO; mean ± sample std over seeds {' '.join(map(str, args.seeds))}, in %; the last column is "
-        "the mean per-seed AUROC difference to the CE + EBO row. FPR@95 is OpenOOD v1.5's. "
+        f"Each row under the score its validation data chose (named per seed); mean ± sample std over seeds "
+        f"{' '.join(map(str, args.seeds))}, in %; the last column is the mean per-seed AUROC difference to the CE "
+        "row. FPR@95 is OpenOOD v1.5's. "
         f"Near-OOD: {', '.join(bench.near)}; far-OOD: {', '.join(bench.far)}.",
         f"Diffusion model: {model}."
         + (f" Class-conditional accuracy of its samples (judged by the teacher): {'; '.join(quality)}." if quality

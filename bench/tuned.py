@@ -12,7 +12,8 @@
 2. For each seed: the shared stages (base CE student, teacher, embeddings, anchors, k-NN and decoded latent
    outliers; seed 0's are the search's own), then three students on the same files, evaluated on the test near
    and far OOD sets: the reference's weights (full OAL), the best fixed variant of `bench.outlier_cost` (KD +
-   pixel OE at OE's 0.5, no other outlier term) and the tuned weights. The CE + EBO row is the base student.
+   pixel OE at OE's 0.5, no other outlier term) and the tuned weights. The CE row is the base student. Each
+   row is under the score its evaluation chose on validation.
 
 One diffusion model serves every seed: the one given with `diffusion.checkpoint=PATH` (e.g. the one `make demo`
 trains, `runs/fashion/diffusion/checkpoint.pt`; relative paths are made absolute), else the one seed 0's search
@@ -121,9 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join([
         f"# Ray Tune's weights against the fixed recipes on `{preset}`{' (--quick settings)' if args.quick else ''}",
         "",
-        f"EBO; mean ± sample std over seeds {' '.join(map(str, args.seeds))}, in %, on the test sets (near-OOD: "
+        "Scores chosen on validation; "
+        f"mean ± sample std over seeds {' '.join(map(str, args.seeds))}, in %, on the test sets (near-OOD: "
         f"{', '.join(bench.near)}; far-OOD: {', '.join(bench.far)}); the last column is the mean per-seed AUROC "
-        "difference to the CE + EBO row.",
+        "difference to the CE row (each row under its validation-chosen score).",
         f"Tuned weights (search at seed 0, {len(summary['trials'])} trials, objective {probe.search.metric} on the "
         f"validation OOD class): {' '.join(w.removeprefix('loss.') for w in tuned)}.",
         f"Overrides: {' '.join(base) or '(none)'}",

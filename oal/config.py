@@ -261,11 +261,15 @@ class LDMConfig:
 @dataclass
 class EvalConfig:
     postprocessors: list[str] = field(default_factory=lambda: ["ebo", "msp", "mls", "knn"])  # scores to report
-    primary: str = "ebo"  # postprocessor whose numbers head the results table
+    # the score reported first when the benchmark has no validation OOD set (otherwise the one with the best
+    # validation AUROC leads, and this one is a row like the others)
+    primary: str = "ebo"
     checkpoint: str = choice("last", "best")  # which epoch's weights are evaluated: last | best (by ID val accuracy, as OpenOOD)
     baseline: bool = True  # also train the base stage (CE only) and report it as the CE baseline row
     ebo_temperature: float = num(1.0, gt=0)  # T in T * logsumexp(logits / T)
-    knn_k: int = num(10, ge=1)  # K of the KNN feature-space score
+    knn_k: int = num(10, ge=1)  # K of the KNN feature-space score when knn_k_search is empty or there is no validation OOD
+    # K values tried on validation (ID validation vs validation OOD AUROC, OpenOOD's convention); [] keeps knn_k
+    knn_k_search: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50, 100, 200, 500, 1000])
     plots: bool = True  # write ROC curves and score histograms as PNG
 
 
@@ -613,6 +617,8 @@ def validate(cfg: OALConfig) -> None:
                           "outliers.pixel_path, or set loss.w_pixel_oe=0")
     if "{}" not in cfg.diffusion.prompt:
         raise ConfigError(f"'diffusion.prompt' is {cfg.diffusion.prompt!r}; it must contain {{}} for the class name")
+    if any(k < 1 for k in cfg.eval.knn_k_search):
+        raise ConfigError(f"'eval.knn_k_search' is {cfg.eval.knn_k_search}; every K must be >= 1")
     if cfg.eval.primary not in cfg.eval.postprocessors:
         raise ConfigError(f"'eval.primary' is {cfg.eval.primary!r}; it must be one of eval.postprocessors "
                           f"{cfg.eval.postprocessors}")

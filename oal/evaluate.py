@@ -92,15 +92,20 @@ class KNNScore:
         self.index.add(np.ascontiguousarray(bank))
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return self.at(features, [self.k])[self.k]
+
+    def at(self, features: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
+        """The score for each K in `ks` (each at most the bank's size) from one search of max(ks) neighbours."""
         q = torch.nn.functional.normalize(features.float(), dim=-1).numpy()  # (N, D)
-        dist, _ = self.index.search(np.ascontiguousarray(q), self.k)  # (N, k) squared L2
-        return -torch.from_numpy(np.sqrt(np.maximum(dist[:, -1], 0.0)))  # (N,)
+        dist, _ = self.index.search(np.ascontiguousarray(q), max(ks))  # (N, max K) squared L2, nearest first
+        return {k: -torch.from_numpy(np.sqrt(np.maximum(dist[:, k - 1], 0.0))) for k in ks}  # each (N,)
 
 
 Scorer = Callable[[Outputs], torch.Tensor]
 
 
-def build_postprocessor(name: str, cfg: EvalConfig, train: Outputs | None) -> Scorer:
+def build_postprocessor(name: str, cfg: EvalConfig, train: Outputs | None, knn_k: int | None = None) -> Scorer:
+    """The score `name` (higher = more ID); `knn_k`: KNN's K when chosen on validation (default eval.knn_k)."""
     if name == "msp":
         return lambda o: msp_score(o.logits)
     if name == "ebo":
@@ -110,7 +115,7 @@ def build_postprocessor(name: str, cfg: EvalConfig, train: Outputs | None) -> Sc
     if name == "knn":
         if train is None:
             raise ValueError("the knn postprocessor needs the ID training set's features")
-        knn = KNNScore(train.features, cfg.knn_k)
+        knn = KNNScore(train.features, knn_k or cfg.knn_k)
         return lambda o: knn(o.features)
     raise ValueError(f"unknown postprocessor '{name}' (eval.postprocessors); registered: {', '.join(POSTPROCESSORS)}")
 
@@ -156,6 +161,7 @@ class PostprocessorResult:
     per_set: dict[str, OODMetrics]  # by OOD set name (near and far)
     near: dict[str, float]  # average of each metric over the near-OOD sets
     far: dict[str, float]  # average over the far-OOD sets
+    val_auroc: float | None = None  # ID validation split vs the validation OOD sets: what the choice is made on
 
 
 @dataclass
@@ -165,7 +171,16 @@ class EvalReport:
     near_sets: list[str]
     far_sets: list[str]
     results: dict[str, PostprocessorResult] = field(default_factory=dict)  # by postprocessor name
+    # The postprocessor with the best validation AUROC (OpenOOD v1.5: ID validation split vs validation OOD, never
+    # a test set); None when the benchmark has no validation OOD set
+    chosen: str | None = None
+    knn_k: int | None = None  # the KNN score's K (chosen on validation from eval.knn_k_search, or eval.knn_k)
+    knn_k_val_auroc: dict[int, float] = field(default_factory=dict)  # validation AUROC of each K tried
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)  # for plots
+
+    def headline(self, primary: str) -> str:
+        """The postprocessor whose numbers lead: the one chosen on validation, else `primary` (eval.primary)."""
+        return self.chosen or primary
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "scores"}
@@ -179,11 +194,16 @@ def _average(ms: list[OODMetrics]) -> dict[str, float]:
 
 def eval_sets(bench, cfg: EvalConfig) -> dict[str, Dataset]:
     """Every dataset an evaluation runs the network over: "id" (the ID test set), "train" (the ID training set,
-    only for postprocessors that need it) and each near/far OOD test set as "ood:<name>"."""
+    only for postprocessors that need it), each near/far OOD test set as "ood:<name>", and, where the benchmark
+    has validation OOD sets, the ID validation split ("val_id") and each of them ("val_ood:<name>"): the score and
+    KNN's K are chosen on those."""
     sets: dict[str, Dataset] = {"id": bench.test}
     if NEEDS_TRAIN & set(cfg.postprocessors):
         sets["train"] = bench.train_plain
     sets.update({f"ood:{name}": ds for name, ds in {**bench.near, **bench.far}.items()})
+    if bench.ood_val:
+        sets["val_id"] = bench.val
+        sets.update({f"val_ood:{name}": ds for name, ds in bench.ood_val.items()})
     return sets
 
 
@@ -201,8 +221,14 @@ def report_from_outputs(outs: dict[str, Outputs], benchmark: str, near: list[str
     computed)."""
     id_out = outs["id"]
     report = EvalReport(benchmark=benchmark, id_accuracy=accuracy(id_out), near_sets=near, far_sets=far)
+    val_ood = [k for k in outs if k.startswith("val_ood:")]
+    val = (outs["val_id"], [outs[k] for k in val_ood]) if "val_id" in outs and val_ood else None
+    if "knn" in cfg.postprocessors:
+        report.knn_k = cfg.knn_k
+        if val is not None and cfg.knn_k_search and "train" in outs:
+            report.knn_k, report.knn_k_val_auroc = choose_knn_k(outs["train"], val, cfg.knn_k_search)
     for pp in cfg.postprocessors:
-        score = build_postprocessor(pp, cfg, outs.get("train"))
+        score = build_postprocessor(pp, cfg, outs.get("train"), report.knn_k)
         id_conf = score(id_out).numpy()
         per_set, scores = {}, {"id": id_conf}
         for name in (*near, *far):
@@ -210,9 +236,28 @@ def report_from_outputs(outs: dict[str, Outputs], benchmark: str, near: list[str
             scores[name] = conf
             per_set[name] = ood_metrics(id_conf, conf)
         report.results[pp] = PostprocessorResult(
-            per_set=per_set, near=_average([per_set[n] for n in near]), far=_average([per_set[n] for n in far]))
+            per_set=per_set, near=_average([per_set[n] for n in near]), far=_average([per_set[n] for n in far]),
+            val_auroc=_val_auroc(score(val[0]).numpy(), [score(o).numpy() for o in val[1]]) if val else None)
         report.scores[pp] = scores
+    if val is not None:  # the first of the best, in eval.postprocessors' order
+        report.chosen = max(cfg.postprocessors, key=lambda pp: report.results[pp].val_auroc or 0.0)
     return report
+
+
+def _val_auroc(id_conf: np.ndarray, ood_confs: list[np.ndarray]) -> float:
+    """Mean AUROC of the ID validation split against each validation OOD set."""
+    return float(np.mean([ood_metrics(id_conf, c).auroc for c in ood_confs]))
+
+
+def choose_knn_k(train: Outputs, val: tuple[Outputs, list[Outputs]], ks: list[int]) -> tuple[int, dict[int, float]]:
+    """KNN's K with the best validation AUROC among `ks` (those above the bank's size dropped; ties: the smaller K),
+    and each K's validation AUROC: OpenOOD's convention of choosing a postprocessor's parameter on validation."""
+    ks = sorted({k for k in ks if k <= len(train.features)}) or [len(train.features)]
+    knn = KNNScore(train.features, max(ks))
+    id_scores = knn.at(val[0].features, ks)
+    ood_scores = [knn.at(o.features, ks) for o in val[1]]
+    aurocs = {k: _val_auroc(id_scores[k].numpy(), [s[k].numpy() for s in ood_scores]) for k in ks}
+    return max(ks, key=lambda k: (aurocs[k], -k)), aurocs
 
 
 def validation_metrics(net: nn.Module, bench, cfg: EvalConfig, device: str | torch.device,
@@ -239,14 +284,19 @@ def markdown_table(report: EvalReport, primary: str) -> str:
     lines = [f"# OOD evaluation on `{report.benchmark}`", "",
              f"ID accuracy: **{pct(report.id_accuracy)}%**. Metrics in %; FPR@95 is OpenOOD v1.5's "
              "(ID flagged OOD at 95% OOD recall); FPR95-classic is VOS/NPOS's (OOD accepted at 95% ID recall).", "",
-             "| postprocessor | near AUROC | far AUROC | near FPR@95 | far FPR@95 | near FPR95-classic "
+             _choice_line(report, primary), "",
+             "| postprocessor | val AUROC | near AUROC | far AUROC | near FPR@95 | far FPR@95 | near FPR95-classic "
              "| far FPR95-classic |",
-             "|---|---|---|---|---|---|---|"]
-    order = [primary] + [p for p in report.results if p != primary]
+             "|---|---|---|---|---|---|---|---|"]
+    head = report.headline(primary)
+    order = [head] + [p for p in report.results if p != head]
     for pp in order:
         r = report.results[pp]
-        lines.append(f"| {pp} | {pct(r.near['auroc'])} | {pct(r.far['auroc'])} | {pct(r.near['fpr95'])} | "
-                     f"{pct(r.far['fpr95'])} | {pct(r.near['fpr95_classic'])} | {pct(r.far['fpr95_classic'])} |")
+        lines.append(f"| {_label(pp, report.knn_k)}{' (chosen)' if pp == report.chosen else ''} | "
+                     f"{pct(r.val_auroc) if r.val_auroc is not None else '-'} | {pct(r.near['auroc'])} | "
+                     f"{pct(r.far['auroc'])} | {pct(r.near['fpr95'])} | {pct(r.far['fpr95'])} | "
+                     f"{pct(r.near['fpr95_classic'])} | {pct(r.far['fpr95_classic'])} |")
+    primary = head
     lines += ["", f"## Per OOD set ({primary})", "",
               "| set | kind | AUROC | FPR@95 | FPR95-classic | AUPR-In | AUPR-Out | n OOD |", "|---|---|---|---|---|---|---|---|"]
     for name, m in report.results[primary].per_set.items():
@@ -256,18 +306,42 @@ def markdown_table(report: EvalReport, primary: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(pp: str, knn_k: int | None) -> str:
+    return f"{pp} (K={knn_k})" if pp == "knn" and knn_k else pp
+
+
+def _choice_line(report: EvalReport, primary: str) -> str:
+    if report.chosen is None:
+        return (f"No validation OOD set: the table leads with eval.primary ({primary}), not a validation choice.")
+    ks = (f"; KNN's K={report.knn_k} chosen the same way among {sorted(report.knn_k_val_auroc)}"
+          if report.knn_k_val_auroc else "")
+    return (f"Score chosen on validation (ID validation split vs the validation OOD sets, never a test set): "
+            f"**{report.chosen}**{ks}.")
+
+
 def comparison_table(rows: dict[str, tuple[dict, dict]], primary: str, benchmark: str) -> str:
-    """One row per trained network (label -> (results.json, stage manifest)): ID accuracy and the primary
-    postprocessor's near/far AUROC and FPR@95, in %."""
-    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
-    lines = [f"# `{benchmark}`: CE baseline vs OAL ({primary}, metrics in %)", "",
-             "| model | weights | ID acc | near AUROC | far AUROC | near FPR@95 | far FPR@95 |",
-             "|---|---|---|---|---|---|---|"]
-    for label, (res, manifest) in rows.items():
-        r = res["results"][primary]
-        lines.append(f"| {label} | {manifest.get('selected', 'last')} (epoch {manifest.get('epoch', '?')}) | "
-                     f"{pct(res['id_accuracy'])} | {pct(r['near']['auroc'])} | {pct(r['far']['auroc'])} | "
-                     f"{pct(r['near']['fpr95'])} | {pct(r['far']['fpr95'])} |")
+    """Every trained network (label -> (results.json, stage manifest)) under every postprocessor: first each
+    network under the score chosen on its validation data (eval.primary where there is none), then the rest;
+    ID accuracy, validation AUROC and near/far AUROC and FPR@95, in %."""
+    pct = lambda v: f"{100 * v:.2f}" if v is not None else "-"  # noqa: E731
+    lines = [f"# `{benchmark}`: CE baseline vs OAL (metrics in %)", "",
+             "Each network's first row is the score chosen on validation (ID validation split vs the validation OOD "
+             "sets, never a test set), marked *chosen*; the rows after it are every other score, for reference.", "",
+             "| model | score | weights | ID acc | val AUROC | near AUROC | far AUROC | near FPR@95 | far FPR@95 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def row(label: str, res: dict, manifest: dict, pp: str) -> str:
+        r = res["results"][pp]
+        how = "chosen" if pp == res.get("chosen") else ("eval.primary, no validation OOD" if not res.get("chosen")
+                                                        and pp == primary else "")
+        name = _label(pp, res.get("knn_k")) + (f" *{how}*" if how else "")
+        return (f"| {label} | {name} | {manifest.get('selected', 'last')} (epoch {manifest.get('epoch', '?')}) | "
+                f"{pct(res['id_accuracy'])} | {pct(r.get('val_auroc'))} | {pct(r['near']['auroc'])} | "
+                f"{pct(r['far']['auroc'])} | {pct(r['near']['fpr95'])} | {pct(r['far']['fpr95'])} |")
+
+    heads = {label: res.get("chosen") or primary for label, (res, _) in rows.items()}
+    lines += [row(label, res, m, heads[label]) for label, (res, m) in rows.items()]
+    lines += [row(label, res, m, pp) for label, (res, m) in rows.items() for pp in res["results"] if pp != heads[label]]
     return "\n".join(lines) + "\n"
 
 

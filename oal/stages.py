@@ -656,16 +656,21 @@ def finish_evaluate(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, 
     outs = {key: merge([p["outputs"][key] for p in parts]) for key in first["outputs"]}
     report = report_from_outputs(outs, first["benchmark"], first["near"], first["far"], cfg.eval)
     files = write_report(report, d, cfg.eval.primary, cfg.eval.plots)
-    primary = report.results[cfg.eval.primary]
+    head = report.headline(cfg.eval.primary)  # chosen on validation where the benchmark has validation OOD sets
+    log.info("%s: score %s (%s), near / far AUROC %.4f / %.4f", name, head,
+             "chosen on validation" if report.chosen else "eval.primary: no validation OOD set",
+             report.results[head].near["auroc"], report.results[head].far["auroc"])
     return _finish(name, d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
                    checkpoint=str(ckpt), epoch=first["epoch"], selected=cfg.eval.checkpoint,
-                   plots=[str(f) for f in files if f.suffix == ".png"],
-                   id_accuracy=report.id_accuracy, near_auroc=primary.near["auroc"],
-                   far_auroc=primary.far["auroc"], shards=[p["by"] for p in parts]), report
+                   plots=[str(f) for f in files if f.suffix == ".png"], postprocessor=head,
+                   chosen_on_validation=report.chosen is not None, knn_k=report.knn_k,
+                   id_accuracy=report.id_accuracy, near_auroc=report.results[head].near["auroc"],
+                   far_auroc=report.results[head].far["auroc"], shards=[p["by"] for p in parts]), report
 
 
 def write_comparison(cfg: C.OALConfig) -> Path:
-    """`<run>/results.md`: the CE baseline (base stage) and the OAL student side by side, primary score."""
+    """`<run>/results.md`: the CE baseline (base stage) and the OAL student, each first under the score chosen on
+    its validation data, then under every other score."""
     from oal.evaluate import comparison_table
 
     rows = {}

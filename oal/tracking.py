@@ -284,6 +284,8 @@ class Tracker:
 
         metrics = {"id_accuracy": report.id_accuracy}
         for pp, r in report.results.items():
+            if r.val_auroc is not None:
+                metrics[f"{pp}_val_auroc"] = r.val_auroc
             for k in ("auroc", "fpr95", "fpr95_classic"):
                 metrics[f"{pp}_near_{k}"] = r.near[k]
                 metrics[f"{pp}_far_{k}"] = r.far[k]
@@ -291,12 +293,16 @@ class Tracker:
                 metrics[f"{pp}_{name}_auroc"] = m.auroc
                 metrics[f"{pp}_{name}_fpr95"] = m.fpr95
         mlflow.log_metrics(metrics, model_id=model_id)
+        mlflow.set_tags({"oal.score": report.headline(cfg.eval.primary if cfg else "ebo"),
+                         "oal.score_chosen_on_validation": str(report.chosen is not None).lower(),
+                         **({"oal.knn_k": str(report.knn_k)} if report.knn_k else {})})
         if self.parent_id is not None:  # the headline numbers also on the parent, for the runs table
             from mlflow.tracking import MlflowClient
 
-            primary = report.results[cfg.eval.primary if cfg else "ebo"]
-            for k, v in {"id_accuracy": report.id_accuracy, "near_auroc": primary.near["auroc"],
-                         "far_auroc": primary.far["auroc"]}.items():
+            # the score chosen on validation (eval.primary where the benchmark has no validation OOD set)
+            head = report.results[report.headline(cfg.eval.primary if cfg else "ebo")]
+            for k, v in {"id_accuracy": report.id_accuracy, "near_auroc": head.near["auroc"],
+                         "far_auroc": head.far["auroc"]}.items():
                 MlflowClient().log_metric(self.parent_id, prefix + k, v)
         for name in ("results.md", "results.json"):
             mlflow.log_artifact(str(d / name))

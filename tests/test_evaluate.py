@@ -109,7 +109,7 @@ def test_evaluate_report_and_plots(tmp_path):
     bench = build_benchmark(DataConfig(image_size=16))
     torch.manual_seed(0)
     net = build_student("resnet_tiny", bench.num_classes)
-    report = evaluate(net, bench, EvalConfig(knn_k=3), "cpu", 512)
+    report = evaluate(net, bench, EvalConfig(knn_k=3, knn_k_search=[]), "cpu", 512)  # K fixed: checked by hand
     assert set(report.results) == {"ebo", "msp", "mls", "knn"}
     ebo = report.results["ebo"]
     assert set(ebo.per_set) == {"digits678", "photo_patches", "noise"}
@@ -145,9 +145,11 @@ def test_evaluate_report_and_plots(tmp_path):
     assert saved["results"]["knn"]["per_set"]["noise"]["auroc"] == report.results["knn"].per_set["noise"].auroc
     assert saved["results"]["ebo"]["near"] == pytest.approx(ebo.near)
     md = (tmp_path / "results.md").read_text()
-    assert md.index("| ebo |") < md.index("| msp |")
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line[2:5] in by_hand][:4]
+    assert rows[0].startswith(f"| {report.chosen}") and "(chosen)" in rows[0]  # the validation choice leads
     assert f"ID accuracy: **{100 * report.id_accuracy:.2f}%**" in md
-    assert f"| noise | far | {100 * ebo.per_set['noise'].auroc:.2f} |" in md
+    head = report.results[report.chosen].per_set["noise"]  # the per-set table is the chosen score's
+    assert f"| noise | far | {100 * head.auroc:.2f} |" in md
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -166,7 +168,7 @@ def test_shards_merged_in_order_give_the_whole_sets_report_and_embeddings():
     cfg = EvalConfig(knn_k=3)
     whole = evaluate(net, bench, cfg, "cpu", 512)
     sets = eval_sets(bench, cfg)
-    assert set(sets) == {"id", "train", "ood:digits678", "ood:photo_patches", "ood:noise"}
+    assert set(sets) == {"id", "train", "ood:digits678", "ood:photo_patches", "ood:noise", "val_id", "val_ood:digit9"}
     n = 3
     slices = [{k: shard(ds, i, n) for k, ds in sets.items()} for i in range(n)]
     assert sum(len(s["id"]) for s in slices) == len(bench.test) and len(slices[0]["id"]) < len(bench.test)
