@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from oal.config import ModelConfig
-from oal.models import STUDENTS, TEACHERS, build_student, build_teacher, load_backbone
+from oal.models import STUDENTS, TEACHERS, build_student, build_teacher, classifier_head, load_backbone
 
 
 @pytest.mark.parametrize("name,size,dim", [("resnet18_32", 32, 512), ("resnet18_224", 64, 512), ("resnet_tiny", 32, 64)])
@@ -17,11 +17,17 @@ def test_students(name, size, dim):
 def test_teachers(name, size, dim):
     assert name in TEACHERS
     net = build_teacher(ModelConfig(teacher=name), 5, size).eval()
-    logits, feat = net(torch.randn(1, 3, size, size))
-    assert logits.shape == (1, 5) and feat.shape == (1, dim) and net.feature_dim == dim
-    # the logits are the classifier applied to the features we return
-    if hasattr(net, "model"):
-        assert torch.allclose(net.model.get_classifier()(feat), logits, atol=1e-5)
+    logits, feat = net(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 5) and feat.shape == (2, dim) and net.feature_dim == dim
+    # the logits are the classifier head applied to the features we return, for every kind of teacher
+    head = classifier_head(net)
+    assert isinstance(head, torch.nn.Linear) and (head.in_features, head.out_features) == (dim, 5)
+    assert torch.allclose(head(feat), logits, atol=1e-5)
+    assert not torch.allclose(feat[0], feat[1])  # features of the input, not a constant
+    if name.startswith("vit"):
+        assert net.model.get_classifier() is head  # timm's own head, not a copy
+    else:
+        assert head is net.fc
 
 
 def test_unknown_names():

@@ -162,7 +162,7 @@ def test_pixel_mode_writes_every_outlier_decoded(tmp_path):
 
 def test_student_trains_with_both_terms_on_decoded_outliers(tmp_path):
     """The student stage end to end with logit energy on both outlier sets and pixel OE on 16 px decoded outliers
-    (resized to the digits preset's side): every term reported, and the pixel batch changes the result."""
+    (resized to the digits preset's side): every term reported, and each term changes the result by itself."""
     from oal import stages
 
     torch.save({"outliers": torch.randn(40, 12)}, tmp_path / "knn.pt")
@@ -178,5 +178,18 @@ def test_student_trains_with_both_terms_on_decoded_outliers(tmp_path):
     assert {"loss/logit_energy_knn", "loss/logit_energy_lat", "loss/pixel_oe"} <= set(h)
     k = len(build_benchmark(cfg.data).class_names)
     assert math.log(k) - 1e-4 <= h["loss/pixel_oe"] < 3 * math.log(k)  # lse - mean >= log K, equal when uniform
-    off = stages.train_stage(load_config("digits", [*common, "name=off"]), "student", progress=False)
-    assert "loss/pixel_oe" not in off.history[0] and off.history[0]["loss/ce"] != h["loss/ce"]
+    # each term changes the training by itself: the same run (same batches, same outlier draws) with only the pixel
+    # OE weight changed, then with only the logit-energy weights changed (a term left out would change nothing;
+    # leaving a term out altogether would also change the outlier draws, which follow one stream)
+    px = stages.train_stage(load_config("digits", [*common, "name=px", "loss.w_logit_energy_knn=0.1",
+                                                   "loss.w_logit_energy_lat=0.1", "loss.w_pixel_oe=2.0",
+                                                   f"outliers.pixel_path={tmp_path / 'px.pt'}"]), "student",
+                            progress=False).history[0]
+    le = stages.train_stage(load_config("digits", [*common, "name=le", "loss.w_logit_energy_knn=0.5",
+                                                   "loss.w_logit_energy_lat=0.5", "loss.w_pixel_oe=0.5",
+                                                   f"outliers.pixel_path={tmp_path / 'px.pt'}"]), "student",
+                            progress=False).history[0]
+    assert set(px) == set(le) == set(h)
+    assert px["loss/ce"] != h["loss/ce"] and px["loss/pixel_oe"] != h["loss/pixel_oe"]
+    assert le["loss/ce"] != h["loss/ce"] and le["loss/logit_energy_knn"] != h["loss/logit_energy_knn"]
+    assert le["loss/ce"] != px["loss/ce"]

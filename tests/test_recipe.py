@@ -35,7 +35,7 @@ def test_teacher_sees_its_own_size_whatever_the_student_trains_at():
     assert teacher.model.patch_embed.grid_size == (8, 8)  # built at 64 px, 8 px patches: no resampled grid
 
 
-def test_reference_teacher_gets_224_in_the_student_loop(monkeypatch):
+def test_reference_teacher_gets_224_in_the_student_loop(monkeypatch, tmp_path):
     """cifar100_32: a 32 px student, and the ViT-B/16 teacher's patch embedding receives 224 px input."""
     cfg = load_config("cifar100_32", ["data.openood_root=/d", "model.teacher_pretrained=/w", "diffusion.model=/s"])
     from dataclasses import replace
@@ -46,9 +46,10 @@ def test_reference_teacher_gets_224_in_the_student_loop(monkeypatch):
     net = build_student(cfg.model.student, 100)
     loss = OALLoss(LossConfig(w_micl_knn=0, w_micl_lat=0), net.feature_dim, teacher.feature_dim)
     x = torch.randn(4, 3, 32, 32)
-    fit(net, TensorDataset(x, torch.arange(4)), TrainConfig(epochs=1, precise_bn=0), "/tmp/oal-t224",
+    fit(net, TensorDataset(x, torch.arange(4)), TrainConfig(epochs=1, precise_bn=0), tmp_path / "run",
         batch_size=4, seed=0, device="cpu", loss=loss, teacher=teacher, progress=False, resume=False)
     assert seen == [(224, 224)]
+    assert (tmp_path / "run" / CHECKPOINT).is_file()  # the run's files in the test's own folder, removed with it
 
 
 # ---- the base stage and the student's start -----------------------------------------------------------

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -26,15 +28,27 @@ def test_shards_manifest_and_resume(tmp_path):
     shard = torch.load(tmp_path / "shard_00000.pt", weights_only=False)
     assert torch.equal(shard["class_ids"], torch.tensor([0, 1, 2, 0]))  # classes in turn
     assert torch.allclose(vec[:4], shard["latents"].float().mean(1).mean(1), atol=1e-2)  # from the kept latents
+    assert m["shards"] == ["shard_00000.pt", "shard_00001.pt", "shard_00002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*m["shards"], S.VECTORS, S.MANIFEST])  # no .tmp
+    first = {name: torch.load(tmp_path / name, weights_only=False) for name in m["shards"]}
     # re-run: complete shards are skipped, a corrupt one and a missing one are redone
     mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt")}
     (tmp_path / "shard_00001.pt").write_bytes(b"half written")
     (tmp_path / "shard_00002.pt").unlink()
-    (tmp_path / ".shard_00002.pt.abc.tmp").write_bytes(b"left by a crash")
+    crash = tmp_path / ".shard_00002.pt.abc.tmp"  # what a crash in the middle of save_torch leaves
+    crash.write_bytes(b"left by a crash")
     m2 = S.synthesize(CFG, NAMES, _outliers(), tmp_path, seed=0, fingerprint="fp", progress=False)
     assert (tmp_path / "shard_00000.pt").stat().st_mtime_ns == mtimes["shard_00000.pt"]
+    assert (tmp_path / "shard_00001.pt").stat().st_mtime_ns != mtimes["shard_00001.pt"]
+    for name, d in first.items():  # the redone shards are whole, and the same as the first run's
+        again = torch.load(tmp_path / name, weights_only=False)
+        assert set(again) == set(d) and all(torch.equal(again[k], d[k]) for k in ("latents", "vectors", "class_ids"))
     assert torch.equal(torch.load(tmp_path / S.VECTORS, weights_only=False)["outliers"], vec)
-    assert m2["count"] == 10
+    assert m2["count"] == 10 and m2["shards"] == m["shards"]
+    assert json.loads((tmp_path / S.MANIFEST).read_text()) == m2
+    # the crash's temporary file was never taken for the shard (shard 2 above is whole), and the re-run leaves no
+    # temporary file of its own
+    assert {p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")} <= {crash.name}
 
 
 def test_shard_content_does_not_depend_on_who_computes_it(tmp_path):
