@@ -1,5 +1,5 @@
-"""The local stack on loopback: an S3 server (moto), an MLflow server (artifacts in that S3) and a Ray head
-(token authentication on).
+"""The local stack on loopback: an S3 server (SeaweedFS, objects on disk under the state dir), an MLflow server
+(artifacts in that S3) and a Ray head (token authentication on).
 
     python -m cluster.stack up [--services s3,mlflow,ray]   start what is not running, wait until healthy
     python -m cluster.stack status                          one line per service; exit 1 if one is down
@@ -13,8 +13,18 @@ the jobs' user to clients as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
 to every job. The admin password reaches only the MLflow server's environment (`python -m cluster.stack secret
 admin` prints it, for the UI's user management).
 
-State (pid files, one log per service, `env`, `stack.json`) lives in `--state-dir`, default `<repo>/.stack`
-(env OAL_STACK_DIR). Ports come from flags, else OAL_S3_PORT, OAL_MLFLOW_PORT, OAL_RAY_DASHBOARD_PORT,
+State (pid files, one log per service, `env`, `stack.json`, the S3 server's data in `s3/`, MLflow's databases) lives
+in `--state-dir`, default `<repo>/.stack` (env OAL_STACK_DIR), readable by its owner only: the folder is 0700, the
+services run with umask 077, and the token file, databases, secrets and `env` are 0600.
+
+S3 credentials are the stack's own (access key `oal-stack`, a generated secret in secrets.json): the caller's
+AWS_* variables are neither handed to the services nor written into `env`, unless `up --pass-aws-env` asks for
+the caller's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY to be the stack's S3 credentials.
+
+Everything listens on 127.0.0.1: Ray's node address is loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which is
+also in `env`: a driver without it looks for the head on the machine's network address).
+
+Ports come from flags, else OAL_S3_PORT, OAL_MLFLOW_PORT, OAL_RAY_DASHBOARD_PORT,
 OAL_RAY_GCS_PORT, OAL_RAY_CLIENT_PORT, OAL_RAY_AGENT_PORT, else the defaults below.
 """
 
@@ -54,11 +64,18 @@ PORTS = {
     "ray_agent_port": ("ray", "OAL_RAY_AGENT_PORT"),
 }
 # What `up` records in stack.json: enough for `status`, `env` and `down` to find the running stack.
-RECORDED = (*PORTS, "num_cpus", "bucket", "ray_temp_dir")
+RECORDED = (*PORTS, "num_cpus", "bucket", "ray_temp_dir", "pass_aws_env")
 # Ray hands its worker processes ports from this range (its default), so its fixed ports must lie outside.
 RAY_WORKER_PORTS = range(10002, 20000)
 RAY_DEFAULT_TOKEN = Path.home() / ".ray" / "auth_token"
 STOP_WAIT_S = 45.0  # `ray start --block` drains for up to 30 s on SIGTERM
+UMASK = 0o077  # every file the stack and its services create is its owner's alone
+S3_ACCESS_KEY = "oal-stack"  # the S3 server's access key id (its secret key is generated: secrets.json)
+# SeaweedFS's internal servers (`weed mini`), each on a port of its own; their gRPC ports too (the admin server's is
+# its HTTP port + 10000, which its maintenance worker assumes). Iceberg, Lance and WebDAV are off.
+WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+              "s3.port.grpc", "admin.port")
+WEED_GRPC_OFFSET = 10000
 AUTH_CACHE_SECONDS = 300  # MLflow basic-auth: how long a checked password is remembered (see _auth_config)
 # Health checks only ever talk to loopback: never through a proxy from the environment.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -80,9 +97,11 @@ class Stack:
     num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     bucket: str = "oal"
     ray_temp_dir: Path | None = None  # None: Ray's default, /tmp/ray
-    # Credentials for the local S3 server only; None: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else "testing".
+    # Credentials of the local S3 server. None: the stack's own (S3_ACCESS_KEY, a generated secret), or with
+    # pass_aws_env the caller's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
+    pass_aws_env: bool = False
     timeout: float = 120.0  # per service; MLflow alone needs ~15-20 s to answer on 2 cores
     jobs_user: str = "oal-jobs"  # the MLflow user jobs and clients log in as (basic auth)
     echo: Callable[[str], None] = field(default=print, repr=False, compare=False)
@@ -128,12 +147,13 @@ class Stack:
     def env(self) -> dict[str, str]:
         """What a client needs: MLflow, S3 endpoint and credentials, the bucket, the Ray job server."""
         s3 = f"http://{HOST}:{self.s3_port}"
+        access_key, secret_key = self.s3_credentials()
         return {
             "MLFLOW_TRACKING_URI": f"http://{HOST}:{self.mlflow_port}",
             "MLFLOW_S3_ENDPOINT_URL": s3,
             "AWS_ENDPOINT_URL_S3": s3,  # boto3 and pyarrow clients without an explicit endpoint
-            "AWS_ACCESS_KEY_ID": self.access_key or os.environ.get("AWS_ACCESS_KEY_ID") or "testing",
-            "AWS_SECRET_ACCESS_KEY": self.secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or "testing",
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
             "AWS_DEFAULT_REGION": REGION,
             "OAL_S3_BUCKET": self.bucket,
             # `ray job submit` and JobSubmissionClient read RAY_API_SERVER_ADDRESS first; ray.init() refuses an
@@ -141,23 +161,35 @@ class Stack:
             "RAY_API_SERVER_ADDRESS": f"http://{HOST}:{self.ray_dashboard_port}",
             "RAY_ADDRESS": f"{HOST}:{self.ray_gcs_port}",
             "RAY_AUTH_MODE": "token",
+            # The head's node address is 127.0.0.1 (Ray turns a --node-ip-address of 127.0.0.1 into the machine's
+            # network address unless this is off); a driver needs it too, or it looks for the head on that address.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             # MLflow's basic auth: the jobs' user (the clients of mlflow read these two variables)
             "MLFLOW_TRACKING_USERNAME": self.jobs_user,
             "MLFLOW_TRACKING_PASSWORD": self.secret("jobs"),
         }
 
+    def s3_credentials(self) -> tuple[str, str]:
+        """(access key id, secret key) of the stack's S3 server: the explicit ones, else with pass_aws_env the
+        caller's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else the stack's own (a generated secret)."""
+        if self.access_key and self.secret_key:
+            return self.access_key, self.secret_key
+        if self.pass_aws_env:
+            key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+            if not (key and secret):
+                raise StackError("--pass-aws-env: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must both be set")
+            return key, secret
+        return self.access_key or S3_ACCESS_KEY, self.secret_key or self.secret("s3")
+
     def secret(self, name: str) -> str:
-        """A generated secret of this state dir (admin | jobs | flask), created on first use, kept in secrets.json
-        (mode 600) so that a restarted stack logs in with the same ones."""
+        """A generated secret of this state dir (admin | jobs | flask | s3), created on first use, kept in
+        secrets.json (mode 600) so that a restarted stack logs in with the same ones."""
         path = self.state_dir / "secrets.json"
         known = json.loads(path.read_text()) if path.exists() else {}
         if name not in known:
             known[name] = secrets.token_urlsafe(24)  # 32 characters; MLflow asks for at least 12
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.touch(mode=0o600)
-            tmp.write_text(json.dumps(known, indent=1) + "\n")
-            tmp.replace(path)
+            _private_dir(self.state_dir)
+            _write_private(path, json.dumps(known, indent=1) + "\n")
         return str(known[name])
 
     def up(self, services: Iterable[str] = SERVICES) -> dict[str, str]:
@@ -169,7 +201,8 @@ class Stack:
 
     def _up(self, wanted: list[str]) -> dict[str, str]:
         self._check_recorded()
-        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self._secure()
+        _private_dir(self.state_dir / "logs")
         t0 = time.monotonic()
         started: dict[str, float] = {}
         try:
@@ -186,7 +219,9 @@ class Stack:
                 self._write_recorded()
             for name in to_start:
                 if name == "ray":
-                    _ensure_ray_token()
+                    said = _ensure_ray_token()
+                    if said:
+                        self.echo(said)
                 self._spawn(name)
                 started[name] = time.monotonic()
             self._wait_healthy(wanted, started)
@@ -235,30 +270,45 @@ class Stack:
 
     # ---------------------------------------------------------------- services
 
+    def _base_env(self) -> dict[str, str]:
+        """The caller's environment, less its own cloud keys (AWS_*) unless pass_aws_env asks for them."""
+        return {k: v for k, v in os.environ.items() if self.pass_aws_env or not k.startswith("AWS_")}
+
     def _command(self, name: str) -> tuple[list[str], dict[str, str]]:
         client = self.env()
         s3_env = {k: client[k] for k in client if k.startswith(("AWS_", "MLFLOW_S3"))}
         if name == "s3":
-            return [_exe("moto_server"), "-H", HOST, "-p", str(self.s3_port)], dict(os.environ)
+            data = self.state_dir / "s3"
+            _private_dir(data)
+            ports = self._weed_ports()
+            # `weed mini`: master, volume server, filer and S3 gateway in one process, data in `data` (volumes and
+            # the filer's LevelDB), every listener on 127.0.0.1, no telemetry; it takes its one S3 identity from
+            # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and refuses any other key (and anonymous requests).
+            argv = [_exe("weed"), "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={self.s3_port}",
+                    *(f"-{flag}={port}" for flag, port in ports.items()), "-s3.port.iceberg=0", "-s3.port.lance=0",
+                    "-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
+            return argv, {**self._base_env(), **s3_env}
         if name == "mlflow":
             argv = [_exe("mlflow"), "server", "--app-name", "basic-auth", "--host", HOST, "--port",
                     str(self.mlflow_port), "--workers", "1",
                     "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
                     "--artifacts-destination", f"s3://{self.bucket}/artifacts"]
-            env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+            env = {k: v for k, v in self._base_env().items() if not k.startswith("MLFLOW_TRACKING_")}
             # Job execution (GenAI judges) would add 8 worker processes that nothing here uses.
             return argv, {**env, **s3_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                           "MLFLOW_AUTH_CONFIG_PATH": str(self._auth_config()),
                           "MLFLOW_AUTH_ADMIN_PASSWORD": self.secret("admin"),  # used once, to create the admin
                           "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret("flask")}  # signs the UI's CSRF tokens
         argv = [_exe("ray"), "start", "--head", "--block", "--num-cpus", str(self.num_cpus),
-                "--port", str(self.ray_gcs_port), "--dashboard-host", HOST,
+                "--node-ip-address", HOST, "--port", str(self.ray_gcs_port), "--dashboard-host", HOST,
                 "--dashboard-port", str(self.ray_dashboard_port), "--ray-client-server-port", str(self.ray_client_port),
                 "--dashboard-agent-listen-port", str(self.ray_agent_port), "--disable-usage-stats"]
         if self.ray_temp_dir:
             argv += ["--temp-dir", str(self.ray_temp_dir)]
         # Jobs inherit the head's environment: they find MLflow and S3 with no credentials in a runtime_env.
-        env = {**os.environ, **client, "RAY_AUTH_MODE": "token"}
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (in `client`): the node address stays 127.0.0.1, so the GCS, raylet,
+        # workers, agents, client server and metrics bind loopback.
+        env = {**self._base_env(), **client, "RAY_AUTH_MODE": "token"}
         # `python` in a job's entrypoint must be this virtualenv's, whatever PATH the caller had.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         env.pop("RAY_API_SERVER_ADDRESS", None)  # a client-side setting; the job supervisor sets its own
@@ -270,8 +320,8 @@ class Stack:
     def _probe(self, name: str) -> tuple[bool, str]:
         """(healthy, what was seen)."""
         if name == "s3":
-            code, body = _get(f"http://{HOST}:{self.s3_port}/")
-            return code == 200 and "ListAllMyBucketsResult" in body, f"HTTP {code}"
+            code, _ = _get(f"http://{HOST}:{self.s3_port}/healthz")  # anonymous S3 requests get 403
+            return code == 200, f"HTTP {code}"
         if name == "mlflow":
             code, body = _get(f"http://{HOST}:{self.mlflow_port}/health")
             return code == 200 and body.strip() == "OK", f"HTTP {code}"
@@ -281,7 +331,7 @@ class Stack:
 
     def _url(self, name: str) -> str:
         if name == "s3":
-            return f"http://{HOST}:{self.s3_port}  bucket {self.bucket}"
+            return f"http://{HOST}:{self.s3_port}  bucket {self.bucket}  data {self.state_dir / 's3'}"
         if name == "mlflow":
             return f"http://{HOST}:{self.mlflow_port}"
         return f"http://{HOST}:{self.ray_dashboard_port}  gcs {HOST}:{self.ray_gcs_port}  token auth"
@@ -293,7 +343,7 @@ class Stack:
         the password again, half a second each on 2 cores, and a pipeline makes hundreds. One server worker, so a
         password changed through the API takes effect at once (MLflow drops that user's cached entries)."""
         path = self.state_dir / "mlflow_auth.ini"
-        path.write_text("[mlflow]\ndefault_permission = READ\n"
+        _write_private(path, "[mlflow]\ndefault_permission = READ\n"
                         f"database_uri = sqlite:///{self.state_dir / 'mlflow_auth.db'}\n"
                         "admin_username = admin\n"
                         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
@@ -326,12 +376,15 @@ class Stack:
 
     def _spawn(self, name: str) -> None:
         argv, env = self._command(name)
-        with self._log(name).open("wb") as out:
+        fd = os.open(self._log(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as out:
             # Own session: `down` can signal the whole process group, and a Ctrl-C on `up` does not reach it.
+            # umask: what the service writes later (databases, journals, S3 volumes, Ray's session files) is private.
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, cwd=self.state_dir, start_new_session=True)
+                                    env=env, cwd=self.state_dir, start_new_session=True, umask=UMASK)
         self._procs[name] = proc
-        self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "start": _start_time(proc.pid)}))
+        _write_private(self._pidfile(name), json.dumps({"pid": proc.pid, "start": _start_time(proc.pid)}))
 
     def _pid(self, name: str) -> int | None:
         """The pid of our running process for `name`, or None (no pid file, dead, or the pid was reused)."""
@@ -439,22 +492,45 @@ class Stack:
                 raise StackError(f"port {port} ({name}: {f}) is already in use by another process. Stop it, or "
                                  f"choose another port with --{f.replace('_', '-')} or {var}.")
 
+    def _secure(self) -> None:
+        """The state dir 0700 and its secret files 0600, also those an older stack left readable."""
+        _private_dir(self.state_dir)
+        for name in ("secrets.json", "env", "mlflow.db", "mlflow_auth.db", "mlflow_auth.ini", "stack.json"):
+            for path in self.state_dir.glob(f"{name}*"):  # with SQLite's -journal / -wal / -shm files
+                if path.is_file():
+                    path.chmod(0o600)
+        for sub in ("s3", "logs"):
+            if (self.state_dir / sub).is_dir():
+                (self.state_dir / sub).chmod(0o700)
+
+    def _weed_ports(self) -> dict[str, int]:
+        """The S3 server's internal ports: those of its last start (kept in s3/ports.json) while they are free,
+        else new ones the kernel picks (outside Ray's worker range), the admin's gRPC port (+10000) free too."""
+        path = self.state_dir / "s3" / "ports.json"
+        try:
+            ports = {k: int(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            ports = {}
+        wanted = set(WEED_PORTS)
+        if set(ports) != wanted or not all(_port_free(p) for p in _with_grpc(ports)):
+            ports = _pick_weed_ports(exclude={getattr(self, f) for f in PORTS})
+            _write_private(path, json.dumps(ports, indent=1) + "\n")
+        return ports
+
     def _write_recorded(self) -> None:
         data = {k: getattr(self, k) for k in RECORDED}
         data["ray_temp_dir"] = str(self.ray_temp_dir) if self.ray_temp_dir else None
-        (self.state_dir / "stack.json").write_text(json.dumps(data, indent=1) + "\n")
+        _write_private(self.state_dir / "stack.json", json.dumps(data, indent=1) + "\n")
 
     def _write_env(self) -> None:
-        path = self.state_dir / "env"
-        path.touch(mode=0o600)  # it holds the jobs' MLflow password and the (local, dummy) S3 credentials
-        path.chmod(0o600)
-        path.write_text(self.env_text())
+        # It holds the jobs' MLflow password and the stack's S3 credentials.
+        _write_private(self.state_dir / "env", self.env_text())
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """One `up` or `down` at a time per state dir (two would each start a copy, or lose a pid file)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with (self.state_dir / ".lock").open("w") as f:
+        _private_dir(self.state_dir)
+        with os.fdopen(os.open(self.state_dir / ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
@@ -499,11 +575,86 @@ def _ray_token() -> str | None:
         return None
 
 
-def _ensure_ray_token() -> None:
-    # `ray start` with RAY_AUTH_MODE=token refuses to start without a token; Ray's CLI makes one where it looks.
+def ray_token_path() -> Path | None:
+    """The file Ray's clients read the token from (None when RAY_AUTH_TOKEN holds the token itself)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    return Path(os.environ["RAY_AUTH_TOKEN_PATH"]) if os.environ.get("RAY_AUTH_TOKEN_PATH") else RAY_DEFAULT_TOKEN
+
+
+def _ensure_ray_token() -> str | None:
+    """`ray start` with RAY_AUTH_MODE=token refuses to start without a token: make one where Ray's clients look,
+    readable by its owner only (`ray get-auth-token --generate` writes it world-readable), and make an existing token
+    file so too. Returns a line to show when it changed an existing file's mode."""
+    path = ray_token_path()
+    if path is None:
+        return None
     if _ray_token() is None:
-        subprocess.run([_exe("ray"), "get-auth-token", "--generate"], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, check=True)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, mode=0o700)
+        _write_private(path, secrets.token_hex(32))
+        return None
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        path.chmod(0o600)
+        return f"ray    token file {path} was mode {mode:o}: now 600 (whoever reads it may run jobs on this head)"
+    return None
+
+
+def _private_dir(path: Path) -> None:
+    """A folder only its owner may enter (0700), created if missing."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` as a file only its owner may read (0600), replacing it whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # also when a stale temporary file was there with another mode
+        with os.fdopen(fd, "w") as f:
+            fd = -1
+            f.write(text)
+    finally:
+        if fd != -1:
+            os.close(fd)
+    tmp.replace(path)
+
+
+def _with_grpc(ports: dict[str, int]) -> list[int]:
+    """Every port the S3 server opens: the given ones and the admin server's gRPC port."""
+    return [*ports.values(), ports["admin.port"] + WEED_GRPC_OFFSET]
+
+
+def _pick_weed_ports(exclude: set[int]) -> dict[str, int]:
+    """Free loopback ports for the S3 server's internal servers, chosen by the kernel (its ephemeral range lies
+    above Ray's worker ports); the admin port such that port + 10000 is free too."""
+    socks: list[socket.socket] = []
+    taken = set(exclude)
+
+    def grab() -> int:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((HOST, 0))
+        socks.append(s)  # held until all are chosen, so no two are the same
+        port = s.getsockname()[1]
+        taken.add(port)
+        return port
+
+    try:
+        ports = {}
+        for flag in WEED_PORTS:
+            port = grab()
+            while port in RAY_WORKER_PORTS or port in exclude or (
+                    flag == "admin.port" and (port + WEED_GRPC_OFFSET > 65535 or port + WEED_GRPC_OFFSET in taken
+                                              or not _port_free(port + WEED_GRPC_OFFSET))):
+                port = grab()
+            ports[flag] = port
+        return ports
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _get(url: str, token: str | None = None, timeout: float = 3.0) -> tuple[int, str]:
@@ -657,6 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--num-cpus", type=int, help="CPUs the Ray head offers (env OAL_RAY_NUM_CPUS; default all)")
     common.add_argument("--bucket", help="S3 bucket (env OAL_S3_BUCKET; default oal)")
     common.add_argument("--ray-temp-dir", type=Path, help="Ray's --temp-dir (env OAL_RAY_TEMP_DIR; default /tmp/ray)")
+    common.add_argument("--pass-aws-env", action="store_true", default=None,
+                        help="make the caller's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY the stack's S3 credentials "
+                        "(written into `env` and every job's environment; default: the stack's own generated ones)")
     parser = argparse.ArgumentParser(prog="python -m cluster.stack", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", parents=[common], help="start the services that are not running")
@@ -678,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "mlflow-user":
         return _mlflow_user(args.url, args.wait)
-    settings = {k: getattr(args, k) for k in (*PORTS, "num_cpus", "bucket", "ray_temp_dir")}
+    settings = {k: getattr(args, k) for k in (*PORTS, "num_cpus", "bucket", "ray_temp_dir", "pass_aws_env")}
     try:
         stack = Stack.from_env(state_dir=args.state_dir, **settings)
         if args.command == "up" and args.timeout:

@@ -63,6 +63,11 @@ def _refresh_ray_auth_mode() -> None:
     raylet = sys.modules.get("ray._raylet")
     if raylet is not None and not sys.modules["ray"].is_initialized():
         raylet.Config.initialize("")
+    # Likewise RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the stack's env): read once into ray_constants when ray is
+    # imported; without it a driver looks for the head (on 127.0.0.1) on the machine's network address.
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +77,7 @@ def _stack_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s3, mlflow, dashboard, gcs, client, agent = free_ports(6)
     stack = Stack(state_dir=tmp_path_factory.mktemp("stack"), s3_port=s3, mlflow_port=mlflow,
                   ray_dashboard_port=dashboard, ray_gcs_port=gcs, ray_client_port=client, ray_agent_port=agent,
-                  ray_temp_dir=ray_tmp, access_key="testing", secret_key="testing")
+                  ray_temp_dir=ray_tmp)  # S3 credentials: the stack's own, generated
     saved = {k: os.environ.get(k) for k in stack.env()}
     try:
         yield stack

@@ -166,7 +166,8 @@ def test_s3_alone_up_down_idempotent(tmp_path):
     assert lines[-3:] == ["ray    not running", "mlflow not running", "s3     not running"]
     assert not any(st.status().values()) and not (tmp_path / "s3.pid").exists()
     with socket.socket() as s:
-        s.bind(("127.0.0.1", st.s3_port))  # the port is free again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the server's closed connections may be in TIME_WAIT
+        s.bind(("127.0.0.1", st.s3_port))  # nothing listens on the port any more
 
 
 # ------------------------------------------------------------------ the real stack
@@ -376,3 +377,294 @@ def test_up_again_starts_nothing_and_status_shows_all_up(stack: RunningStack):
                        timeout=60)
     exported = dict(x.removeprefix("export ").split("=", 1) for x in r.stdout.splitlines() if x.startswith("export "))
     assert exported == stack.env
+
+
+# ------------------------------------------------------------------ what the stack keeps to itself (issue 31)
+
+# Sockets of the stack's processes that listen beyond loopback, and what protects each: README.md's stack paragraph
+# names the same (none: Ray's node address is 127.0.0.1, so its GCS, raylet, workers and agents bind loopback too).
+NOT_ON_LOOPBACK: dict[str, str] = {}
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _listening(pids: list[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of these processes and all their descendants."""
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            procs[p.pid] = p
+    found = []
+    for p in procs.values():
+        try:
+            name = p.name()
+            conns = p.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        found += [(c.laddr.ip, c.laddr.port, name) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def test_loopback_helper_tells_loopback_from_the_rest():
+    assert all(map(_is_loopback, ("127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1")))
+    assert not any(map(_is_loopback, ("0.0.0.0", "::", "192.0.2.2", "::ffff:192.0.2.2", "10.0.0.1")))
+
+
+@pytest.mark.stack
+@pytest.mark.ray
+def test_every_socket_of_the_stack_listens_on_loopback(stack: RunningStack):
+    """The S3 server, MLflow and the Ray head with a worker running a task: each listening socket of their process
+    trees is on 127.0.0.0/8 (or named in the README with what protects it)."""
+    import ray
+
+    st = stack.stack
+    ours = not ray.is_initialized()
+    if ours:
+        ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        assert ray.get_runtime_context().get_node_id()  # joined through RAY_ADDRESS (127.0.0.1) like a job driver
+        assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+
+        @ray.remote(num_cpus=0)
+        def worker_pid() -> int:
+            return os.getpid()
+
+        assert ray.get(worker_pid.remote(), timeout=60) > 0  # a worker process (its own gRPC server) is up
+        pids = [p for p in st.pids().values() if p is not None]
+        assert len(pids) == 3
+        sockets = _listening(pids)
+    finally:
+        if ours:
+            ray.shutdown()
+    ports = {port for _, port, _ in sockets}
+    # the enumeration sees the services' known ports, and far more (Ray's raylet, GCS, workers, agents, SeaweedFS)
+    assert {st.s3_port, st.mlflow_port, st.ray_dashboard_port, st.ray_gcs_port, st.ray_client_port,
+            st.ray_agent_port} <= ports
+    assert len(sockets) >= 20, sockets
+    assert {"gcs_server", "raylet", "weed"} <= {name for _, _, name in sockets}
+    outside = [s for s in sockets if not _is_loopback(s[0]) and s[2] not in NOT_ON_LOOPBACK]
+    assert outside == [], f"listening beyond loopback: {outside}"
+    # what README.md promises: loopback, and no exemption (else it names each, and NOT_ON_LOOPBACK lists them)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "listens on 127.0.0.1 (none exempt)" in readme and not NOT_ON_LOOPBACK
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.stack
+@pytest.mark.ray
+def test_stack_files_are_its_owners_alone(stack: RunningStack):
+    """The Ray token, MLflow's user store (password hashes) and tracking database, the secrets and `env`: 0600;
+    the state dir 0700; and no file or folder that the stack or its services wrote under it (S3 volumes, logs,
+    SQLite journals) is open to group or others."""
+    from cluster.stack import ray_token_path
+
+    sd = stack.state_dir
+    # an object written now: the S3 server creates its volume files after the stack started
+    _s3(stack.env).put_object(Bucket=stack.env["OAL_S3_BUCKET"], Key=f"mode-{uuid.uuid4().hex[:6]}", Body=b"x" * 999)
+    token = ray_token_path()
+    assert token is not None and _mode(token) == 0o600
+    assert _mode(sd) == 0o700
+    for name in ("secrets.json", "env", "mlflow.db", "mlflow_auth.db"):
+        assert _mode(sd / name) == 0o600, name
+    assert _mode(sd / "s3") == 0o700 and any((sd / "s3").rglob("*.dat"))  # the S3 server's volumes are in there
+    opened = [(str(p.relative_to(sd)), oct(_mode(p))) for p in sd.rglob("*")
+              if not p.is_symlink() and not p.is_socket() and _mode(p) & 0o077]
+    # One exception, SeaweedFS's own: it sets its volume-info files (s3/*.vif: a volume's version, size, replication;
+    # no object data) to 0644 whatever the umask. They lie in s3/, which only the owner may enter.
+    vif = [(name, mode) for name, mode in opened if name.startswith("s3/") and name.endswith(".vif")]
+    assert opened == vif
+    assert all(b"x" * 999 not in (sd / name).read_bytes() and len((sd / name).read_bytes()) < 4096 for name, _ in vif)
+    assert len(list(sd.rglob("*"))) > 20  # the walk saw the services' files
+
+
+def test_ray_token_is_written_private_and_an_open_one_is_closed(tmp_path, monkeypatch):
+    from cluster.stack import _ensure_ray_token, _ray_token
+
+    path = tmp_path / "home" / ".ray" / "auth_token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    assert _ensure_ray_token() is None  # made: nothing to report
+    assert _mode(path) == 0o600 and _mode(path.parent) == 0o700
+    token = _ray_token()
+    assert token is not None and len(token) == 64
+    path.chmod(0o644)  # as `ray get-auth-token --generate` writes it
+    said = _ensure_ray_token()
+    assert said is not None and str(path) in said and "644" in said
+    assert _mode(path) == 0o600 and _ray_token() == token  # same token, closed
+
+
+def test_state_dir_and_its_secrets_closed_on_up(tmp_path):
+    """A state dir an older stack left open (0755 dir, 0644 databases and secrets) is closed by `up` before it
+    starts anything."""
+    sd = tmp_path / "old"
+    sd.mkdir(mode=0o755)
+    sd.chmod(0o755)
+    for name in ("secrets.json", "mlflow.db", "mlflow_auth.db", "mlflow.db-journal", "env"):
+        (sd / name).write_text("{}" if name == "secrets.json" else "x")
+        (sd / name).chmod(0o644)
+    st = Stack(state_dir=sd, echo=lambda _: None)
+    st._secure()
+    assert _mode(sd) == 0o700
+    assert {p.name: _mode(p) for p in sd.iterdir()} == dict.fromkeys(
+        ("secrets.json", "mlflow.db", "mlflow_auth.db", "mlflow.db-journal", "env"), 0o600)
+    st.secret("s3")  # a secret added later is written 0600 too
+    assert _mode(sd / "secrets.json") == 0o600
+
+
+def test_the_callers_aws_keys_stay_out_of_the_stack_unless_asked(tmp_path, monkeypatch):
+    mine = {"AWS_ACCESS_KEY_ID": "AKIAMYOWNKEY0000", "AWS_SECRET_ACCESS_KEY": "my-own-secret-key-0000",
+            "AWS_SESSION_TOKEN": "my-own-session-token", "AWS_PROFILE": "my-profile"}
+    for k, v in mine.items():
+        monkeypatch.setenv(k, v)
+    st = Stack(state_dir=tmp_path / "s", echo=lambda _: None)
+    env = st.env()
+    assert env["AWS_ACCESS_KEY_ID"] == "oal-stack"
+    assert env["AWS_SECRET_ACCESS_KEY"] == json.loads((tmp_path / "s" / "secrets.json").read_text())["s3"]
+    assert len(env["AWS_SECRET_ACCESS_KEY"]) >= 32
+    # not in `env`, nor in any service's environment (the Ray head's is every job's)
+    leaked = {name: [k for k, v in st._command(name)[1].items() if v in mine.values()] for name in SERVICES}
+    assert leaked == {"s3": [], "mlflow": [], "ray": []}
+    assert not any(v in st.env_text() for v in mine.values())
+    assert st._command("ray")[1]["AWS_ACCESS_KEY_ID"] == "oal-stack"  # the stack's own, for the jobs
+    # the same stack again: the same generated secret
+    assert Stack(state_dir=tmp_path / "s").env()["AWS_SECRET_ACCESS_KEY"] == env["AWS_SECRET_ACCESS_KEY"]
+
+    # asked for: the caller's keys become the stack's S3 credentials, in `env` and the services
+    asked = Stack(state_dir=tmp_path / "p", pass_aws_env=True, echo=lambda _: None)
+    assert (asked.env()["AWS_ACCESS_KEY_ID"], asked.env()["AWS_SECRET_ACCESS_KEY"]) == (
+        mine["AWS_ACCESS_KEY_ID"], mine["AWS_SECRET_ACCESS_KEY"])
+    assert asked._command("s3")[1]["AWS_SECRET_ACCESS_KEY"] == mine["AWS_SECRET_ACCESS_KEY"]
+    # and the CLI flag sets it
+    r = subprocess.run([sys.executable, "-m", "cluster.stack", "env", "--state-dir", str(tmp_path / "c")], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert "oal-stack" in r.stdout and not any(v in r.stdout for v in mine.values())
+    r = subprocess.run([sys.executable, "-m", "cluster.stack", "env", "--pass-aws-env", "--state-dir",
+                        str(tmp_path / "c")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert f"AWS_SECRET_ACCESS_KEY={mine['AWS_SECRET_ACCESS_KEY']}" in r.stdout
+
+
+@pytest.mark.stack
+def test_s3_server_checks_credentials_and_serves_pyarrow(s3_mlflow: RunningStack):
+    """The S3 server refuses a wrong key and anonymous requests; pyarrow's S3FileSystem (Ray Train's storage) writes,
+    lists, reads ranges and deletes through it."""
+    import boto3
+    import pyarrow.fs as pafs
+    from botocore.exceptions import ClientError
+
+    env, bucket = s3_mlflow.env, s3_mlflow.env["OAL_S3_BUCKET"]
+    wrong = boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                         aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key="not-the-key")
+    with pytest.raises(ClientError) as e:
+        wrong.list_objects_v2(Bucket=bucket)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(urllib.error.HTTPError) as h:
+        urllib.request.urlopen(f"{env['MLFLOW_S3_ENDPOINT_URL']}/{bucket}/", timeout=10)
+    assert h.value.code == 403
+
+    fs = pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                           endpoint_override=env["MLFLOW_S3_ENDPOINT_URL"], scheme="http",
+                           region=env["AWS_DEFAULT_REGION"])
+    root = f"{bucket}/pyarrow-{uuid.uuid4().hex[:8]}"
+    blob = os.urandom(11 * 1024 * 1024)  # above pyarrow's part size: a multipart upload
+    with fs.open_output_stream(f"{root}/ckpt_0/model.pt") as f:
+        f.write(blob)
+    with fs.open_output_stream(f"{root}/ckpt_0/meta.json") as f:
+        f.write(b"{}")
+    files = {i.path: i.size for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if i.type == pafs.FileType.File}
+    assert files == {f"{root}/ckpt_0/model.pt": len(blob), f"{root}/ckpt_0/meta.json": 2}
+    with fs.open_input_file(f"{root}/ckpt_0/model.pt") as f:
+        assert f.read() == blob
+        f.seek(12345)
+        assert f.read(100) == blob[12345:12445]
+    fs.delete_dir(f"{root}/ckpt_0")
+    assert not [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+                if i.type == pafs.FileType.File]
+
+
+def _objects(s3, bucket: str) -> dict[str, tuple[str, bytes]]:
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    out = {}
+    for key in keys:
+        got = s3.get_object(Bucket=bucket, Key=key)
+        out[key] = (got["ETag"], got["Body"].read())
+    return out
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_s3_objects_and_mlflow_artifacts_survive_down_up_and_a_kill(tmp_path, monkeypatch):
+    """Objects put (small, empty, multipart) and an artifact logged through MLflow's proxy: after `down` and `up`,
+    and after the S3 server is killed (SIGKILL, as in a crash or a reboot) and `up` again, the bucket lists the same
+    keys with the same bytes and ETags, and MLflow hands back the artifact."""
+    import io
+    import signal
+
+    from boto3.s3.transfer import TransferConfig
+    from mlflow import MlflowClient
+
+    s3_port, mlflow_port = free_ports(2)
+    st = Stack(state_dir=tmp_path / "stack", s3_port=s3_port, mlflow_port=mlflow_port, echo=lambda _: None)
+    try:
+        env = st.up(["s3", "mlflow"])
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this stack's login, not the session's
+            monkeypatch.setenv(k, env[k])
+        s3 = _s3(env)
+        bucket = env["OAL_S3_BUCKET"]
+        s3.put_object(Bucket=bucket, Key="runs/digits/teacher/stage.json", Body=b'{"stage": "teacher"}')
+        s3.put_object(Bucket=bucket, Key="runs/digits/empty", Body=b"")
+        big = os.urandom(11 * 1024 * 1024)
+        s3.upload_fileobj(io.BytesIO(big), bucket, "runs/digits/teacher/checkpoint.pt",
+                          Config=TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20))
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        run = client.create_run(client.create_experiment("survives"))
+        note = tmp_path / "model.bin"
+        note.write_bytes(os.urandom(300_000))
+        client.log_artifact(run.info.run_id, str(note), "student")
+        before = _objects(s3, bucket)
+        assert len(before) == 4 and before["runs/digits/teacher/checkpoint.pt"][1] == big
+        assert before["runs/digits/teacher/checkpoint.pt"][0].endswith('-3"')  # S3's multipart ETag: 3 parts
+
+        def same_after(restart) -> None:
+            restart()
+            env2 = st.up(["s3", "mlflow"])
+            assert env2 == env
+            assert _objects(_s3(env2), bucket) == before
+            got = MlflowClient(env2["MLFLOW_TRACKING_URI"]).download_artifacts(
+                run.info.run_id, "student/model.bin", str(tmp_path / f"dl-{uuid.uuid4().hex[:6]}"))
+            assert Path(got).read_bytes() == note.read_bytes()
+
+        def down_all() -> None:
+            st.down()
+            assert not any(st.status().values())
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no server
+                s.bind(("127.0.0.1", s3_port))  # nothing serves the bucket any more
+
+        def kill_s3() -> None:
+            pid = st.pids()["s3"]
+            assert pid is not None
+            os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while st.pids()["s3"] is not None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert st.pids()["s3"] is None
+
+        same_after(down_all)
+        same_after(kill_s3)
+    finally:
+        st.down()
