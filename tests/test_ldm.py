@@ -33,7 +33,7 @@ class Interrupt(Exception):
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     return {f"{m}.{k}": v for m, sd in state["modules"].items() for k, v in sd.items()}
 
 
@@ -41,7 +41,7 @@ def test_trains_both_phases_into_one_loadable_checkpoint(tmp_path):
     res = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, CFG, tmp_path, seed=0, device="cpu", progress=False)
     assert [h["epoch"] for h in res.history] == [1, 2, 3]
     assert "loss/reconstruction" in res.history[0] and "loss/noise_mse" in res.history[2]
-    state = torch.load(res.checkpoint, weights_only=False)
+    state = torch.load(res.checkpoint, weights_only=True)
     assert state["meta"]["kind"] == ldm.NAME and state["meta"]["image_size"] == 16
     assert state["scaling_factor"] > 0
     model = load_model(DiffusionConfig(model=TRAINED, checkpoint=str(res.checkpoint)), "cpu")

@@ -95,8 +95,8 @@ def test_two_gloo_workers_hold_equal_weights(ray_driver, tmp_path):
     TorchTrainer(_two_rank_loop, train_loop_config={"out": str(tmp_path)},
                  scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
                  run_config=RunConfig(name="equal-weights", storage_path=str(tmp_path / "ray"))).fit()
-    w0 = torch.load(tmp_path / "weights0.pt", weights_only=False)
-    w1 = torch.load(tmp_path / "weights1.pt", weights_only=False)
+    w0 = torch.load(tmp_path / "weights0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "weights1.pt", weights_only=True)
     assert w0["world"] == w1["world"] == 2  # Accelerate joined Ray's gloo group
     trained = 0
     for (k, a), b in zip(w0["state"].items(), w1["state"].values()):
@@ -135,7 +135,7 @@ def test_killed_synthesis_actor_loses_and_duplicates_nothing(ray_driver, tmp_pat
     # every shard is what a single process computes for it: nothing lost, nothing computed twice differently
     reference = LatentSynthesizer(cfg.diffusion, names, outliers, "cpu", cfg.seed)
     for spec in (plan[0], plan[-1]):
-        got = torch.load(out / spec.filename, weights_only=False)
+        got = torch.load(out / spec.filename, weights_only=True)
         assert torch.allclose(got["vectors"], reference.run(spec)["vectors"], atol=1e-5)
 
 
@@ -206,7 +206,7 @@ def test_killed_training_worker_resumes_from_checkpoint(ray_driver, tmp_path):
     res = run_stage(cfg, "teacher", progress=False)
     killer.join(5)
     assert "pid" in killer.result, "no worker was killed: the fault was not exercised"
-    ck = torch.load(res.outputs["checkpoint"], weights_only=False)
+    ck = torch.load(res.outputs["checkpoint"], weights_only=True)
     assert ck["epoch"] == 8
     manifest = json.loads((tmp_path / "killw" / "teacher" / "stage.json").read_text())
     epochs = [int(h["epoch"]) for h in manifest["history"]]

@@ -52,10 +52,10 @@ def test_paper_preset_through_ray_job_submit(stack, tmp_path, preset, student_si
         assert {m["n_id"] for m in per_set.values()} == {n_test} == {100}
 
     # the teacher was built, trained and used at 224 px whatever the student's size
-    teacher = torch.load(run / "teacher" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    teacher = torch.load(run / "teacher" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert teacher["meta"]["input_size"] == 224
     assert teacher["modules"]["net.model.pos_embed"].shape[1] == 1 + (224 // 8) ** 2  # 28x28 patches + class token
-    student = torch.load(run / "student" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    student = torch.load(run / "student" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert student["meta"]["arch"] == ("resnet18_224" if student_size == 224 else "resnet18_32")
     assert "student starts from the base checkpoint" in logs
 

@@ -141,9 +141,9 @@ def test_a_stage_whose_s3_server_stops_mid_write_is_not_complete_and_resumes(s3,
     (tmp_path / "stored.pt").write_bytes(body)
     import torch
 
-    assert torch.load(tmp_path / "stored.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "stored.pt", map_location="cpu", weights_only=True)["epoch"] == 1
     local = stages.stage_dir(cfg, "teacher") / "checkpoint.pt"
-    assert torch.load(local, map_location="cpu", weights_only=False)["epoch"] == 2  # renamed, never stored
+    assert torch.load(local, map_location="cpu", weights_only=True)["epoch"] == 2  # renamed, never stored
     assert not stages.is_done(stages.stage_dir(cfg, "teacher"), stages.teacher_fp(cfg))
 
     # Run again on this node: the store's version wins over the mirror's; resumes from epoch 1 and completes.

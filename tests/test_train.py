@@ -45,7 +45,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         fit(net, _data(), TrainConfig(epochs=3, lr=0.05), tmp_path / "cut", batch_size=16, seed=7, device="cpu",
             loss=loss, knn_outliers=knn, outlier_batch_size=8, progress=False, on_epoch_end=stop_after_2)
-    ck = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)
+    ck = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
     assert ck["epoch"] == 2 and {"modules", "optimizer", "scheduler", "rng", "meta"} <= set(ck)
     # a fresh process would rebuild everything from scratch (other random init) and resume
     torch.manual_seed(999)
@@ -69,7 +69,7 @@ def test_training_learns(tmp_path):
 
 def test_nonfinite_loss_names_term_and_keeps_checkpoint(tmp_path):
     _run(tmp_path, epochs=1)
-    before = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    before = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     net = build_student("resnet_tiny", 3)
     loss = OALLoss(LossConfig(w_logit_kd=0, w_feat_kd=0, w_micl_lat=0), net.feature_dim, knn_dim=5)
     bad = torch.randn(40, 5)
@@ -79,7 +79,7 @@ def test_nonfinite_loss_names_term_and_keeps_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match="micl_knn.*Last good checkpoint"):
         fit(net, _data(), TrainConfig(epochs=3), tmp_path, batch_size=16, seed=7, device="cpu", loss=loss,
             knn_outliers=bad, resume=False, progress=False)
-    after = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    after = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert after["epoch"] == before["epoch"] == 1
     for a, b in zip(before["modules"].values(), after["modules"].values()):
         assert torch.equal(a, b)
@@ -127,7 +127,7 @@ def test_train_stage_does_not_depend_on_the_process_seed(tmp_path):
     for process_seed in (1, 2):
         torch.manual_seed(process_seed)
         res = stages.train_stage(cfg, "student", out_dir=tmp_path / f"s{process_seed}", progress=False)
-        weights.append(torch.load(res.checkpoint, weights_only=False)["modules"])
+        weights.append(torch.load(res.checkpoint, weights_only=True)["modules"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
