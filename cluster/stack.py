@@ -461,6 +461,8 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     pass
             self._pidfile(name).unlink(missing_ok=True)
+            if name == "s3":
+                self._remove_weed_sockets()
         return {name: running for name, (_, _, running) in targets.items()}
 
     # ---------------------------------------------------------------- checks and files
@@ -516,6 +518,18 @@ class Stack:
             ports = _pick_weed_ports(exclude={getattr(self, f) for f in PORTS})
             _write_private(path, json.dumps(ports, indent=1) + "\n")
         return ports
+
+    def _remove_weed_sockets(self) -> None:
+        """The Unix sockets a stopped S3 server leaves in /tmp (`/tmp/seaweedfs-<server>-<port>.sock`)."""
+        try:
+            ports = json.loads((self.state_dir / "s3" / "ports.json").read_text())
+        except (OSError, ValueError):
+            return
+        ports = {int(p) for p in ports.values()} | {self.s3_port, int(ports.get("admin.port", 0)) + WEED_GRPC_OFFSET}
+        for path in Path("/tmp").glob("seaweedfs-*.sock"):
+            port = path.stem.rsplit("-", 1)[-1]
+            if port.isdigit() and int(port) in ports and path.is_socket() and path.stat().st_uid == os.getuid():
+                path.unlink(missing_ok=True)
 
     def _write_recorded(self) -> None:
         data = {k: getattr(self, k) for k in RECORDED}

@@ -137,6 +137,44 @@ def test_readme_commands_match_the_files():
         assert needle in text, needle
 
 
+def _env_entries(node) -> list[dict]:
+    """Every entry of every `env:` list in a parsed manifest."""
+    if isinstance(node, dict):
+        found = [e for e in node.get("env", []) if isinstance(e, dict)] if isinstance(node.get("env"), list) else []
+        return found + [e for v in node.values() for e in _env_entries(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in _env_entries(v)]
+    return []
+
+
+def test_cloud_docs_take_secrets_from_files_or_a_store():
+    """KubeRay and AWS: no secret on a command line (`--from-literal=`, `--secret-string VALUE`) or in a manifest;
+    Secrets made from files; the MLflow user Job reads the admin password from a Secret."""
+    docs = {p.relative_to(REPO).as_posix(): p.read_text() for p in
+            [CLUSTER / "README.md", CLUSTER / "aws.yaml", *sorted((CLUSTER / "kuberay").glob("*.yaml")), REPO / "README.md"]}
+    for name, text in docs.items():
+        assert "--from-literal=" not in text, name
+        assert re.findall(r"--secret-string\s+(?!file://)", text) == [], name
+    assert "--from-env-file=oal-env.env" in docs["cluster/README.md"] and "--from-file=password=" in docs["cluster/README.md"]
+    assert "kubectl apply -f cluster/kuberay/mlflow-user.yaml" in docs["cluster/README.md"]
+    secretish = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN")
+    manifests = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+    assert len(manifests) == 3
+    for path in manifests:
+        for entry in _env_entries(yaml.safe_load(path.read_text())):
+            if secretish.search(entry["name"]):
+                assert "value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}), (path.name, entry)
+    job = yaml.safe_load((CLUSTER / "kuberay" / "mlflow-user.yaml").read_text())
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:4] == ["python", "-m", "cluster.stack", "mlflow-user"]
+    assert {"secretRef": {"name": "oal-env"}} in container["envFrom"]
+    assert container["env"] == [{"name": "MLFLOW_AUTH_ADMIN_PASSWORD", "valueFrom": {
+        "secretKeyRef": {"name": "oal-mlflow-admin", "key": "password"}}}]
+    assert "cluster/stack.py" in (CLUSTER / "Dockerfile").read_text()  # the image can run `python -m cluster.stack`
+    # the launcher: the token copied to the nodes is made its owner's alone there
+    assert any("chmod 600 ~/.ray/auth_token" in c for c in load("aws.yaml")["setup_commands"])
+
+
 # ------------------------------------------------------------------ the stack's own checks (no Ray)
 
 
@@ -165,6 +203,8 @@ def test_s3_alone_up_down_idempotent(tmp_path):
     st.down()  # again: nothing to do
     assert lines[-3:] == ["ray    not running", "mlflow not running", "s3     not running"]
     assert not any(st.status().values()) and not (tmp_path / "s3.pid").exists()
+    ports = [*json.loads((tmp_path / "s3" / "ports.json").read_text()).values(), st.s3_port]
+    assert ports and not [p for p in Path("/tmp").glob("seaweedfs-*.sock") if int(p.stem.rsplit("-", 1)[-1]) in ports]
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the server's closed connections may be in TIME_WAIT
         s.bind(("127.0.0.1", st.s3_port))  # nothing listens on the port any more
