@@ -254,3 +254,260 @@ def test_evaluation_and_embedding_shards_use_data_num_workers(tmp_path, monkeypa
     seen.clear()
     stages.embeddings_shard(cfg)
     assert seen == [2]
+
+
+# ---- small pieces by hand (fast: no network, no benchmark) ----------------------------------------------------
+
+def _metrics(a: float, f: float, n_ood: int = 4):
+    from oal.evaluate import OODMetrics
+
+    return OODMetrics(auroc=a, fpr95=f, fpr95_classic=f / 2, aupr_in=0.5, aupr_out=0.25, n_id=3, n_ood=n_ood)
+
+
+def _small_report():
+    from oal.evaluate import EvalReport, PostprocessorResult
+
+    r = EvalReport(benchmark="toy", id_accuracy=0.875, near_sets=["near1"], far_sets=["far1", "far2"])
+    per = {"near1": _metrics(0.9, 0.2), "far1": _metrics(0.8, 0.4, 5), "far2": _metrics(0.6, 0.6, 6)}
+    near, far = {"auroc": 0.9, "fpr95": 0.2, "fpr95_classic": 0.1}, {"auroc": 0.7, "fpr95": 0.5, "fpr95_classic": 0.25}
+    r.results = {"msp": PostprocessorResult(per, near, far), "ebo": PostprocessorResult(per, far, near)}
+    g = np.random.default_rng(0)
+    r.scores = {pp: {"id": g.normal(1, 1, 30), "near1": g.normal(0, 1, 20), "far1": g.normal(-1, 1, 25),
+                     "far2": g.normal(-2, 1, 25)} for pp in ("msp", "ebo")}
+    return r
+
+
+def test_markdown_table_by_hand():
+    from oal.evaluate import markdown_table
+
+    report = _small_report()
+    md = markdown_table(report, "ebo")
+    lines = md.splitlines()
+    assert lines[0] == "# OOD evaluation on `toy`" and lines[1] == ""
+    assert lines[2].startswith("ID accuracy: **87.50%**. Metrics in %; FPR@95 is OpenOOD v1.5's")
+    assert lines[4] == "No validation OOD set: the table leads with eval.primary (ebo), not a validation choice."
+    assert lines[6] == ("| postprocessor | val AUROC | near AUROC | far AUROC | near FPR@95 | far FPR@95 | "
+                        "near FPR95-classic | far FPR95-classic |")
+    # without a validation choice eval.primary leads, then the others in report order (near/far swapped for ebo in
+    # this toy report)
+    assert lines[8:10] == ["| ebo | - | 70.00 | 90.00 | 50.00 | 20.00 | 25.00 | 10.00 |",
+                           "| msp | - | 90.00 | 70.00 | 20.00 | 50.00 | 10.00 | 25.00 |"]
+    i = lines.index("## Per OOD set (ebo)")
+    assert lines[i + 2] == "| set | kind | AUROC | FPR@95 | FPR95-classic | AUPR-In | AUPR-Out | n OOD |"
+    assert lines[i + 4:] == ["| near1 | near | 90.00 | 20.00 | 10.00 | 50.00 | 25.00 | 4 |",
+                             "| far1 | far | 80.00 | 40.00 | 20.00 | 50.00 | 25.00 | 5 |",
+                             "| far2 | far | 60.00 | 60.00 | 30.00 | 50.00 | 25.00 | 6 |"]
+    assert md.endswith("|\n")
+    # with a validation choice: the chosen score leads, marked, with its validation AUROC and KNN's K
+    report.chosen, report.knn_k, report.knn_k_val_auroc = "msp", 10, {10: 0.95, 5: 0.9}
+    report.results["msp"].val_auroc, report.results["ebo"].val_auroc = 0.955, 0.9
+    lines = markdown_table(report, "ebo").splitlines()
+    assert lines[4] == ("Score chosen on validation (ID validation split vs the validation OOD sets, never a test set): "
+                        "**msp**; KNN's K=10 chosen the same way among [5, 10].")
+    assert lines[8:10] == ["| msp (chosen) | 95.50 | 90.00 | 70.00 | 20.00 | 50.00 | 10.00 | 25.00 |",
+                           "| ebo | 90.00 | 70.00 | 90.00 | 50.00 | 20.00 | 25.00 | 10.00 |"]
+    assert "## Per OOD set (msp)" in lines
+
+
+def test_comparison_table_by_hand():
+    from oal.evaluate import comparison_table
+
+    r = lambda v, na, fa: {"val_auroc": v, "near": {"auroc": na, "fpr95": 0.5}, "far": {"auroc": fa, "fpr95": 0.25}}  # noqa: E731
+    ce = {"id_accuracy": 0.9, "results": {"ebo": r(None, 0.81234, 0.7), "knn": r(None, 0.6, 0.65)}, "knn_k": 5}
+    oal = {"id_accuracy": 0.875, "chosen": "knn", "knn_k": 50,
+           "results": {"ebo": r(0.8, 0.7, 0.6), "knn": r(0.85, 0.75, 0.8)}}
+    text = comparison_table({"CE": (ce, {"selected": "best", "epoch": 7}), "OAL": (oal, {})}, "ebo", "digits")
+    assert text == (
+        "# `digits`: CE baseline vs OAL (metrics in %)\n\n"
+        "Each network's first row is the score chosen on validation (ID validation split vs the validation OOD sets, "
+        "never a test set), marked *chosen*; the rows after it are every other score, for reference.\n\n"
+        "| model | score | weights | ID acc | val AUROC | near AUROC | far AUROC | near FPR@95 | far FPR@95 |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        "| CE | ebo *eval.primary, no validation OOD* | best (epoch 7) | 90.00 | - | 81.23 | 70.00 | 50.00 | 25.00 |\n"
+        "| OAL | knn (K=50) *chosen* | last (epoch ?) | 87.50 | 85.00 | 75.00 | 80.00 | 50.00 | 25.00 |\n"
+        "| CE | knn (K=5) | best (epoch 7) | 90.00 | - | 60.00 | 65.00 | 50.00 | 25.00 |\n"
+        "| OAL | ebo | last (epoch ?) | 87.50 | 80.00 | 70.00 | 60.00 | 50.00 | 25.00 |\n")
+
+
+def test_write_and_load_report_and_each_plot(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from oal.evaluate import load_report
+
+    report = _small_report()
+    figures = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: figures.append((fig, k)) or real(fig, *a, **k))
+    files = write_report(report, tmp_path / "out", "msp")
+    names = ["results.json", "results.md"] + [f"{pp}_{s}.png" for pp in ("msp", "ebo") for s in ("near1", "far1", "far2")]
+    assert [f.name for f in files] == names
+    assert all(f.parent == tmp_path / "out" / "plots" for f in files[2:])
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files[2:]) and not _tmp(tmp_path)
+    loaded = load_report(tmp_path / "out" / "results.json")
+    assert loaded == json.loads(json.dumps(report.to_dict())) and "scores" not in loaded
+    assert loaded["results"]["ebo"]["near"] == {"auroc": 0.7, "fpr95": 0.5, "fpr95_classic": 0.25}
+    assert (tmp_path / "out" / "results.md").read_text().startswith("# OOD evaluation on `toy`")
+    # each figure: the ROC of that set (OOD positive, score negated) and the two score histograms
+    assert len(figures) == 6
+    fig, kw = figures[1]  # msp, far1
+    assert kw == {"format": "png", "dpi": 80} and tuple(fig.get_size_inches()) == pytest.approx((9, 3.6))
+    roc, hist = fig.axes
+    id_conf, conf = report.scores["msp"]["id"], report.scores["msp"]["far1"]
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(np.r_[np.zeros(30), np.ones(25)], -np.r_[id_conf, conf])
+    line = roc.get_lines()[0]
+    assert np.allclose(line.get_xdata(), fpr) and np.allclose(line.get_ydata(), tpr)
+    assert [t.get_text() for t in roc.get_legend().get_texts()] == ["AUROC 80.0"]
+    assert (roc.get_xlabel(), roc.get_ylabel(), roc.get_title()) == ("ID flagged OOD (FPR)", "OOD caught (TPR)",
+                                                                     "ROC msp: far1")
+    diag = roc.get_lines()[1]
+    assert list(diag.get_xdata()) == [0, 1] and list(diag.get_ydata()) == [0, 1] and diag.get_linestyle() == ":"
+    assert [t.get_text() for t in hist.get_legend().get_texts()] == ["ID test", "far1"]
+    assert (hist.get_xlabel(), hist.get_title()) == ("msp score (higher = more ID)", "score histogram")
+    bars = hist.patches
+    assert len(bars) == 2 * 39  # 40 bin edges from the lowest to the highest score of the two
+    assert bars[0].get_x() == pytest.approx(min(id_conf.min(), conf.min()))
+    assert bars[38].get_x() + bars[38].get_width() == pytest.approx(max(id_conf.max(), conf.max()))
+    assert bars[0].get_alpha() == 0.6
+    widths = np.array([b.get_width() for b in bars[:39]])
+    assert np.sum(widths * np.array([b.get_height() for b in bars[:39]])) == pytest.approx(1.0)  # a density
+    assert write_report(report, tmp_path / "np", "msp", plots=False) == [tmp_path / "np" / "results.json",
+                                                                         tmp_path / "np" / "results.md"]
+    assert not (tmp_path / "np" / "plots").exists()
+
+
+def _tmp(folder):
+    return list(folder.rglob("*.tmp"))
+
+
+def test_postprocessors_by_name_and_ebo_temperature():
+    from oal.evaluate import NEEDS_TRAIN, POSTPROCESSORS, build_postprocessor
+
+    assert POSTPROCESSORS == ("msp", "ebo", "mls", "knn") and NEEDS_TRAIN == {"knn"}
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    o = Outputs(logits, torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+    cfg = EvalConfig(ebo_temperature=3.0)
+    assert build_postprocessor("msp", cfg, None)(o).tolist() == pytest.approx(torch.softmax(logits, -1).amax(-1).tolist())
+    assert build_postprocessor("mls", cfg, None)(o).tolist() == [2.0, 0.5]
+    assert build_postprocessor("ebo", cfg, None)(o).tolist() == pytest.approx(
+        (3.0 * torch.logsumexp(logits / 3.0, -1)).tolist())
+    assert energy_score(logits).tolist() == pytest.approx(torch.logsumexp(logits, -1).tolist())  # T = 1 by default
+    with pytest.raises(ValueError, match=r"^unknown postprocessor 'odin' \(eval.postprocessors\); registered: msp, "
+                                         r"ebo, mls, knn$"):
+        build_postprocessor("odin", cfg, None)
+
+
+def test_shard_slices_merge_accuracy_and_averages():
+    from oal.evaluate import _average, accuracy
+
+    ds = torch.utils.data.TensorDataset(torch.arange(10))
+    parts = [shard(ds, i, 3) for i in range(3)]
+    assert [[int(x[0]) for x in p] for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert shard(ds, 0, 1) is ds
+    for i, n in ((3, 3), (-1, 3), (0, 0)):
+        with pytest.raises(ValueError, match=rf"^shard {i} of {n} does not exist \(expected 0 <= index < count\)$"):
+            shard(ds, i, n)
+    o = lambda lo, lab: Outputs(torch.tensor(lo), torch.tensor(lo) * 2, torch.tensor(lab))  # noqa: E731
+    a, b = o([[1.0, 0.0], [0.0, 1.0]], [0, 0]), o([[0.0, 3.0]], [1])
+    m = merge([a, b])
+    assert m.labels.tolist() == [0, 0, 1] and m.logits.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 3.0]]
+    assert torch.equal(m.features, m.logits * 2)
+    assert accuracy(m) == pytest.approx(2 / 3)
+    empty = Outputs(torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
+    assert merge([empty, empty]).labels.shape == (0,)
+    assert merge([empty, b, empty]).labels.tolist() == [1]
+    avg = _average([_metrics(0.9, 0.2), _metrics(0.5, 0.4)])
+    assert avg == pytest.approx({"auroc": 0.7, "fpr95": 0.3, "fpr95_classic": 0.15, "aupr_in": 0.5, "aupr_out": 0.25})
+    assert all(np.isnan(v) for v in _average([]).values()) and len(_average([])) == 5
+
+
+def test_eval_sets_and_validation_metrics_by_hand():
+    from types import SimpleNamespace
+
+    from oal.evaluate import validation_metrics
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    two = lambda x: (net(x), x)  # noqa: E731  (logits, features)
+    model = SimpleNamespace()
+    g = torch.Generator().manual_seed(1)
+    val_x, val_y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    ood = {"a": torch.randn(15, 4, generator=g) + 2, "b": torch.randn(10, 4, generator=g)}
+    ds = lambda x, y: torch.utils.data.TensorDataset(x, y)  # noqa: E731
+    bench = SimpleNamespace(val=ds(val_x, val_y), ood_val={k: ds(v, torch.full((len(v),), -1)) for k, v in ood.items()},
+                            test="T", train_plain="P", near={"n": "N"}, far={"f": "F"})
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = net
+
+        def forward(self, x):
+            return two(x)
+
+    model = Net()
+    cfg = EvalConfig(ebo_temperature=2.0)
+    for training in (True, False):
+        model.train(training)
+        out = validation_metrics(model, bench, cfg, "cpu", batch_size=7)
+        assert model.training == training  # the caller's mode is kept
+    with torch.no_grad():
+        acc = float((net(val_x).argmax(-1) == val_y).float().mean())
+        s_id = (2.0 * torch.logsumexp(net(val_x) / 2.0, -1)).numpy()
+        aurocs = [_auroc_by_hand(s_id, (2.0 * torch.logsumexp(net(v) / 2.0, -1)).numpy()) for v in ood.values()]
+    assert set(out) == {"val/id_accuracy", "val/ood_auroc"}
+    assert out["val/id_accuracy"] == pytest.approx(acc) and out["val/ood_auroc"] == pytest.approx(np.mean(aurocs))
+    bench.ood_val = {}
+    assert set(validation_metrics(model, bench, cfg, "cpu", batch_size=7)) == {"val/id_accuracy"}
+    # the sets an evaluation runs over: the ID training set only for postprocessors that need it
+    assert eval_sets(bench, EvalConfig(postprocessors=["ebo", "msp"])) == {"id": "T", "ood:n": "N", "ood:f": "F"}
+    assert list(eval_sets(bench, EvalConfig(postprocessors=["knn"]))) == ["id", "train", "ood:n", "ood:f"]
+
+
+def test_knn_k_chosen_on_validation_by_hand():
+    """Bank: a pair at 0/2 degrees, one point at 90, a pair at 180/182. Validation ID points sit inside the pairs;
+    the validation OOD point sits on the lone point, so K=1 scores it as ID (AUROC 0) and K=2 as far (AUROC 1)."""
+    from oal.evaluate import choose_knn_k
+
+    def at(*deg):
+        a = torch.tensor(deg, dtype=torch.float64) * torch.pi / 180
+        return torch.stack([a.cos(), a.sin()], -1).float()
+
+    out = lambda f: Outputs(torch.zeros(len(f), 2), f, torch.zeros(len(f), dtype=torch.long))  # noqa: E731
+    train, val_id, val_ood = out(at(0, 2, 90, 180, 182)), out(at(1, 181)), out(at(90))
+    k, aurocs = choose_knn_k(train, (val_id, [val_ood]), [2, 1, 100])  # 100 > the bank's 5 points: dropped
+    assert (k, aurocs) == (2, {1: 0.0, 2: 1.0})
+    scores = KNNScore(train.features, 5).at(val_id.features, [1, 2, 5])
+    chord = lambda d: 2 * np.sin(np.radians(d) / 2)  # noqa: E731
+    assert scores[1].numpy() == pytest.approx([-chord(1), -chord(1)], abs=1e-5)
+    assert scores[2].numpy() == pytest.approx([-chord(1), -chord(1)], abs=1e-5)
+    assert scores[5].numpy() == pytest.approx([-chord(181), -chord(179)], abs=1e-5)
+    # a tie goes to the smaller K; with every K above the bank's size, the bank's size
+    assert choose_knn_k(train, (val_id, [out(at(45))]), [3, 2])[0] == 2
+    assert choose_knn_k(train, (val_id, [val_ood]), [50, 60]) == (5, {5: 0.0})  # K=5: the OOD point 92 deg from its farthest
+    # two validation OOD sets: their mean AUROC
+    _, two = choose_knn_k(train, (val_id, [val_ood, out(at(270))]), [1])
+    assert two == {1: pytest.approx((0.0 + 1.0) / 2)}
+
+
+def test_report_chooses_the_score_on_validation():
+    """With validation outputs, the postprocessor with the best validation AUROC is chosen (the first of the best in
+    eval.postprocessors' order) and leads the tables; KNN's K too."""
+    g = torch.Generator().manual_seed(0)
+    o = lambda lo, fe: Outputs(lo, fe, torch.zeros(len(lo), dtype=torch.long))  # noqa: E731
+    # logits: ID confident, OOD flat (msp/ebo/mls separate them); features: all alike (knn cannot)
+    id_lo = torch.tensor([[5.0, 0.0]]).repeat(6, 1) + 0.1 * torch.randn(6, 2, generator=g)
+    ood_lo = 0.1 * torch.randn(6, 2, generator=g)
+    feat = lambda n: torch.nn.functional.normalize(torch.ones(n, 3) + 0.01 * torch.randn(n, 3, generator=g), dim=-1)  # noqa: E731
+    outs = {"id": o(id_lo, feat(6)), "train": o(id_lo, feat(6)), "ood:n": o(ood_lo, feat(6)), "ood:f": o(ood_lo, feat(6)),
+            "val_id": o(id_lo, feat(6)), "val_ood:v": o(ood_lo, feat(6))}
+    cfg = EvalConfig(postprocessors=["knn", "mls", "msp", "ebo"], knn_k=3, knn_k_search=[1, 2])
+    report = report_from_outputs(outs, "toy", ["n"], ["f"], cfg)
+    assert report.chosen == "mls" and report.headline("ebo") == "mls"  # msp and ebo tie with it: the first wins
+    assert report.results["mls"].val_auroc == 1.0 and report.results["knn"].val_auroc < 1.0
+    assert report.knn_k in (1, 2) and sorted(report.knn_k_val_auroc) == [1, 2]
+    no_val = report_from_outputs({k: v for k, v in outs.items() if not k.startswith("val")}, "toy", ["n"], ["f"], cfg)
+    assert no_val.chosen is None and no_val.headline("ebo") == "ebo" and no_val.knn_k == 3
+    assert all(r.val_auroc is None for r in no_val.results.values()) and no_val.knn_k_val_auroc == {}
