@@ -286,6 +286,10 @@ class FakeS3:
         if not keys:
             yield {"KeyCount": 0}  # S3 leaves out Contents when nothing matches
 
+    def copy_object(self, Bucket, Key, CopySource):
+        self._op("CopyObject", Key)
+        self.put(Bucket, Key, self._get("CopyObject", CopySource["Bucket"], CopySource["Key"])[0])
+
     def head_bucket(self, Bucket):
         self._op("HeadBucket")
         if Bucket not in self.buckets:
@@ -511,3 +515,40 @@ def test_client_is_cached_per_process_and_setting(monkeypatch):
     c = storage.client()
     assert c.meta.config.connect_timeout == 60 and c.meta.config.retries["total_max_attempts"] == 6
     assert len(storage._clients) == 4
+
+
+def test_size_sha256_and_move_aside_on_local_paths(tmp_path):
+    f = tmp_path / "ckpt.pt"
+    assert storage.size(f) is None and storage.size(tmp_path) is None  # absent; a folder has no size
+    f.write_bytes(b"x" * 1000)
+    assert storage.size(f) == 1000 and storage.size(str(f)) == 1000
+    assert storage.sha256(f) == hashlib.sha256(b"x" * 1000).hexdigest()
+    big = tmp_path / "big.bin"
+    data = bytes(range(256)) * 8200  # over one 1 MiB block
+    big.write_bytes(data)
+    assert storage.sha256(big) == hashlib.sha256(data).hexdigest()
+    first = storage.move_aside(f, "corrupt")
+    assert first == tmp_path / "ckpt.pt.corrupt-0" and first.read_bytes() == b"x" * 1000 and not f.exists()
+    f.write_bytes(b"again")
+    second = storage.move_aside(str(f), "corrupt")  # the next free number: nothing is overwritten
+    assert second == tmp_path / "ckpt.pt.corrupt-1" and second.read_bytes() == b"again"
+    assert first.read_bytes() == b"x" * 1000
+    f.write_bytes(b"third")
+    assert storage.move_aside(f, "replaced") == tmp_path / "ckpt.pt.replaced-0"
+
+
+def test_size_sha256_and_move_aside_in_the_store(s3, cache):
+    uri = "s3://bkt/run/ckpt.pt"
+    path = storage.mirror(uri)
+    assert storage.size(uri) is None
+    storage.write_text("twelve bytes", path)
+    assert storage.size(uri) == 12 and storage.size(path) == 12
+    path.write_text("a mirror copy edited by hand")  # the store is asked, not the mirror
+    assert storage.size(path) == 12
+    assert storage.sha256(uri) == hashlib.sha256(b"twelve bytes").hexdigest()  # fetched first
+    s3.put("bkt", "run/ckpt.pt.corrupt-0", b"older")  # taken: the next number is used
+    moved = storage.move_aside(uri, "corrupt")
+    assert moved == storage.mirror("s3://bkt/run/ckpt.pt.corrupt-1")
+    assert s3.objects[("bkt", "run/ckpt.pt.corrupt-1")][0] == b"twelve bytes"
+    assert ("bkt", "run/ckpt.pt") not in s3.objects and s3.objects[("bkt", "run/ckpt.pt.corrupt-0")][0] == b"older"
+    assert not path.exists() and not storage._version_file(path).exists()
