@@ -89,9 +89,9 @@ class ImageList(Dataset):
             else:
                 keep.append(j)
         if bad:
-            path, e = bad[0]
+            first, why = bad[0]
             log.warning("data.on_bad_image=skip: left out %d of %d images listed in %s (unreadable; the first: %s: %s)",
-                        len(bad), len(self.items), self.list_file, path, _reason(e))
+                        len(bad), len(self.items), self.list_file, first, _reason(why))
             self.items = [self.items[j] for j in keep]
             self.lines = [self.lines[j] for j in keep]
             self.skipped = len(bad)
