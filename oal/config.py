@@ -259,13 +259,6 @@ class LDMConfig:
 
 
 @dataclass
-class DetectorConfig:
-    """The deployable detector (oal/detector.py): the evaluated student, the score chosen on validation, a threshold."""
-
-    id_tpr: float = num(0.95, gt=0, lt=1)  # share of ID validation images the threshold accepts (the rest is flagged OOD)
-
-
-@dataclass
 class EvalConfig:
     postprocessors: list[str] = field(default_factory=lambda: ["ebo", "msp", "mls", "knn"])  # scores to report
     # the score reported first when the benchmark has no validation OOD set (otherwise the one with the best
@@ -328,8 +321,7 @@ class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; default: the MLFLOW_TRACKING_URI environment variable
     experiment: str = "oal"  # MLflow experiment name
     system_metrics: bool = True  # CPU / memory / GPU metrics on every stage run
-    log_model: bool = True  # log the student with mlflow.pytorch.log_model, and the detector as a registered model
-    registered_model: str | None = None  # the detector's name in the Model Registry; default oal-<name>
+    log_model: bool = True  # log the student with mlflow.pytorch.log_model
 
 
 @dataclass
@@ -349,7 +341,6 @@ class OALConfig:
     ldm: LDMConfig = field(default_factory=LDMConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -561,8 +552,20 @@ def fields(node: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field
 
 
 KEY_FIELDS = {key: f for key, f, _ in fields(OALConfig)}  # every leaf key -> its dataclass field
-_CONFIG_CLASSES = (OALConfig, DataConfig, ModelConfig, TrainConfig, LossConfig, OutlierConfig, KNNConfig, DiffusionConfig,
-                   LDMConfig, EvalConfig, ClusterConfig, TrackingConfig, SearchConfig)
+
+
+def _owner(f: dataclasses.Field, node: Any = OALConfig) -> type:
+    """The config dataclass that declares field `f` (found by walking the tree from OALConfig)."""
+    for g in dataclasses.fields(node):
+        if g is f:
+            return node
+        sub = g.default_factory() if g.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            try:
+                return _owner(f, type(sub))
+            except LookupError:
+                pass
+    raise LookupError(f.name)
 
 
 def allowed(f: dataclasses.Field) -> str:
@@ -715,11 +718,9 @@ def help_keys() -> str:
             doc = (cls.__doc__ or "").strip()
             doc = "" if doc.startswith(cls.__name__ + "(") else " ".join(doc.split())
             lines += ["", f"[{top or 'top level'}]" + (f" {doc}" if doc else "")]
-        owner = next(c for c in _CONFIG_CLASSES if f in dataclasses.fields(c))
-        rule = allowed(f)
+        rule, hint = allowed(f), hints.get(f"{_owner(f).__name__}.{f.name}", "")
         lines.append(f"  {key} ({f.type}; default {json.dumps(default)}" + (f"; {rule}" if rule else "") + ")"
-                     + (f": {hints.get(f'{owner.__name__}.{f.name}', '')}" if hints.get(f"{owner.__name__}.{f.name}")
-                        else ""))
+                     + (f": {hint}" if hint else ""))
     return "\n".join(lines)
 
 
