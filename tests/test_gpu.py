@@ -191,3 +191,23 @@ def test_stages_of_different_precision_in_one_process():
     assert first.mixed_precision == "bf16"
     second = make_accelerator("cuda", LDMConfig())  # the diffusion stage: "no"
     assert second.mixed_precision == "no"
+
+
+def test_every_loss_term_on_the_gpu():
+    """All nine OAL terms on CUDA tensors (labels made on the inputs' device), finite and backpropagating."""
+    dev = torch.device("cuda")
+    w = dict(w_logit_kd=0.3, w_feat_kd=0.7, w_micl_knn=0.11, w_micl_lat=0.13, w_energy_knn=0.17, w_energy_lat=0.19,
+             w_logit_energy_knn=0.23, w_logit_energy_lat=0.29, w_pixel_oe=0.31)
+    torch.manual_seed(0)
+    loss = OALLoss(LossConfig(**w, club_training="loglik"), student_dim=6, teacher_dim=10, knn_dim=10,
+                   latent_dim=4).to(dev)
+    feat = torch.randn(8, 6, device=dev, requires_grad=True)
+    head = torch.nn.Linear(6, 3).to(dev)
+    out = loss(torch.randn(8, 3, device=dev), feat, torch.randint(0, 3, (8,), device=dev),
+               t_logits=torch.randn(8, 3, device=dev), t_feat=torch.randn(8, 10, device=dev),
+               knn=torch.randn(8, 10, device=dev), latent=torch.randn(8, 4, device=dev), head=head,
+               pixel_logits=torch.randn(5, 3, device=dev))
+    assert set(out.terms) == {"ce", *(k[2:] for k in w), "micl_knn_q_nll", "micl_lat_q_nll"}
+    assert all(v.is_cuda and torch.isfinite(v) for v in out.terms.values())
+    out.total.backward()
+    assert feat.grad is not None and torch.isfinite(feat.grad).all()

@@ -93,6 +93,12 @@ def test_boundary_skips_each_points_own_match():
         out = sample_classes(pts.unsqueeze(0), cfg, seed=0)[0]  # (6, 2)
         angles = torch.rad2deg(torch.atan2(out[:, 1], out[:, 0])) % 360
         assert out.shape == (6, 2) and ((angles - 181).abs() < 5).all(), angles
+    # K=1: P's nearest other point is the farthest (40 degrees); by the 2nd other neighbour the pair would win
+    # (P, 120 degrees away), by the point itself (distance 0 for all) the first point
+    cfg = KNNConfig(k=1, select=1, sigma=0.01, rounds=2, pic_nums=1, candidates=6, keep_per_point=3)
+    out = sample_classes(pts.unsqueeze(0), cfg, seed=0)[0]
+    angles = torch.rad2deg(torch.atan2(out[:, 1], out[:, 0])) % 360
+    assert ((angles - 60).abs() < 5).all(), angles
 
 
 def test_every_bad_setting_has_its_own_message():
@@ -135,3 +141,73 @@ def test_class_streams_and_anchor_scaling():
     data = _clusters(c=3, n=40)
     empty = sample_classes(data, CFG, seed=0, classes=range(1, 1))
     assert empty.shape == (0, 24, 8) and empty.dtype == data.dtype
+
+
+def _reference_class(feats: torch.Tensor, cfg: KNNConfig, seed: int, c: int) -> torch.Tensor:
+    """sample_class written again with brute-force distances (torch.cdist) instead of faiss, and the class's own
+    stream derived here from (seed, class) as the module documents it."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, c]).generate_state(1, np.uint64)[0]))
+    x = F.normalize(feats.float(), dim=-1)  # (N, D)
+    d = x.shape[1]
+    own = torch.cdist(x, x).sort(1).values[:, cfg.k]  # K-th neighbour among the others (index 0: itself)
+    boundary = torch.argsort(own, descending=True)[: cfg.select]
+    kept = []
+    for _ in range(cfg.rounds):
+        pick = boundary[torch.randperm(cfg.select, generator=gen)[: cfg.pic_nums]]
+        noise = torch.randn(cfg.pic_nums, cfg.candidates, d, generator=gen)  # an independent draw per point
+        cand = F.normalize(x[pick].unsqueeze(1) + cfg.sigma * noise, dim=-1)  # (P, M, D)
+        score = torch.cdist(cand.reshape(-1, d), x).sort(1).values[:, cfg.k - 1].view(cfg.pic_nums, cfg.candidates)
+        top = score.topk(cfg.keep_per_point, dim=1).indices  # (P, keep)
+        kept.append(torch.stack([cand[i, top[i]] for i in range(cfg.pic_nums)]).reshape(-1, d))
+    return torch.cat(kept)
+
+
+def test_outliers_equal_a_brute_force_reference():
+    data = _clusters(c=3, n=60)
+    cfg = KNNConfig(k=4, select=6, sigma=0.1, rounds=3, pic_nums=2, candidates=30, keep_per_point=3)
+    out = sample_classes(data, cfg, seed=11)
+    ref = torch.stack([_reference_class(data[c], cfg, 11, c) for c in range(3)])
+    assert out.shape == ref.shape == (3, 3 * 2 * 3, 8)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_index_placement_follows_knn_use_gpu(monkeypatch):
+    import oal.knn as K
+
+    seen = []
+    real = K._index
+    monkeypatch.setattr(K, "_index", lambda x, use_gpu: seen.append(use_gpu) or real(x, use_gpu))
+    data = _clusters(c=2, n=40)
+    for flag in (True, False):
+        sample_classes(data, KNNConfig(**{**vars(CFG), "use_gpu": flag}), seed=0)
+    assert seen == [True, True, False, False]  # one index per class, placed as configured
+
+
+def test_index_goes_to_gpu_0_only_with_faiss_gpu_support_and_a_gpu(monkeypatch):
+    """The placement rule of `_index` with faiss's GPU calls stood in for (this machine may have faiss-cpu only)."""
+    import faiss
+
+    class Resources:
+        pass
+
+    calls = []
+
+    def to_gpu(res, device, index):
+        calls.append((type(res), device, type(index).__name__, index.d))
+        return index  # the CPU index stands in for the GPU one
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", Resources, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    x = np.eye(3, dtype=np.float32)
+    index = _index(x, use_gpu=True)
+    assert calls == [(Resources, 0, "IndexFlatL2", 3)] and index.ntotal == 3  # GPU 0, then the points added
+    assert kth_distance(index, x, 1).tolist() == [0.0, 0.0, 0.0]
+    assert _index(x, use_gpu=False).ntotal == 3 and len(calls) == 1  # knn.use_gpu=false: the CPU
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    assert _index(x, use_gpu=True).ntotal == 3 and len(calls) == 1  # no GPU visible: the CPU
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    _index(x, use_gpu=True)
+    assert calls[-1][1] == 0 and len(calls) == 2  # several GPUs: the first
+    monkeypatch.delattr(faiss, "StandardGpuResources")
+    assert _index(x, use_gpu=True).ntotal == 3 and len(calls) == 2  # faiss built without GPU support: the CPU

@@ -249,6 +249,9 @@ def test_every_term_weighted_into_the_total():
     # each term's value, from its own function on the same inputs
     assert t["ce"].item() == pytest.approx(torch.nn.functional.cross_entropy(inp["logits"], inp["labels"]).item())
     assert t["logit_kd"].item() == pytest.approx(kd_loss(inp["logits"], inp["t_logits"], 2.0).item(), rel=1e-6)
+    with torch.no_grad():  # the DT projector in training mode normalises by this batch: the same output again
+        assert t["feat_kd"].item() == pytest.approx(kd_loss(inp["feat"], loss.dt(inp["t_feat"]), 2.0).item(), rel=1e-5)
+        assert t["feat_kd"].item() != pytest.approx(kd_loss(inp["feat"], loss.dt(inp["t_feat"]), 1.0).item(), rel=1e-3)
     assert t["pixel_oe"].item() == pytest.approx(oe_loss(inp["pixel_logits"]).item(), rel=1e-6)
     assert t["micl_knn"].item() == pytest.approx(loss.club_knn.estimate(inp["knn"], inp["feat"]).item(), rel=1e-5)
     assert t["micl_lat"].item() == pytest.approx(loss.club_lat.estimate(inp["latent"], inp["feat"]).item(), rel=1e-5)
