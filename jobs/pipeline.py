@@ -5,7 +5,8 @@
 base student, CE only (Ray Train) -> teacher (Ray Train) -> built-in diffusion model on the ID images, with
 diffusion.model=builtin-ldm (Ray Train) -> embeddings -> anchors -> k-NN outliers (Ray tasks)
 -> latent outliers (actor pool) -> OAL student (Ray Train; starts from the base student with
-model.student_init=base) -> evaluation of both (Ray tasks) -> results.md (CE baseline row, OAL row).
+model.student_init=base) -> evaluation of both (Ray tasks) -> results.md (CE baseline, OAL) -> detector
+(the student, the score chosen on validation and a threshold; registered in MLflow as models:/oal-<name>@candidate).
 Every stage that computes runs in a Ray worker with a training worker's resources (a GPU with
 cluster.use_gpu=true); embeddings and evaluation split their data, k-NN its classes, over cluster.shards such
 workers (default: one per training worker) and merge in order. The driver only orchestrates and tracks.
@@ -78,6 +79,11 @@ def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, st
         results["eval"], report = evaluate_on_workers(cfg, "the student's evaluation")
         tracker.record_stage(results["eval"], report=report, student=results["student"], cfg=cfg)
     tracker.log_comparison(stages.write_comparison(cfg))
+    with tracker.stage("detector", cfg):
+        # the evaluated student as a detector (score chosen on validation, threshold, preprocessing), on a worker;
+        # tracked: registered in the Model Registry under the alias `candidate`
+        results["detector"] = on_worker(cfg.cluster, "the detector stage", stages.run_detector, cfg)
+        tracker.record_stage(results["detector"], cfg=cfg)
 
 
 def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None) -> dict[str, stages.StageResult]:

@@ -259,6 +259,13 @@ class LDMConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """The deployable detector (oal/detector.py): the evaluated student, the score chosen on validation, a threshold."""
+
+    id_tpr: float = num(0.95, gt=0, lt=1)  # share of ID validation images the threshold accepts (the rest is flagged OOD)
+
+
+@dataclass
 class EvalConfig:
     postprocessors: list[str] = field(default_factory=lambda: ["ebo", "msp", "mls", "knn"])  # scores to report
     # the score reported first when the benchmark has no validation OOD set (otherwise the one with the best
@@ -321,7 +328,8 @@ class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; default: the MLFLOW_TRACKING_URI environment variable
     experiment: str = "oal"  # MLflow experiment name
     system_metrics: bool = True  # CPU / memory / GPU metrics on every stage run
-    log_model: bool = True  # log the student with mlflow.pytorch.log_model
+    log_model: bool = True  # log the student with mlflow.pytorch.log_model, and the detector as a registered model
+    registered_model: str | None = None  # the detector's name in the Model Registry; default oal-<name>
 
 
 @dataclass
@@ -341,6 +349,7 @@ class OALConfig:
     ldm: LDMConfig = field(default_factory=LDMConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)

@@ -668,6 +668,73 @@ def finish_evaluate(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, 
                    far_auroc=report.results[head].far["auroc"], shards=[p["by"] for p in parts]), report
 
 
+def run_detector(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool = False) -> StageResult:
+    """Package the evaluated OAL student as a deployable detector (oal/detector.py): the score its evaluation chose
+    on validation (with KNN's bank of normalised training features), the threshold that accepts `detector.id_tpr`
+    of the ID validation images, the preprocessing and the class names. Records the validation figures it was set
+    on and the share each test set gets flagged at that threshold (reported, never used for a choice)."""
+    import numpy as np
+
+    from oal.detector import Detector, DetectorSpec, confidence, threshold_at
+    from oal.evaluate import KNNScore
+
+    ev = read_manifest(stage_dir(cfg, "eval"))
+    if ev is None:
+        raise FileNotFoundError(f"the detector packages the evaluated student, and '{stage_dir(cfg, 'eval')}' holds "
+                                f"no finished evaluation: run the eval stage first (`oal evaluate`)")
+    d = stage_dir(cfg, "detector")
+    fp = C.fingerprint("detector", ev["fingerprint"], cfg.detector)
+    if not force and is_done(d, fp):
+        return skipped("detector", d, fp)
+    results = json.loads(storage.pull(storage.local(ev["outputs"]["results"])).read_text())
+    score = results.get("chosen") or cfg.eval.primary
+    bench = bench or build_benchmark(cfg.data)
+    if not bench.ood_val:
+        log.warning("detector: %s has no validation OOD set; the score is eval.primary (%s), not a validation "
+                    "choice", bench.name, score)
+    ckpt = ev["checkpoint"]
+    state = load_torch(ckpt, "student checkpoint")
+    net = build_student(state.get("meta", {}).get("arch", cfg.model.student), bench.num_classes)
+    load_checkpoint_net(Path(ckpt), net, cfg.eval.checkpoint, state)  # the weights the evaluation scored
+    device = resolve_device(cfg.device)
+    sets = {**eval_sets(bench, replace_postprocessors(cfg.eval, [score])), "val_id": bench.val}  # ID validation always
+    outs = {key: collect(net, ds, cfg.data.eval_batch_size, device, cfg.data.num_workers) for key, ds in sets.items()}
+    net = net.cpu().eval()
+    bank = torch.nn.functional.normalize(outs["train"].features, dim=-1) if score == "knn" else None  # (N, D)
+    n = min(8, len(bench.train_plain))  # type: ignore[arg-type]
+    first = torch.stack([bench.train_plain[i][0] for i in range(n)])  # (n, 3, S, S)
+    grey = bool((first[:, 0] == first[:, 1]).all() and (first[:, 1] == first[:, 2]).all())
+    spec = DetectorSpec(arch=state.get("meta", {}).get("arch", cfg.model.student), class_names=bench.class_names,
+                        image_size=cfg.data.image_size, grey=grey, mean=list(bench.norm[0]), std=list(bench.norm[1]),
+                        score=score, threshold=0.0, id_tpr=cfg.detector.id_tpr,
+                        knn_k=results.get("knn_k") if score == "knn" else None,
+                        ebo_temperature=cfg.eval.ebo_temperature)
+    knn = KNNScore(bank, spec.knn_k) if bank is not None and spec.knn_k else None
+    conf = {key: confidence(spec, o, knn).numpy() for key, o in outs.items() if key != "train"}
+    spec.threshold = threshold_at(conf["val_id"], spec.id_tpr)
+    flagged = {key: float(np.mean(-c > spec.threshold)) for key, c in conf.items()}  # share flagged OOD
+    report: dict[str, Any] = {"score": score, "chosen_on_validation": results.get("chosen") is not None, "knn_k": spec.knn_k,
+              "threshold": spec.threshold, "id_tpr": spec.id_tpr, "grey": grey,
+              "validation": {"id_accepted": 1 - flagged["val_id"],
+                             **{f"flagged:{k[8:]}": v for k, v in flagged.items() if k.startswith("val_ood:")}},
+              "test": {"id_flagged": flagged["id"], **{f"flagged:{k[4:]}": v for k, v in flagged.items()
+                                                       if k.startswith("ood:")},
+                       "images": {k: len(c) for k, c in conf.items()}}}
+    files = Detector(spec, net, bank).save(d / "model")
+    write_json(report, d / "detector_report.json")
+    log.info("detector: score %s, threshold %.4g (accepts %.1f%% of ID validation images); test: ID flagged %.1f%%, "
+             "%s", score, spec.threshold, 100 * report["validation"]["id_accepted"], 100 * flagged["id"],
+             ", ".join(f"{k[4:]} flagged {100 * v:.1f}%" for k, v in flagged.items() if k.startswith("ood:")))
+    return _finish("detector", d, fp, cfg, {"spec": files[1], "weights": files[0], "report": d / "detector_report.json"},
+                   **{k: v for k, v in report.items()}, class_names=bench.class_names, checkpoint=str(ckpt))
+
+
+def replace_postprocessors(e: C.EvalConfig, postprocessors: list[str]) -> C.EvalConfig:
+    from dataclasses import replace
+
+    return replace(e, postprocessors=postprocessors)
+
+
 def write_comparison(cfg: C.OALConfig) -> Path:
     """`<run>/results.md`: the CE baseline (base stage) and the OAL student, each first under the score chosen on
     its validation data, then under every other score."""
@@ -706,6 +773,7 @@ def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResu
         results["eval_base"] = run_evaluate(cfg, str(base_checkpoint(cfg)), bench=bench, of="base")[0]
     results["eval"] = run_evaluate(cfg, bench=bench)[0]
     write_comparison(cfg)
+    results["detector"] = run_detector(cfg, bench)
     return results
 
 

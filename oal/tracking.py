@@ -260,6 +260,8 @@ class Tracker:
             mlflow.set_tag("latents_uri", storage.uri(d.resolve()))  # shards stay where they are: referenced, not copied
             if (d / "grid.png").exists():
                 mlflow.log_artifact(str(d / "grid.png"))
+        if result.name == "detector":
+            self._detector(cfg, d, manifest)
         if result.name in ("eval", "eval_base") and report is not None:
             # The model first, so that the metrics below are logged against it (the logged model's page shows
             # them). Logged after them, MLflow links them itself by reading each metric's history back: one
@@ -309,6 +311,27 @@ class Tracker:
         if (d / "plots").is_dir():
             mlflow.log_artifacts(str(d / "plots"), "plots")
 
+    def _detector(self, cfg: C.OALConfig | None, d: Path, manifest: dict) -> None:
+        """The detector's choice and figures on its run; the detector as a pyfunc model, registered (the pipeline's
+        version under the alias `candidate`)."""
+        import mlflow
+
+        storage.pull(d / "detector_report.json")
+        mlflow.log_artifact(str(d / "detector_report.json"))
+        mlflow.set_tags({"oal.score": manifest["score"], "oal.threshold": f"{manifest['threshold']:.6g}",
+                         "oal.id_tpr": str(manifest["id_tpr"])})
+        mlflow.log_metrics({"threshold": manifest["threshold"],
+                            **{f"val_{k.replace(':', '_')}": v for k, v in manifest["validation"].items()},
+                            **{f"test_{k.replace(':', '_')}": v for k, v in manifest["test"].items()
+                               if isinstance(v, float)}})
+        if self.log_model and cfg is not None:
+            version = log_detector(d / "model", registered_model_name(cfg))
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient().set_registered_model_alias(registered_model_name(cfg), "candidate", version)
+            log.info("detector: registered %s version %s, alias candidate (models:/%s@candidate)",
+                     registered_model_name(cfg), version, registered_model_name(cfg))
+
     def _model(self, cfg: C.OALConfig, checkpoint: Path) -> str:
         """Log the evaluated student as an MLflow model (logits out); returns its model id."""
         import mlflow
@@ -345,3 +368,25 @@ def model_requirements() -> list[str]:
 
 def stages_dir(cfg: C.OALConfig, name: str) -> Path:
     return cfg.run_dir / name
+
+
+def registered_model_name(cfg: C.OALConfig) -> str:
+    return cfg.tracking.registered_model or f"oal-{cfg.name}"
+
+
+DETECTOR_PACKAGES = ("torch", "numpy", "pillow", "faiss-cpu", "pandas", "oal")
+
+
+def log_detector(folder: Path, name: str) -> str:
+    """Log the detector folder as a pyfunc model registered under `name`; returns the new version."""
+    import mlflow
+
+    from oal.serving import DetectorModel, signature
+
+    storage.pull_dir(folder)
+    from importlib.metadata import version
+
+    reqs = [f"{p}=={version(p).split('+')[0]}" for p in DETECTOR_PACKAGES]
+    info = mlflow.pyfunc.log_model(name="detector", python_model=DetectorModel(), artifacts={"detector": str(folder)},
+                                   signature=signature(), pip_requirements=reqs, registered_model_name=name)
+    return str(info.registered_model_version)
