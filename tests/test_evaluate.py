@@ -141,6 +141,7 @@ def test_evaluate_report_and_plots(tmp_path):
     for p in plots:
         assert (tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "results.json").read_text())
+    assert report.benchmark == saved["benchmark"] == "digits"
     assert saved["id_accuracy"] == report.id_accuracy and saved["far_sets"] == ["photo_patches", "noise"]
     assert saved["results"]["knn"]["per_set"]["noise"]["auroc"] == report.results["knn"].per_set["noise"].auroc
     assert saved["results"]["ebo"]["near"] == pytest.approx(ebo.near)
@@ -484,8 +485,10 @@ def test_knn_k_chosen_on_validation_by_hand():
     assert scores[1].numpy() == pytest.approx([-chord(1), -chord(1)], abs=1e-5)
     assert scores[2].numpy() == pytest.approx([-chord(1), -chord(1)], abs=1e-5)
     assert scores[5].numpy() == pytest.approx([-chord(181), -chord(179)], abs=1e-5)
-    # a tie goes to the smaller K; with every K above the bank's size, the bank's size
-    assert choose_knn_k(train, (val_id, [out(at(45))]), [3, 2])[0] == 2
+    # a tie goes to the smaller K (an OOD point at 270 degrees is farther than every ID point at K=1 and K=2); the
+    # bank's size itself is a K; with every K above the bank's size, the bank's size
+    assert choose_knn_k(train, (val_id, [out(at(270))]), [2, 1]) == (1, {1: 1.0, 2: 1.0})
+    assert sorted(choose_knn_k(train, (val_id, [val_ood]), [5, 1])[1]) == [1, 5]
     assert choose_knn_k(train, (val_id, [val_ood]), [50, 60]) == (5, {5: 0.0})  # K=5: the OOD point 92 deg from its farthest
     # two validation OOD sets: their mean AUROC
     _, two = choose_knn_k(train, (val_id, [val_ood, out(at(270))]), [1])
@@ -507,7 +510,46 @@ def test_report_chooses_the_score_on_validation():
     report = report_from_outputs(outs, "toy", ["n"], ["f"], cfg)
     assert report.chosen == "mls" and report.headline("ebo") == "mls"  # msp and ebo tie with it: the first wins
     assert report.results["mls"].val_auroc == 1.0 and report.results["knn"].val_auroc < 1.0
-    assert report.knn_k in (1, 2) and sorted(report.knn_k_val_auroc) == [1, 2]
+    assert report.knn_k in (1, 2) and sorted(report.knn_k_val_auroc) == [1, 2] and report.benchmark == "toy"
+    # the KNN score of the report is the one at the chosen K, not eval.knn_k
+    expected = KNNScore(outs["train"].features, report.knn_k)(outs["id"].features).numpy()
+    assert report.scores["knn"]["id"] == pytest.approx(expected)
+    assert report.knn_k_val_auroc[report.knn_k] == max(report.knn_k_val_auroc.values())
+    # an ID validation split without a validation OOD set: nothing to choose on
+    only_id = report_from_outputs({k: v for k, v in outs.items() if k != "val_ood:v"}, "toy", ["n"], ["f"], cfg)
+    assert only_id.chosen is None and only_id.knn_k == 3 and only_id.results["ebo"].val_auroc is None
     no_val = report_from_outputs({k: v for k, v in outs.items() if not k.startswith("val")}, "toy", ["n"], ["f"], cfg)
     assert no_val.chosen is None and no_val.headline("ebo") == "ebo" and no_val.knn_k == 3
     assert all(r.val_auroc is None for r in no_val.results.values()) and no_val.knn_k_val_auroc == {}
+
+
+def test_evaluate_and_validation_pass_num_workers_to_every_set(monkeypatch):
+    """Every pass over the data gets the caller's DataLoader workers (0 unless given), and evaluate puts the network
+    on the device it names."""
+    from types import SimpleNamespace
+
+    import oal.evaluate as E
+
+    seen = []
+    real = E.collect
+    monkeypatch.setattr(E, "collect", lambda net, ds, bs, device, num_workers=0: seen.append((bs, device, num_workers))
+                        or real(net, ds, bs, device, 0))
+    g = torch.Generator().manual_seed(0)
+    ds = lambda n, lab: torch.utils.data.TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.full((n,), lab))  # noqa: E731
+    bench = SimpleNamespace(name="toy", test=ds(6, 0), train_plain=ds(6, 1), val=ds(5, 0), near={"n": ds(4, -1)},
+                            far={"f": ds(4, -1)}, ood_val={"v": ds(3, -1)})
+    net = build_student("resnet_tiny", 2)
+    report = evaluate(net, bench, EvalConfig(knn_k=2, knn_k_search=[]), "cpu", 4, num_workers=3)
+    assert len(seen) == 6 and set(seen) == {(4, "cpu", 3)}  # id, train, n, f, val_id, val_ood:v
+    assert report.benchmark == "toy" and report.chosen is not None
+    seen.clear()
+    evaluate(net, bench, EvalConfig(postprocessors=["ebo"]), "cpu", 4)
+    assert {w for *_, w in seen} == {0}
+    seen.clear()
+    from oal.evaluate import validation_metrics
+
+    validation_metrics(net, bench, EvalConfig(), "cpu", 4, num_workers=2)
+    assert seen == [(4, "cpu", 2), (4, "cpu", 2)]  # the validation split, then each validation OOD set
+    seen.clear()
+    validation_metrics(net, bench, EvalConfig(), "cpu", 4)
+    assert [w for *_, w in seen] == [0, 0]
