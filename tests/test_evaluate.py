@@ -365,13 +365,20 @@ def test_write_and_load_report_and_each_plot(tmp_path, monkeypatch):
                                                                      "ROC msp: far1")
     diag = roc.get_lines()[1]
     assert list(diag.get_xdata()) == [0, 1] and list(diag.get_ydata()) == [0, 1] and diag.get_linestyle() == ":"
+    assert diag.get_color() == "k" and diag.get_linewidth() == 0.8
+    assert roc.get_legend()._loc == 4  # lower right
+    assert (fig.subplotpars.left, fig.subplotpars.wspace) != (0.125, 0.2)  # tight_layout, not the defaults
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []  # every figure closed after it was saved
     assert [t.get_text() for t in hist.get_legend().get_texts()] == ["ID test", "far1"]
     assert (hist.get_xlabel(), hist.get_title()) == ("msp score (higher = more ID)", "score histogram")
     bars = hist.patches
     assert len(bars) == 2 * 39  # 40 bin edges from the lowest to the highest score of the two
     assert bars[0].get_x() == pytest.approx(min(id_conf.min(), conf.min()))
     assert bars[38].get_x() + bars[38].get_width() == pytest.approx(max(id_conf.max(), conf.max()))
-    assert bars[0].get_alpha() == 0.6
+    assert bars[0].get_alpha() == bars[39].get_alpha() == 0.6
+    assert [b.get_x() for b in bars[:39]] == pytest.approx([b.get_x() for b in bars[39:]])  # the same bins
     widths = np.array([b.get_width() for b in bars[:39]])
     assert np.sum(widths * np.array([b.get_height() for b in bars[:39]])) == pytest.approx(1.0)  # a density
     assert write_report(report, tmp_path / "np", "msp", plots=False) == [tmp_path / "np" / "results.json",
