@@ -245,8 +245,9 @@ class FakeS3:
         self.calls.append((op, key))
         if self.down:
             raise EndpointConnectionError(endpoint_url=self.meta.endpoint_url)
-        if op in self.fail:
-            raise ClientError({"Error": {"Code": self.fail[op], "Message": "nope"}}, op)
+        if op in self.fail:  # a code, or None: a response without an "Error" part
+            code = self.fail[op]
+            raise ClientError({"Error": {"Code": code, "Message": "nope"}} if code else {}, op)
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
         self._clock += timedelta(seconds=7)
@@ -412,6 +413,8 @@ def test_listing_exists_and_read_text_ask_the_store(s3, cache):
     assert rel(storage.listing(folder, "sub/*.pt")) == ["sub/c.pt"]
     assert rel(storage.listing(folder, "*/*/*.pt")) == ["sub/deep/d.pt"]
     assert storage.listing("s3://bkt/none") == []
+    s3.put("bkt", "runX/y.pt", b"y")  # a folder name ending in any character
+    assert [p.name for p in storage.listing("s3://bkt/runX")] == ["y.pt"]
     assert _ops(s3, "ListObjectsV2")[0] == "run/"  # the prefix ends in "/": run2/ is not under run/
     assert not folder.exists()  # listing fetches nothing
     assert storage.pull_dir("s3://bkt/run") == folder
@@ -441,9 +444,12 @@ def test_check_bucket_probes_a_write_and_cleans_up(s3):
     assert s3.objects == {}
     storage.check_bucket("s3://bkt")  # the bucket's root: the probe has no leading "/"
     assert _ops(s3, "PutObject")[-1].startswith(".oal-write-check-")
+    storage.check_bucket("s3://bkt/Xdir/")  # a prefix starting with any character keeps it
+    assert _ops(s3, "PutObject")[-1].startswith("Xdir/.oal-write-check-")
     s3.fail["DeleteObject"] = "AccessDenied"  # may write, not delete: an empty probe is left, no error
     storage.check_bucket("s3://bkt/p")
     assert [k for _, k in s3.objects] == [_ops(s3, "PutObject")[-1]]
+    assert [v[0] for v in s3.objects.values()] == [b""]
 
 
 @pytest.mark.parametrize("fail,message", [
@@ -454,6 +460,7 @@ def test_check_bucket_probes_a_write_and_cleans_up(s3):
     ({"HeadBucket": "401"}, "refused"),
     ({"HeadBucket": "NoSuchBucket"}, "does not exist"),
     ({"HeadBucket": "500"}, "output_dir 's3://bkt/p': bucket 'bkt' at http://fake-s3:9000: 500 "),
+    ({"HeadBucket": None}, "output_dir 's3://bkt/p': bucket 'bkt' at http://fake-s3:9000: None "),
 ])
 def test_check_bucket_errors(s3, monkeypatch, fail, message):
     monkeypatch.setattr(storage, "credential_source", lambda: "credentials from the test")
