@@ -35,6 +35,7 @@ def test_scores_by_hand():
 def test_metrics_perfect_and_inverted():
     m = ood_metrics(np.array([5.0, 6, 7]), np.array([1.0, 2]))
     assert (m.auroc, m.fpr95, m.fpr95_classic, m.aupr_in, m.aupr_out) == (1.0, 0.0, 0.0, 1.0, 1.0)
+    assert (m.n_id, m.n_ood) == (3, 2)
     m = ood_metrics(np.array([1.0, 2]), np.array([5.0, 6, 7]))
     assert m.auroc == 0.0 and m.fpr95 == 1.0 and m.fpr95_classic == 1.0
 
@@ -48,6 +49,9 @@ def test_two_fpr95_conventions_differ_as_defined():
     assert m.fpr95 == 0.0
     # Classic: accept 95% of ID (19 of 20, threshold 2): the OOD at 100 is accepted -> 1/20.
     assert m.fpr95_classic == pytest.approx(0.05)
+    # exactly 95% of ID accepted is enough: one more OOD score just above the lowest ID one stays rejected
+    m_at = ood_metrics(id_conf, np.concatenate([ood_conf[:-2], [1.5, 100.0]]))
+    assert m_at.fpr95_classic == pytest.approx(0.05)
     assert m.auroc == pytest.approx(1 - 20 / 400)  # 20 of 400 pairs mis-ordered
     # AUPR-In ranks ID as positive; AUPR-Out ranks OOD as positive: they are not swapped
     m2 = ood_metrics(np.array([10.0, 9]), np.array([0.0, 8, 7, 6, 5, 4]))
@@ -522,6 +526,31 @@ def test_report_chooses_the_score_on_validation():
     expected = KNNScore(outs["train"].features, report.knn_k)(outs["id"].features).numpy()
     assert report.scores["knn"]["id"] == pytest.approx(expected)
     assert report.knn_k_val_auroc[report.knn_k] == max(report.knn_k_val_auroc.values())
+    # the rest of the report, from the same outputs by hand
+    from oal.evaluate import accuracy
+
+    assert report.id_accuracy == accuracy(outs["id"]) and (report.near_sets, report.far_sets) == (["n"], ["f"])
+    for pp in cfg.postprocessors:
+        score = (lambda o: KNNScore(outs["train"].features, report.knn_k)(o.features)) if pp == "knn" else {
+            "mls": lambda o: o.logits.amax(-1), "msp": lambda o: torch.softmax(o.logits, -1).amax(-1),
+            "ebo": lambda o: torch.logsumexp(o.logits, -1)}[pp]
+        conf = {k: score(outs[k]).numpy() for k in ("id", "ood:n", "ood:f")}
+        res = report.results[pp]
+        assert set(report.scores[pp]) == {"id", "n", "f"}
+        for name in ("n", "f"):
+            assert report.scores[pp][name] == pytest.approx(conf[f"ood:{name}"], abs=1e-5)
+            assert vars(res.per_set[name]) == pytest.approx(vars(ood_metrics(conf["id"], conf[f"ood:{name}"])))
+        assert res.near == pytest.approx({k: v for k, v in vars(res.per_set["n"]).items() if not k.startswith("n_")})
+        assert res.far == pytest.approx({k: v for k, v in vars(res.per_set["f"]).items() if not k.startswith("n_")})
+    # a score whose validation AUROC is 0 is not taken for a perfect one: ID flat, OOD confident (the logit scores
+    # have it backwards, AUROC 0) and features apart (KNN separates them, AUROC 1): KNN, last in the order, wins
+    feats = lambda n, d: torch.nn.functional.normalize(torch.eye(3)[d].repeat(n, 1), dim=-1)  # noqa: E731
+    swap = {"id": o(ood_lo, feats(6, 0)), "train": o(ood_lo, feats(6, 0)), "ood:n": o(id_lo, feats(6, 1)),
+            "ood:f": o(id_lo, feats(6, 2)), "val_id": o(ood_lo, feats(6, 0)), "val_ood:v": o(id_lo, feats(6, 1))}
+    last = report_from_outputs(swap, "toy", ["n"], ["f"], EvalConfig(postprocessors=["mls", "msp", "ebo", "knn"],
+                                                                     knn_k=2, knn_k_search=[]))
+    assert [last.results[pp].val_auroc for pp in ("mls", "msp", "ebo", "knn")] == [0.0, 0.0, 0.0, 1.0]
+    assert last.chosen == "knn"
     # an ID validation split without a validation OOD set: nothing to choose on
     only_id = report_from_outputs({k: v for k, v in outs.items() if k != "val_ood:v"}, "toy", ["n"], ["f"], cfg)
     assert only_id.chosen is None and only_id.knn_k == 3 and only_id.results["ebo"].val_auroc is None
