@@ -211,3 +211,11 @@ def test_every_loss_term_on_the_gpu():
     assert all(v.is_cuda and torch.isfinite(v) for v in out.terms.values())
     out.total.backward()
     assert feat.grad is not None and torch.isfinite(feat.grad).all()
+
+
+def test_a_checkpoint_saved_on_the_gpu_loads_on_the_cpu(tmp_path):
+    from oal import storage
+
+    storage.save_torch({"w": torch.arange(4.0, device="cuda")}, tmp_path / "ckpt.pt")
+    back = storage.load_torch(tmp_path / "ckpt.pt", "checkpoint")
+    assert back["w"].device.type == "cpu" and back["w"].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -133,6 +133,24 @@ def test_load_torch_names_a_corrupt_file(tmp_path, content):
     assert e.value.__cause__ is None and e.value.__suppress_context__  # one message, not torch's chain
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint in a shared bucket could do."""
+
+    def __reduce__(self):
+        return (os.system, ("touch ran-by-unpickling",))
+
+
+def test_load_torch_refuses_pickled_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": _RunsCode()}, path)
+    with pytest.raises(ValueError, match=f"^checkpoint '{path}' is corrupt"):
+        storage.load_torch(path, "checkpoint")
+    assert not (tmp_path / "ran-by-unpickling").exists()  # refused before anything ran
+    storage.save_torch({"plain": [1, 2.5, "a", None, (3,)], "t": torch.zeros(1, dtype=torch.int64)}, path)
+    assert storage.load_torch(path, "x")["plain"] == [1, 2.5, "a", None, (3,)]  # tensors and plain data load
+
+
 def test_load_torch_of_a_truncated_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     storage.save_torch({"w": torch.randn(100)}, path)
@@ -198,6 +216,8 @@ def test_uri_and_mirror_mapping(cache, monkeypatch):
     m = storage.mirror("s3://bkt/run/x.pt")
     assert m == cache / "s3" / "bkt" / "run" / "x.pt"
     assert storage.mirror("s3://bkt/run/") == cache / "s3" / "bkt" / "run"  # slashes around the key dropped
+    assert storage.mirror("s3:///bkt/x") == cache / "s3" / "bkt" / "x"
+    assert storage.mirror("s3://Xb/runX") == cache / "s3" / "Xb" / "runX"  # only slashes
     assert storage.local("s3://bkt/run/x.pt") == m and storage.local("rel/x.pt") == Path("rel/x.pt")
     assert storage.remote(m) == ("bkt", "run/x.pt") and storage.remote(str(m)) == ("bkt", "run/x.pt")
     assert storage.remote(cache / "s3" / "bkt" / "a" / "b" / "c") == ("bkt", "a/b/c")
@@ -388,6 +408,8 @@ def test_pull_removes_a_mirror_file_whose_object_is_gone(s3):
     assert storage.pull(path) == path
     assert not path.exists() and not version.exists()
     assert storage.pull(path) == path and not path.exists()  # absent everywhere: nothing to do
+    path.write_bytes(b"a copy with no version mark")  # e.g. left by an interrupted download
+    assert storage.pull(path) == path and not path.exists()
     with pytest.raises(FileNotFoundError) as e:
         storage.load_torch("s3://bkt/run/old.pt", "checkpoint")
     assert str(e.value) == "checkpoint 's3://bkt/run/old.pt' does not exist"  # named by its URI
@@ -434,6 +456,7 @@ def test_store_errors_other_than_missing_are_raised(s3, op):
         storage.read_text("s3://bkt/run/a.txt") if op == "GetObject" else storage.exists("s3://bkt/run/a.txt")
     assert not storage._missing(ClientError({"Error": {"Code": "403"}}, op))
     assert not storage._missing(ValueError("404"))
+    assert not storage._missing(ClientError({}, op))  # a response without an "Error" part
     assert all(storage._missing(ClientError({"Error": {"Code": c}}, op)) for c in ("404", "NoSuchKey", "NotFound"))
 
 
@@ -506,7 +529,12 @@ def test_client_is_cached_per_process_and_setting(monkeypatch):
     monkeypatch.setenv("OAL_S3_TIMEOUT", "7")
     monkeypatch.setenv("OAL_S3_ATTEMPTS", "2")
     monkeypatch.setattr(storage, "_clients", {})
+    import logging
+
+    botocore_log = logging.getLogger("botocore")
+    monkeypatch.setattr(botocore_log, "level", logging.DEBUG)
     a = storage.client()
+    assert botocore_log.level == logging.WARNING  # not one INFO line per client about its credential source
     assert storage.client() is a
     assert a.meta.config.connect_timeout == 7 and a.meta.config.read_timeout == 7
     assert a.meta.config.retries["mode"] == "standard"
@@ -515,13 +543,16 @@ def test_client_is_cached_per_process_and_setting(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k2")  # other credentials: a client of their own
     b = storage.client()
     assert b is not a
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")  # another endpoint: a client of its own
+    e = storage.client()
+    assert e is not b and e.meta.endpoint_url == "http://127.0.0.1:2"
     monkeypatch.setenv("OAL_S3_TIMEOUT", "8")
     assert storage.client() is not b and storage.client().meta.config.connect_timeout == 8
     monkeypatch.delenv("OAL_S3_TIMEOUT")
     monkeypatch.delenv("OAL_S3_ATTEMPTS")
     c = storage.client()
     assert c.meta.config.connect_timeout == 60 and c.meta.config.retries["total_max_attempts"] == 6
-    assert len(storage._clients) == 4
+    assert len(storage._clients) == 5
 
 
 def test_size_sha256_and_move_aside_on_local_paths(tmp_path):
@@ -541,6 +572,8 @@ def test_size_sha256_and_move_aside_on_local_paths(tmp_path):
     assert second == tmp_path / "ckpt.pt.corrupt-1" and second.read_bytes() == b"again"
     assert first.read_bytes() == b"x" * 1000
     f.write_bytes(b"third")
+    assert storage.move_aside(f, "corrupt") == tmp_path / "ckpt.pt.corrupt-2"
+    f.write_bytes(b"fourth")
     assert storage.move_aside(f, "replaced") == tmp_path / "ckpt.pt.replaced-0"
 
 
@@ -559,3 +592,8 @@ def test_size_sha256_and_move_aside_in_the_store(s3, cache):
     assert s3.objects[("bkt", "run/ckpt.pt.corrupt-1")][0] == b"twelve bytes"
     assert ("bkt", "run/ckpt.pt") not in s3.objects and s3.objects[("bkt", "run/ckpt.pt.corrupt-0")][0] == b"older"
     assert not path.exists() and not storage._version_file(path).exists()
+    # an object this node never fetched (no mirror file, no version mark) is moved aside in the store alone
+    s3.put("bkt", "run/other.pt", b"remote only")
+    moved = storage.move_aside("s3://bkt/run/other.pt", "corrupt")
+    assert moved.name == "other.pt.corrupt-0" and s3.objects[("bkt", "run/other.pt.corrupt-0")][0] == b"remote only"
+    assert ("bkt", "run/other.pt") not in s3.objects
