@@ -384,7 +384,9 @@ def test_write_and_load_report_and_each_plot(tmp_path, monkeypatch):
     assert bars[0].get_alpha() == bars[39].get_alpha() == 0.6
     assert [b.get_x() for b in bars[:39]] == pytest.approx([b.get_x() for b in bars[39:]])  # the same bins
     widths = np.array([b.get_width() for b in bars[:39]])
-    assert np.sum(widths * np.array([b.get_height() for b in bars[:39]])) == pytest.approx(1.0)  # a density
+    for part in (bars[:39], bars[39:]):  # each histogram a density
+        assert np.sum(widths * np.array([b.get_height() for b in part])) == pytest.approx(1.0)
+    assert roc.get_position().x1 < hist.get_position().x0  # side by side: the ROC left, the histograms right
     assert write_report(report, tmp_path / "np", "msp", plots=False) == [tmp_path / "np" / "results.json",
                                                                          tmp_path / "np" / "results.md"]
     assert not (tmp_path / "np" / "plots").exists()
