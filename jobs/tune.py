@@ -246,7 +246,12 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
                 if (out / f).exists():
                     mlflow.log_artifact(str(out / f))
         if s.retrain_best:
+            from oal.tracking import registered_model_name
+
             best_cfg = C.load_config(str(out / "best.yaml"))
+            # its detector, once evaluated on the test sets, is the registry's champion under the pipeline's name
+            best_cfg = replace(best_cfg, tracking=replace(best_cfg.tracking, registered_model=registered_model_name(full)))
+            tracker.detector_alias = "champion"
             pipeline.train_and_evaluate(best_cfg, tracker, results, progress)
             summary["test"] = json.loads(storage.pull(results["eval"].outputs["results"]).read_text())
     return summary

@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         "synthesize": "latent outliers from the diffusion model (never decoded for training)",
         "train": "train the OAL student (needs a teacher checkpoint for KD and outlier files for MICL)",
         "evaluate": "score a student checkpoint on the ID and OOD test sets",
+        "detector": "package the evaluated student as a deployable OOD detector (score chosen on validation, threshold)",
         "pipeline": "all stages in order, skipping those already done",
         "config": "print the resolved config",
     }
@@ -42,12 +43,19 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--of", choices=("student", "base"), default="student",
                            help="whose checkpoint: the OAL student's or the base (CE) student's")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.epochs=3 loss.w_micl_knn=0")
+    text = "run a detector over image files on this machine; one line per file (JSON)"
+    s = sub.add_parser("score", help=text, description=text)
+    s.add_argument("--model", required=True,
+                   help="a detector folder (<run>/detector/model) or an MLflow model URI (models:/oal-fashion@candidate)")
+    s.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "score":
+        return score(args.model, args.files)
     if args.command == "config" and args.help_keys:
         print(C.help_keys())
         return 0
@@ -96,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             res, _ = stages.run_evaluate(cfg, checkpoint=args.checkpoint, force=args.force, of=args.of)
             _show(res)
             print(storage.pull(res.outputs["table"]).read_text())
+        elif args.command == "detector":
+            _show(stages.run_detector(cfg, force=args.force))
         elif args.command == "pipeline":
             results = stages.run_pipeline(cfg, progress=progress)
             for r in results.values():
@@ -110,6 +120,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oal {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def score(model: str, files: list[str]) -> int:
+    """`oal score`: the detector's answer for each file, one JSON line each (unreadable files included, with their
+    error); exit 1 if any file could not be scored."""
+    import json
+
+    from oal.detector import Detector
+
+    try:
+        if Path(model).is_dir():
+            det = Detector.load(model)
+        else:
+            import mlflow
+
+            det = mlflow.pyfunc.load_model(model).unwrap_python_model().detector
+    except Exception as e:  # a wrong path or URI, a registry that cannot be reached
+        print(f"oal score: error: cannot load the detector '{model}': {str(e).splitlines()[0] if str(e) else e!r}",
+              file=sys.stderr)
+        return 2
+    images: list = []
+    for f in files:
+        try:
+            images.append(Path(f).read_bytes())
+        except OSError as e:
+            images.append(f"cannot read: {e.strerror}")  # not base64: becomes that row's error
+    out = det.predict(images)
+    for i, f in enumerate(files):
+        row = {k: out[k][i] for k in out}
+        if isinstance(images[i], str):
+            row["error"] = f"'{f}': {images[i]}"
+        print(json.dumps({"file": f, **row}))
+    return 1 if any(e is not None for e in out["error"]) else 0
 
 
 def _raised_by_us(e: BaseException) -> bool:

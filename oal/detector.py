@@ -51,12 +51,12 @@ class DetectorSpec:
 
 
 class Detector:
-    def __init__(self, spec: DetectorSpec, net: Classifier, bank: torch.Tensor | None = None):
+    def __init__(self, spec: DetectorSpec, net: Classifier, bank: torch.Tensor | None = None, device: str = "cpu"):
         if spec.score not in SCORES:
             raise ValueError(f"detector score '{spec.score}' is not one of {', '.join(SCORES)}")
         if spec.score == "knn" and (bank is None or spec.knn_k is None):
             raise ValueError("a KNN detector needs its training-feature bank and K")
-        self.spec, self.net, self.bank = spec, net.eval(), bank
+        self.spec, self.net, self.bank, self.device = spec, net.to(device).eval(), bank, torch.device(device)
         self._knn = KNNScore(bank, spec.knn_k) if spec.score == "knn" else None  # type: ignore[arg-type]
 
     # ---- files ----------------------------------------------------------------------------------------
@@ -71,6 +71,18 @@ class Detector:
         return [folder / WEIGHTS, folder / SPEC]
 
     @classmethod
+    def from_bytes(cls, spec: str, weights: bytes, device: str = "cpu") -> Detector:
+        """From a spec's JSON text and the weights file's bytes (as a batch job hands them to its actors)."""
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        return cls._build(DetectorSpec(**json.loads(spec)), state, device)
+
+    @classmethod
+    def _build(cls, spec: DetectorSpec, state: dict[str, Any], device: str = "cpu") -> Detector:
+        net = build_student(spec.arch, len(spec.class_names))
+        net.load_state_dict(state["net"])
+        return cls(spec, net, state.get("bank"), device)
+
+    @classmethod
     def load(cls, folder: str | Path) -> Detector:
         from oal.storage import load_torch, pull
 
@@ -79,10 +91,7 @@ class Detector:
         if not path.is_file():
             raise FileNotFoundError(f"'{folder}' holds no detector ({SPEC} missing): run the detector stage")
         spec = DetectorSpec(**json.loads(path.read_text()))
-        state = load_torch(folder / WEIGHTS, "detector weights")
-        net = build_student(spec.arch, len(spec.class_names))
-        net.load_state_dict(state["net"])
-        return cls(spec, net, state.get("bank"))
+        return cls._build(spec, load_torch(folder / WEIGHTS, "detector weights"))
 
     # ---- inference ------------------------------------------------------------------------------------
 
@@ -109,7 +118,8 @@ class Detector:
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (N, K), confidence in the chosen score (N,): higher = more ID) of preprocessed inputs."""
-        logits, feats = self.net(x)
+        logits, feats = self.net(x.to(self.device))
+        logits, feats = logits.float().cpu(), feats.float().cpu()
         return logits, confidence(self.spec, Outputs(logits, feats, torch.zeros(len(x))), self._knn)
 
     def predict(self, images: Sequence[Any], batch_size: int = 256) -> dict[str, list]:

@@ -100,6 +100,9 @@ class Tracker:
         self.system_metrics, self.log_model = system_metrics, log_model
         self.enabled = bool(uri)
         self.failed_metric_writes = 0
+        # the Model Registry alias a recorded detector stage gets: a pipeline's "candidate"; a tune search
+        # gives its retrained best trial's detector "champion"
+        self.detector_alias = "candidate"
         self.parent_id: str | None = None
         if self.enabled and system_metrics:
             # The monitor logs four INFO lines per run it starts and stops (one run per stage): job-log noise. Its
@@ -328,9 +331,9 @@ class Tracker:
             version = log_detector(d / "model", registered_model_name(cfg))
             from mlflow.tracking import MlflowClient
 
-            MlflowClient().set_registered_model_alias(registered_model_name(cfg), "candidate", version)
-            log.info("detector: registered %s version %s, alias candidate (models:/%s@candidate)",
-                     registered_model_name(cfg), version, registered_model_name(cfg))
+            name, alias = registered_model_name(cfg), self.detector_alias
+            MlflowClient().set_registered_model_alias(name, alias, version)
+            log.info("detector: registered %s version %s, alias %s (models:/%s@%s)", name, version, alias, name, alias)
 
     def _model(self, cfg: C.OALConfig, checkpoint: Path) -> str:
         """Log the evaluated student as an MLflow model (logits out); returns its model id."""

@@ -64,11 +64,17 @@ def test_pipeline_runs_knn_stage_and_resumes(tmp_path):
     assert {"loss/micl_knn", "loss/micl_lat"} <= set(student["history"][0])
     # the CE baseline (base stage) and the OAL student, side by side
     table = (run / "results.md").read_text()
-    assert "| CE (base stage) | last (epoch 2) |" in table and "| OAL (student) | last (epoch 2) |" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| CE", "| OAL"))]
+    # each network first under the score its validation data chose, then under every other score
+    assert rows[0].startswith("| CE (base stage) |") and "*chosen*" in rows[0] and "| last (epoch 2) |" in rows[0]
+    assert rows[1].startswith("| OAL (student) |") and "*chosen*" in rows[1] and "| last (epoch 2) |" in rows[1]
+    assert len(rows) == 2 * 4
     assert table in r.stdout
+    detector = json.loads((run / "detector" / "stage.json").read_text())
+    assert detector["score"] == json.loads((run / "eval" / "results.json").read_text())["chosen"]
     r = oal("pipeline", *common, cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 9
-    # a changed student setting redoes the student and its evaluation only
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 10
+    # a changed student setting redoes the student, its evaluation and its detector only
     r = oal("pipeline", *common, "student.lr=0.01", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 7
     # a changed sampler setting redoes synthesis and what follows, not the teacher or the k-NN outliers
@@ -90,8 +96,8 @@ def test_clear_errors(tmp_path, args, code, needle):
 
 # every stage of `run_pipeline` by its command name (embeddings: embed, latents: synthesize, student: train), then
 # the pipeline itself and the config printer
-COMMANDS = ("base", "teacher", "diffusion", "embed", "anchors", "knn", "synthesize", "train", "evaluate", "pipeline",
-            "config")
+COMMANDS = ("base", "teacher", "diffusion", "embed", "anchors", "knn", "synthesize", "train", "evaluate", "detector",
+            "pipeline", "config", "score")
 
 
 def test_python_dash_m_oal_help_lists_every_stage(tmp_path):
@@ -111,6 +117,9 @@ def test_python_dash_m_oal_help_lists_every_stage(tmp_path):
     assert list(sub.choices) == list(COMMANDS)
     for name, p in sub.choices.items():
         options = {o for a in p._actions for o in a.option_strings}
+        if name == "score":  # not a stage: a detector and files
+            assert {"--model"} <= options and "--config" not in options
+            continue
         assert {"--config", "--force", "--no-progress"} <= options, name
         assert ("--checkpoint" in options) == (name == "evaluate"), name
         assert p.description and p.description == next(a.help for a in sub._choices_actions if a.dest == name)

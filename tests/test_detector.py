@@ -121,3 +121,33 @@ def test_detector_stage_records_its_choice_and_the_flagged_shares(tmp_path):
     near = (bench.near["digits678"].tensors[0][:, 0] * 0.5 + 0.5).clamp(0, 1).numpy()
     assert np.mean(det.predict(list(near))["is_ood"]) == pytest.approx(m["test"]["flagged:digits678"], abs=2 / len(near))
     assert stages.run_detector(cfg, bench).skipped
+
+
+def test_oal_score_answers_one_json_line_per_file(net, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    det = Detector(_spec(threshold=-2.0), net)
+    det.save(tmp_path / "det")
+    raw = np.random.default_rng(4).integers(0, 256, size=(3, 10, 10), dtype=np.uint8)
+    files = []
+    for i, a in enumerate(raw):
+        (tmp_path / f"{i}.png").write_bytes(_png(a))
+        files.append(str(tmp_path / f"{i}.png"))
+    (tmp_path / "bad.png").write_text("not an image")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "oal", "score", "--model", str(tmp_path / "det"), *files,
+                        str(tmp_path / "bad.png"), str(tmp_path / "missing.png")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 1, r.stderr  # some files could not be scored
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["file"] for row in rows] == [*files, str(tmp_path / "bad.png"), str(tmp_path / "missing.png")]
+    expected = det.predict([_png(a) for a in raw])
+    assert [row["is_ood"] for row in rows[:3]] == expected["is_ood"]
+    assert [row["ood_score"] for row in rows[:3]] == pytest.approx(expected["ood_score"], abs=1e-6)
+    assert "not a PNG or JPEG" in rows[3]["error"] and "No such file" in rows[4]["error"]
+    r = subprocess.run([sys.executable, "-m", "oal", "score", "--model", str(tmp_path / "nowhere"), files[0]],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "cannot load the detector" in r.stderr and "Traceback" not in r.stderr

@@ -292,7 +292,7 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
     third = client.submit_job(entrypoint=entry, runtime_env={**runtime_env,
                                                               "env_vars": {"OAL_OBJECT_CACHE": str(tmp_path / "m2")}})
     assert wait(third, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}) == JobStatus.SUCCEEDED
-    assert client.get_job_logs(third).count("skipped (up to date)") == 7
+    assert client.get_job_logs(third).count("skipped (up to date)") == 8
     assert not list((tmp_path / "m2").rglob("*.pt"))  # found complete by the manifests: no checkpoint fetched
 
 

@@ -84,7 +84,8 @@ def test_pipeline_on_s3_is_found_complete_by_a_node_with_an_empty_mirror(s3, tmp
     stages.run_pipeline(cfg, progress=False)
 
     keys = _keys("team/exp/digits/")
-    for stage in ("base", "teacher", "embeddings", "anchors", "knn", "latents", "student", "eval_base", "eval"):
+    for stage in ("base", "teacher", "embeddings", "anchors", "knn", "latents", "student", "eval_base", "eval",
+                  "detector"):
         m = _manifest(f"team/exp/digits/{stage}/stage.json")
         # every output is named by its URI and is in the store, not only on this node
         for out in m["outputs"].values():
@@ -98,8 +99,8 @@ def test_pipeline_on_s3_is_found_complete_by_a_node_with_an_empty_mirror(s3, tmp
     monkeypatch.setenv(storage.OBJECT_CACHE_ENV, str(tmp_path / "mirror-b"))
     caplog.set_level(logging.INFO, logger="oal")
     results = stages.run_pipeline(cfg, progress=False)
-    assert all(r.skipped for r in results.values()) and len(results) == 9, {k: r.skipped for k, r in results.items()}
-    assert caplog.text.count("up to date") == 9
+    assert all(r.skipped for r in results.values()) and len(results) == 10, {k: r.skipped for k, r in results.items()}
+    assert caplog.text.count("up to date") == 10
     fetched = sorted(p.name for p in (tmp_path / "mirror-b").rglob("*") if p.is_file())
     assert not [f for f in fetched if f.endswith(".pt")], fetched
     assert Path(results["student"].outputs["checkpoint"]).parent == tmp_path / "mirror-b" / "s3/runs/team/exp/digits/student"

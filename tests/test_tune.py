@@ -99,7 +99,7 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
     before = {t: _train_activity(d) for t, d in first.items()}
 
     # 2. The same command again: the search resumes; the finished trials are not trained again.
-    cfg = load_config("digits", overrides)
+    cfg = load_config("digits", [*overrides, "search.retrain_best=true"])  # also retrains and registers the best
     if not ray.is_initialized():
         ray.init(address="auto", logging_level="WARNING")
     summary = jtune.run(cfg, progress=False)
@@ -128,6 +128,17 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
                                 filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}' "
                                               "and tags.`oal.kind` = 'trial'")
     assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+
+    # the best trial's detector, trained again and scored on the test sets, is the registry's champion
+    from mlflow.tracking import MlflowClient
+
+    champion = MlflowClient().get_model_version_by_alias("oal-tq", "champion")
+    det_runs = mlflow.search_runs([ex.experiment_id], output_format="list",
+                                  filter_string="tags.`oal.stage` = 'detector'")
+    assert [r.info.run_id for r in det_runs] == [champion.run_id]
+    assert summary["test"]["id_accuracy"] > 0  # evaluated on the test sets before it was promoted
+    assert json.loads((tmp_path / "tq-best" / "detector" / "stage.json").read_text())["score"] == \
+        det_runs[0].data.tags["oal.score"]
 
     best = load_config(summary["best_yaml"])
     assert best.name == "tq-best" and best.loss.w_logit_kd == summary["best"]["w_logit_kd"]
