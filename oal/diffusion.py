@@ -14,47 +14,22 @@ name; the k-NN outliers are scaled to its norm.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from oal.config import DiffusionConfig
+from oal.text_encoder import WordTokenizer, tiny_text_encoder
 
 log = logging.getLogger("oal.diffusion")
 BUILTIN = "builtin-tiny"  # untrained, random weights: exercises the machinery
 TRAINED = "builtin-ldm"  # the built-in model trained on the ID data by the diffusion stage (oal.ldm)
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class WordTokenizer:
-    """The built-in model's tokenizer: lower-cased words hashed into a fixed vocabulary.
-
-    CLIP's BPE tokenizer needs vocabulary files that only come from a hub; this one needs nothing.
-    Ids 0/1/2 are start, end and padding, as a CLIP tokenizer's specials are.
-    """
-
-    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
-
-    def __init__(self, vocab_size: int = 1000, model_max_length: int = 16):
-        self.vocab_size = vocab_size
-        self.model_max_length = model_max_length
-
-    def word_ids(self, text: str) -> list[int]:
-        words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
-        return [3 + int(hashlib.sha1(w.encode()).hexdigest(), 16) % (self.vocab_size - 3) for w in words]
-
-    def __call__(self, texts: list[str], **_: Any) -> dict[str, torch.Tensor]:
-        rows = []
-        for t in texts:
-            ids = [self.bos_token_id, *self.word_ids(t)][: self.model_max_length - 1] + [self.eos_token_id]
-            rows.append(ids + [self.pad_token_id] * (self.model_max_length - len(ids)))
-        return {"input_ids": torch.tensor(rows)}
 
 
 def _tokens(tokenizer: Any, text: str) -> list[int]:
@@ -118,20 +93,6 @@ def build_tiny(seed: int = 0) -> tuple[Any, Any, Any, WordTokenizer, dict]:
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     return unet, vae, text, tok, dict(sched.config)  # type: ignore[attr-defined]
-
-
-def tiny_text_encoder(seed: int | None = None) -> tuple[Any, WordTokenizer]:
-    """A 2-layer, 32-d CLIP text encoder with the built-in word tokenizer (seeded when `seed` is given)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    tok = WordTokenizer()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        max_position_embeddings=tok.model_max_length, projection_dim=32,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=2))
-    return text, tok
 
 
 def model_id(cfg: DiffusionConfig, seed: int) -> str:
@@ -379,3 +340,30 @@ def fit_projection(embeddings: torch.Tensor, anchors: torch.Tensor, steps: int, 
     with torch.no_grad():
         acc = float(((nn.functional.normalize(proj(x), dim=-1) @ a.T).argmax(-1) == y).float().mean())
     return proj.requires_grad_(False), acc
+
+
+@torch.no_grad()
+def class_conditional_accuracy(model: Any, classifier: nn.Module, class_names: list[str], cfg: DiffusionConfig,
+                               per_class: int, seed: int, image_size: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Sample `per_class` images of each class's prompt (classifier-free guidance, the synthesis settings of
+    `cfg`), decode them and let `classifier` (the fine-tuned teacher, its inputs normalised to [-1, 1]) name the
+    class. Returns {accuracy, per_class} and the decoded images (C, per_class, 3, H, W) in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    conds = encode_prompts(model, [cfg.prompt.format(c) for c in class_names])  # (C, L, E)
+    uncond = encode_prompts(model, [""])  # (1, L, E)
+    classifier = classifier.to(model.device).eval()
+    images, correct = [], []
+    for c in range(len(class_names)):
+        imgs = []
+        for b in range(0, per_class, cfg.batch_size):
+            k = min(cfg.batch_size, per_class - b)
+            lat = sample_latents(model, conds[c:c + 1].expand(k, -1, -1), uncond.expand(k, -1, -1), cfg, gen)
+            imgs.append(decode(model, lat).float())  # (k, 3, H, W) in [0, 1]
+        x = torch.cat(imgs)
+        if x.shape[-1] != image_size:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        logits = classifier((x - 0.5) / 0.5)[0]  # (per_class, C): back to the model's [-1, 1] input space
+        correct.append((logits.argmax(-1) == c).float().mean().item())
+        images.append(x.cpu())
+    return ({"accuracy": sum(correct) / len(correct), "per_class": dict(zip(class_names, correct))},
+            torch.stack(images))

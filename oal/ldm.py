@@ -33,9 +33,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from oal.config import DiffusionConfig, LDMConfig
+from oal.config import LDMConfig
 from oal.storage import load_torch, save_torch
-from oal.train import CHECKPOINT, FitResult, _rng_state, make_accelerator, restore
+from oal.train import CHECKPOINT, FitResult, make_accelerator, restore, rng_state
 from oal.train import bar_off as _bar_off
 
 NAME = "builtin-ldm"
@@ -46,7 +46,7 @@ def build(image_size: int, seed: int, scaling_factor: float = 1.0) -> tuple[Any,
     """Untrained parts, seeded: UNet (4 x s/4 x s/4 latents), VAE (s px), text encoder and tokenizer, scheduler."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from oal.diffusion import tiny_text_encoder
+    from oal.text_encoder import tiny_text_encoder
 
     if image_size % VAE_FACTOR:
         raise ValueError(f"builtin-ldm works on images whose side is a multiple of {VAE_FACTOR}; data.image_size is "
@@ -175,7 +175,7 @@ def fit_ldm(
     reports there), epochs counted across both phases."""
     from diffusers import DDPMScheduler
 
-    from oal.diffusion import WordTokenizer
+    from oal.text_encoder import WordTokenizer
 
     acc = accelerator or make_accelerator(device, cfg)
     out = Path(out_dir)
@@ -280,7 +280,7 @@ def fit_ldm(
                                     "vae": acc.unwrap_model(vae_model).vae.state_dict(),
                                     "text_encoder": acc.unwrap_model(unet_model).text.state_dict()},
                         "vae_optimizer": vae_opt.state_dict(), "unet_optimizer": unet_opt.state_dict(),
-                        "unet_scheduler": unet_sched.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
+                        "unet_scheduler": unet_sched.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                         "history": history, "resumed_from_epoch": start, "scaling_factor": scaling,
                         "meta": {**(meta or {}), "kind": NAME, "image_size": image_size, "seed": seed,
                                  "class_names": list(class_names), "prompt": prompt}}, ckpt_path)
@@ -293,30 +293,3 @@ def fit_ldm(
     return FitResult(checkpoint=ckpt_path, history=history, resumed_from_epoch=start)
 
 
-@torch.no_grad()
-def class_conditional_accuracy(model: Any, classifier: nn.Module, class_names: list[str], cfg: DiffusionConfig,
-                               per_class: int, seed: int, image_size: int) -> tuple[dict[str, Any], torch.Tensor]:
-    """Sample `per_class` images of each class's prompt (classifier-free guidance, the synthesis settings of
-    `cfg`), decode them and let `classifier` (the fine-tuned teacher, its inputs normalised to [-1, 1]) name the
-    class. Returns {accuracy, per_class} and the decoded images (C, per_class, 3, H, W) in [0, 1]."""
-    from oal.diffusion import decode, encode_prompts, sample_latents
-
-    gen = torch.Generator().manual_seed(seed)
-    conds = encode_prompts(model, [cfg.prompt.format(c) for c in class_names])  # (C, L, E)
-    uncond = encode_prompts(model, [""])  # (1, L, E)
-    classifier = classifier.to(model.device).eval()
-    images, correct = [], []
-    for c in range(len(class_names)):
-        imgs = []
-        for b in range(0, per_class, cfg.batch_size):
-            k = min(cfg.batch_size, per_class - b)
-            lat = sample_latents(model, conds[c:c + 1].expand(k, -1, -1), uncond.expand(k, -1, -1), cfg, gen)
-            imgs.append(decode(model, lat).float())  # (k, 3, H, W) in [0, 1]
-        x = torch.cat(imgs)
-        if x.shape[-1] != image_size:
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-        logits = classifier((x - 0.5) / 0.5)[0]  # (per_class, C): back to the model's [-1, 1] input space
-        correct.append((logits.argmax(-1) == c).float().mean().item())
-        images.append(x.cpu())
-    return ({"accuracy": sum(correct) / len(correct), "per_class": dict(zip(class_names, correct))},
-            torch.stack(images))

@@ -351,8 +351,7 @@ def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str,
     accuracy on real ID validation images; a decoded grid of `ldm.grid_per_class` samples per class."""
     from dataclasses import replace
 
-    from oal import ldm
-    from oal.diffusion import load_model
+    from oal.diffusion import class_conditional_accuracy, load_model
 
     d, fp = stage_dir(cfg, "diffusion"), diffusion_fp(cfg)
     bench = build_benchmark(cfg.data)
@@ -360,7 +359,7 @@ def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str,
     model = load_model(dcfg, resolve_device(cfg.device), cfg.seed)
     teacher = load_teacher(cfg, bench.num_classes)
     n = max(cfg.ldm.eval_samples, cfg.ldm.grid_per_class)
-    quality, images = ldm.class_conditional_accuracy(model, teacher, bench.class_names, dcfg, n, cfg.seed,
+    quality, images = class_conditional_accuracy(model, teacher, bench.class_names, dcfg, n, cfg.seed,
                                                      cfg.data.image_size)
     teacher_real = accuracy(collect(teacher, bench.val, cfg.data.eval_batch_size, resolve_device(cfg.device)))
     quality = {**quality, "samples_per_class": n, "teacher_val_accuracy": teacher_real,

@@ -219,7 +219,7 @@ class FitResult:
     resumed_from_epoch: int = 0
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """The RNG streams as tensors and plain values: a checkpoint loads with `weights_only=True` (no numpy objects)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -271,7 +271,7 @@ def recompute_bn_stats(net: nn.Module, train_set: Dataset, images: int, batch_si
                         drop_last=single_last_batch(len(share), batch_size))
     # Random augmentation in the dataset draws from the global RNGs: restore them, so that the training that
     # follows is the same with PreciseBN on or off (and a resumed run the same as an uninterrupted one).
-    rng = _rng_state()
+    rng = rng_state()
     if len(share) > 1:  # a rank with one image keeps its statistics (and still joins the average below)
         with acc.autocast():
             update_bn(loader, net, acc.device)
@@ -431,7 +431,7 @@ def fit(
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_torch({"modules": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": done,
+                            "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": done,
                             "history": history, "resumed_from_epoch": start_epoch, "meta": meta or {},
                             "best": best}, ckpt_path)
             acc.wait_for_everyone()

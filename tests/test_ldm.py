@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from oal import ldm
 from oal.config import DiffusionConfig, LDMConfig
-from oal.diffusion import TRAINED, load_model, sample_latents
+from oal.diffusion import TRAINED, class_conditional_accuracy, load_model, sample_latents
 
 NAMES = ["dark", "bright"]
 PROMPT = "A high-quality image of the {}"
@@ -102,7 +102,7 @@ def test_class_conditional_accuracy_counts_what_the_judge_says(tmp_path):
                       progress=False)
     model = load_model(DiffusionConfig(model=TRAINED, checkpoint=str(res.checkpoint)), "cpu")
     dcfg = DiffusionConfig(model=TRAINED, steps=2, batch_size=2)
-    quality, images = ldm.class_conditional_accuracy(model, _Always(1, 2), NAMES, dcfg, 3, seed=0, image_size=16)
+    quality, images = class_conditional_accuracy(model, _Always(1, 2), NAMES, dcfg, 3, seed=0, image_size=16)
     assert quality["per_class"] == {"dark": 0.0, "bright": 1.0} and quality["accuracy"] == pytest.approx(0.5)
     assert images.shape == (2, 3, 3, 16, 16) and 0 <= float(images.min()) and float(images.max()) <= 1
 
