@@ -302,7 +302,22 @@ def test_markdown_table_by_hand():
     assert lines[i + 4:] == ["| near1 | near | 90.00 | 20.00 | 10.00 | 50.00 | 25.00 | 4 |",
                              "| far1 | far | 80.00 | 40.00 | 20.00 | 50.00 | 25.00 | 5 |",
                              "| far2 | far | 60.00 | 60.00 | 30.00 | 50.00 | 25.00 | 6 |"]
-    assert md.endswith("|\n")
+    assert md == "\n".join([
+        "# OOD evaluation on `toy`", "",
+        "ID accuracy: **87.50%**. Metrics in %; FPR@95 is OpenOOD v1.5's (ID flagged OOD at 95% OOD recall); "
+        "FPR95-classic is VOS/NPOS's (OOD accepted at 95% ID recall).", "",
+        "No validation OOD set: the table leads with eval.primary (ebo), not a validation choice.", "",
+        lines[6], "|---|---|---|---|---|---|---|---|", *lines[8:10], "",
+        "## Per OOD set (ebo)", "",
+        lines[i + 2], "|---|---|---|---|---|---|---|---|", *lines[i + 4:]]) + "\n"
+    # a validation choice without a K search: no K sentence; KNN's row names its K
+    report.chosen, report.knn_k = "msp", 7
+    report.results["knn"] = report.results["ebo"]
+    lines = markdown_table(report, "ebo").splitlines()
+    assert lines[4] == ("Score chosen on validation (ID validation split vs the validation OOD sets, never a test set): "
+                        "**msp**.")
+    assert lines[10].startswith("| knn (K=7) | - | 70.00 |")
+    del report.results["knn"]
     # with a validation choice: the chosen score leads, marked, with its validation AUROC and KNN's K
     report.chosen, report.knn_k, report.knn_k_val_auroc = "msp", 10, {10: 0.95, 5: 0.9}
     report.results["msp"].val_auroc, report.results["ebo"].val_auroc = 0.955, 0.9
