@@ -213,7 +213,8 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
             tune.with_parameters(_trial, base_dict=C.to_dict(full), mlflow_info=mlflow_info,
                                  objective=objective_spec(s, base_acc), object_cache=str(storage.cache_root())),
             TRIAL_RESOURCES)
-        name = f"{cfg.name}-tune-{C.fingerprint(s, stages.student_fp(full))}"
+        # what the trials are: retraining the best afterwards is not (a search resumed with it is the same search)
+        name = f"{cfg.name}-tune-{C.fingerprint(replace(s, retrain_best=False), stages.student_fp(full))}"
         path = f"{ray_storage.rstrip('/')}/{name}"
         if parent_id:
             write_json({"run_id": parent_id, "path": path}, parent_file)
