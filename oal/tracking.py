@@ -264,7 +264,7 @@ class Tracker:
             if (d / "grid.png").exists():
                 mlflow.log_artifact(str(d / "grid.png"))
         if result.name == "detector":
-            self._detector(cfg, d, manifest)
+            self._detector(cfg, d, manifest, register=not result.skipped)
         if result.name in ("eval", "eval_base") and report is not None:
             # The model first, so that the metrics below are logged against it (the logged model's page shows
             # them). Logged after them, MLflow links them itself by reading each metric's history back: one
@@ -314,9 +314,9 @@ class Tracker:
         if (d / "plots").is_dir():
             mlflow.log_artifacts(str(d / "plots"), "plots")
 
-    def _detector(self, cfg: C.OALConfig | None, d: Path, manifest: dict) -> None:
+    def _detector(self, cfg: C.OALConfig | None, d: Path, manifest: dict, register: bool = True) -> None:
         """The detector's choice and figures on its run; the detector as a pyfunc model, registered (the pipeline's
-        version under the alias `candidate`)."""
+        version under the alias `candidate`) when the stage computed it: a skipped stage's is registered already."""
         import mlflow
 
         storage.pull(d / "detector_report.json")
@@ -327,7 +327,7 @@ class Tracker:
                             **{f"val_{k.replace(':', '_')}": v for k, v in manifest["validation"].items()},
                             **{f"test_{k.replace(':', '_')}": v for k, v in manifest["test"].items()
                                if isinstance(v, float)}})
-        if self.log_model and cfg is not None:
+        if self.log_model and cfg is not None and register:
             version = log_detector(d / "model", registered_model_name(cfg))
             from mlflow.tracking import MlflowClient
 
