@@ -143,10 +143,9 @@ class Detector:
                 p, label = probs.max(-1)
             j = 0
             for err in ok:
-                if err is not None:
-                    for k, v in (("label", None), ("class_name", None), ("confidence", None), ("ood_score", None),
-                                 ("is_ood", None), ("error", err)):
-                        out[k].append(v)
+                if err is not None:  # a row of its own: the error, nothing else
+                    for k in out:
+                        out[k].append(err if k == "error" else None)
                     continue
                 score = -float(conf[j])
                 out["label"].append(int(label[j]))

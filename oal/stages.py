@@ -725,7 +725,7 @@ def run_detector(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool =
              "%s", score, spec.threshold, 100 * report["validation"]["id_accepted"], 100 * flagged["id"],
              ", ".join(f"{k[4:]} flagged {100 * v:.1f}%" for k, v in flagged.items() if k.startswith("ood:")))
     return _finish("detector", d, fp, cfg, {"spec": files[1], "weights": files[0], "report": d / "detector_report.json"},
-                   **{k: v for k, v in report.items()}, class_names=bench.class_names, checkpoint=str(ckpt))
+                   **report, class_names=bench.class_names, checkpoint=str(ckpt))
 
 
 def replace_postprocessors(e: C.EvalConfig, postprocessors: list[str]) -> C.EvalConfig:
