@@ -7,6 +7,7 @@ output_dir=s3://..., the same files are written through to the object store and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -696,7 +697,8 @@ def run_detector(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool =
     net = build_student(state.get("meta", {}).get("arch", cfg.model.student), bench.num_classes)
     load_checkpoint_net(Path(ckpt), net, cfg.eval.checkpoint, state)  # the weights the evaluation scored
     device = resolve_device(cfg.device)
-    sets = {**eval_sets(bench, replace_postprocessors(cfg.eval, [score])), "val_id": bench.val}  # ID validation always
+    # ID validation always; the training set only for a score that needs it (KNN's bank)
+    sets = {**eval_sets(bench, dataclasses.replace(cfg.eval, postprocessors=[score])), "val_id": bench.val}
     outs = {key: collect(net, ds, cfg.data.eval_batch_size, device, cfg.data.num_workers) for key, ds in sets.items()}
     net = net.cpu().eval()
     bank = torch.nn.functional.normalize(outs["train"].features, dim=-1) if score == "knn" else None  # (N, D)
@@ -726,12 +728,6 @@ def run_detector(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool =
              ", ".join(f"{k[4:]} flagged {100 * v:.1f}%" for k, v in flagged.items() if k.startswith("ood:")))
     return _finish("detector", d, fp, cfg, {"spec": files[1], "weights": files[0], "report": d / "detector_report.json"},
                    **report, class_names=bench.class_names, checkpoint=str(ckpt))
-
-
-def replace_postprocessors(e: C.EvalConfig, postprocessors: list[str]) -> C.EvalConfig:
-    from dataclasses import replace
-
-    return replace(e, postprocessors=postprocessors)
 
 
 def write_comparison(cfg: C.OALConfig) -> Path:

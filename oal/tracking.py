@@ -363,10 +363,10 @@ class Tracker:
 MODEL_PACKAGES = ("torch", "cloudpickle", "numpy", "oal")
 
 
-def model_requirements() -> list[str]:
+def model_requirements(packages: tuple[str, ...] = MODEL_PACKAGES) -> list[str]:
     from importlib.metadata import version
 
-    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_PACKAGES]  # torch 2.14.1+cu130 -> 2.14.1
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]  # torch 2.14.1+cu130 -> 2.14.1
 
 
 def stages_dir(cfg: C.OALConfig, name: str) -> Path:
@@ -387,9 +387,7 @@ def log_detector(folder: Path, name: str) -> str:
     from oal.serving import DetectorModel, signature
 
     storage.pull_dir(folder)
-    from importlib.metadata import version
-
-    reqs = [f"{p}=={version(p).split('+')[0]}" for p in DETECTOR_PACKAGES]
     info = mlflow.pyfunc.log_model(name="detector", python_model=DetectorModel(), artifacts={"detector": str(folder)},
-                                   signature=signature(), pip_requirements=reqs, registered_model_name=name)
+                                   signature=signature(), pip_requirements=model_requirements(DETECTOR_PACKAGES),
+                                   registered_model_name=name)
     return str(info.registered_model_version)
