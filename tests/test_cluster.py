@@ -706,5 +706,12 @@ def test_s3_objects_and_mlflow_artifacts_survive_down_up_and_a_kill(tmp_path, mo
 
         same_after(down_all)
         same_after(kill_s3)
+        # `up` waits for the master to locate every volume on disk (a SIGKILLed server's gateway answers first and
+        # serves "volume N not found" for a moment): one it cannot locate keeps the server "starting".
+        stray = tmp_path / "stack" / "s3" / "oal_999.dat"
+        stray.write_bytes(b"")
+        assert st._probe("s3") == (False, "volumes 999 not located yet")
+        stray.unlink()
+        assert st._probe("s3") == (True, "HTTP 200")
     finally:
         st.down()
