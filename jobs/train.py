@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oal import config as C
-from oal import stages, storage
+from oal import pretrained, stages, storage
 from oal.storage import load_torch
 from oal.train import CHECKPOINT
 
@@ -156,6 +156,14 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
         return stages.skipped(stage, d, fp)
     stages.check_inputs(cfg, stage)
     check_resources(cfg.cluster)
+    from jobs.common import on_worker
+
+    if stage == "diffusion" and pretrained.usable(cfg) is not None:
+        # A pretrained model that fits: measured on a worker, no training group (None: it did not fit there)
+        adopted = on_worker(cfg.cluster, "the diffusion stage (pretrained model)", stages.run_pretrained_diffusion,
+                            cfg, force)
+        if adopted is not None:
+            return adopted
     if force and trainer_options.get("run_name") is None:
         # A run of its own: under the stable name Ray Train would restore the last run's checkpoint and retrain nothing.
         import time
@@ -170,8 +178,6 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
             tracking.failed += failed
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
-    from jobs.common import on_worker
-
     # On a worker: the diffusion stage measures its model there (sampling, the teacher as judge, a decoded grid).
     return on_worker(cfg.cluster, f"recording the {stage} stage", finish_from_checkpoint, cfg, stage, result.checkpoint)
 

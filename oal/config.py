@@ -256,6 +256,10 @@ class LDMConfig:
     eval_samples: int = num(32, ge=1)  # samples per class for the class-conditional accuracy (judged by the teacher)
     grid_per_class: int = num(8, ge=0)  # samples per class in the decoded grid image (0: none)
     mixed_precision: str = choice("no", "fp16", "bf16")  # no | fp16 | bf16 (fp16 only on GPU)
+    # A pretrained model used instead of training when its model card fits this run (split, classes, image size,
+    # prompt, the weights' sha256; any mismatch trains, after one log line saying why): the name of one shipped in
+    # oal/weights (fashion-ldm) or a folder with model.safetensors and README.md (oal/pretrained.py). null: train
+    pretrained: str | None = None
 
 
 @dataclass
@@ -751,16 +755,19 @@ def to_dict(cfg: Any) -> dict:
 
 
 # Keys added after runs were fingerprinted, left out of a fingerprint at the value that reproduces the earlier
-# behaviour, so that adding them did not invalidate finished stages.
-_FINGERPRINT_NEUTRAL = {"on_bad_image": "error"}
+# behaviour, so that adding them did not invalidate finished stages. By section: data.on_bad_image, ldm.pretrained.
+_FINGERPRINT_NEUTRAL: dict[str, dict[str, Any]] = {"data": {"on_bad_image": "error"}, "ldm": {"pretrained": None}}
 
 
 def _fingerprint_dict(part: Any) -> dict:
     d = to_dict(part)
-    data = d if isinstance(part, DataConfig) else d.get("data") if isinstance(part, OALConfig) else None
-    for k, v in _FINGERPRINT_NEUTRAL.items():
-        if data is not None and data.get(k) == v:
-            del data[k]
+    sections = ({"data": d} if isinstance(part, DataConfig) else {"ldm": d} if isinstance(part, LDMConfig)
+                else {k: d.get(k) for k in _FINGERPRINT_NEUTRAL} if isinstance(part, OALConfig) else {})
+    for section, neutral in _FINGERPRINT_NEUTRAL.items():
+        sub = sections.get(section)
+        for k, v in neutral.items():
+            if sub is not None and k in sub and sub[k] == v:
+                del sub[k]
     return d
 
 

@@ -155,7 +155,11 @@ def base_fp(cfg: C.OALConfig) -> str:
 
 
 def diffusion_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("diffusion", cfg.data, cfg.ldm, cfg.diffusion.prompt, cfg.seed)
+    from oal.pretrained import card_of
+
+    card = card_of(cfg)  # a pretrained model's weights are an input: another file, another model
+    return C.fingerprint("diffusion", cfg.data, cfg.ldm, cfg.diffusion.prompt, cfg.seed,
+                         *([card.get("sha256")] if card else []))
 
 
 def trained_diffusion(cfg: C.OALConfig) -> bool:
@@ -346,7 +350,7 @@ def finish_training(cfg: C.OALConfig, stage: str, checkpoint: Path, history: lis
 
 
 def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str, float]],
-                     resumed_from_epoch: int) -> StageResult:
+                     resumed_from_epoch: int, **extra: Any) -> StageResult:
     """Measure the trained diffusion model before anything uses it: the fine-tuned teacher names the class of
     `ldm.eval_samples` samples of each class's prompt (the class-conditional accuracy), beside the teacher's own
     accuracy on real ID validation images; a decoded grid of `ldm.grid_per_class` samples per class."""
@@ -375,7 +379,7 @@ def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str,
         outputs["grid"] = save_grid(images[:, : cfg.ldm.grid_per_class].flatten(0, 1), d / "grid.png",
                                     nrow=cfg.ldm.grid_per_class)
     return _finish("diffusion", d, fp, cfg, outputs, history=history, resumed_from_epoch=resumed_from_epoch,
-                   class_accuracy=quality["accuracy"], teacher_val_accuracy=teacher_real)
+                   class_accuracy=quality["accuracy"], teacher_val_accuracy=teacher_real, **extra)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int, min_cell: int = 64) -> Path:
@@ -399,7 +403,33 @@ def run_diffusion(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end
     if not trained_diffusion(cfg):
         raise ValueError(f"the diffusion stage trains the built-in model: set diffusion.model=builtin-ldm (it is "
                          f"{cfg.diffusion.model!r}, which is used as it is)")
-    return _run_trained(cfg, "diffusion", bench, on_epoch_end, accelerator, progress, force)
+    adopted = run_pretrained_diffusion(cfg, force)
+    return adopted or _run_trained(cfg, "diffusion", bench, on_epoch_end, accelerator, progress, force)
+
+
+def run_pretrained_diffusion(cfg: C.OALConfig, force: bool = False) -> StageResult | None:
+    """The diffusion stage from `ldm.pretrained` when its card fits this run: its weights become the stage's
+    checkpoint, measured like a trained one (class-conditional accuracy, grid). None when it does not fit (the
+    stage then trains; `oal.pretrained.usable` has said why) or is not set."""
+    from oal import pretrained
+
+    d, fp = stage_dir(cfg, "diffusion"), diffusion_fp(cfg)
+    if not force and is_done(d, fp):
+        return skipped("diffusion", d, fp)
+    if pretrained.usable(cfg) is None:
+        return None
+    bench = build_benchmark(cfg.data)
+    weights = pretrained.usable(cfg, bench.class_names)
+    if weights is None:
+        return None
+    check_inputs(cfg, "diffusion")
+    card = pretrained.read_card(weights.parent / pretrained.CARD)
+    target = d / CHECKPOINT
+    _resume_ok(target, fp, force)  # with --force the old checkpoint is moved aside, as when training
+    pretrained.to_checkpoint(weights, card, fp, target)  # written atomically, as a trained one
+    log.info("diffusion: pretrained model %s (sha256 %s, card: %s, %s epochs) used instead of training",
+             weights, card["sha256"][:12], card.get("benchmark"), card["training"].get("epochs_done"))
+    return finish_diffusion(cfg, target, [], 0, pretrained={"weights": str(weights), "sha256": card["sha256"]})
 
 
 def _run_trained(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch_end: EpochHook | None,

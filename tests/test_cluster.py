@@ -45,10 +45,10 @@ def test_runtime_env_keeps_the_upload_small_and_the_code_in():
     excluded = _get_excludes(REPO, env["excludes"])  # the matcher `ray job submit` applies
     for path in (".venv/bin/python", ".git/HEAD", "runs/digits/teacher/checkpoint.pt", ".stack/env",
                  "oal/__pycache__/config.cpython-311.pyc", ".mypy_cache/3.11/cache.db", ".pytest_cache/v/x",
-                 "weights/vit_b16.pt", "model.safetensors"):
+                 "weights/vit_b16.pt", "model.safetensors", "runs/fashion/x/model.safetensors"):
         assert excluded(REPO / path), path
     for path in ("oal/config.py", "oal/data/__init__.py", "oal/configs/digits.yaml", "jobs/pipeline.py",
-                 "pyproject.toml", "cluster/runtime_env.yaml"):
+                 "pyproject.toml", "cluster/runtime_env.yaml", "oal/weights/fashion-ldm/model.safetensors"):
         assert not excluded(REPO / path), path
     secret = [k for k in env.get("env_vars", {}) if re.search(r"SECRET|PASSWORD|ACCESS_KEY|_TOKEN$", k)]
     assert not secret, "credentials do not belong in a runtime_env (it is shown in the dashboard)"
