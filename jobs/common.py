@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
 import re
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from oal import config as C
@@ -48,6 +50,36 @@ def load(args: argparse.Namespace) -> C.OALConfig:
         return C.absolute_paths(cfg)
     except C.ConfigError as e:
         _usage_error(f"config error: {e}")
+
+
+def root_error(e: BaseException) -> BaseException:
+    """The error under Ray's wrappers: a task's `cause`, a training worker's failure, a controller's failure."""
+    seen: set[int] = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        failures = getattr(e, "worker_failures", None)
+        below = (getattr(e, "cause", None) or (next(iter(failures.values())) if failures else None)
+                 or getattr(e, "controller_failure", None) or e.__cause__)
+        if not isinstance(below, BaseException):
+            break
+        e = below
+    return e
+
+
+@contextlib.contextmanager
+def data_errors(job: str) -> Iterator[None]:
+    """A DataError (an input file that cannot be read, raised in whichever worker read it) ends the job with one
+    line naming the file and exit code 1, after Ray's own log of the worker's failure; anything else propagates."""
+    from oal.data import DataError
+
+    try:
+        yield
+    except Exception as e:
+        root = root_error(e)
+        if not isinstance(root, DataError):
+            raise
+        print(f"{job}: data error: {str(root).splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _usage_error(message: str) -> NoReturn:

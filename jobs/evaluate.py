@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jobs.evaluate: {e}", file=sys.stderr)
         return 2
     common.connect(args.address)
-    result, path = run(cfg, args.checkpoint, args.trial, args.force)
+    with common.data_errors("jobs.evaluate"):
+        result, path = run(cfg, args.checkpoint, args.trial, args.force)
     print(f"[eval] {'skipped (up to date)' if result.skipped else 'done'}: {path}")
     print(storage.pull(result.outputs["table"]).read_text())
     return 0

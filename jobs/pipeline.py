@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = common.load(args)
     common.connect(args.address)
-    results = run(cfg, progress=not args.no_progress)
+    with common.data_errors("jobs.pipeline"):
+        results = run(cfg, progress=not args.no_progress)
     for r in results.values():
         print(f"[{r.name}] {'skipped (up to date)' if r.skipped else 'done'}: {r.outputs}")
     print(storage.pull(results["eval"].outputs["table"]).read_text())

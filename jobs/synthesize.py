@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = common.load(args)
     common.connect(args.address)
-    res = run_stage(cfg, progress=not args.no_progress)
+    with common.data_errors("jobs.synthesize"):
+        res = run_stage(cfg, progress=not args.no_progress)
     print(f"[latents] {'skipped (up to date)' if res.skipped else 'done'}: {res.outputs}")
     return 0
 

@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = common.load(args)
     common.connect(args.address)
-    res = run_stage(cfg, args.stage, progress=not args.no_progress)
+    with common.data_errors("jobs.train"):
+        res = run_stage(cfg, args.stage, progress=not args.no_progress)
     print(f"[{args.stage}] {'skipped (up to date)' if res.skipped else 'done'}: {res.outputs}")
     return 0
 

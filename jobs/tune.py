@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = common.load(args)
     common.connect(args.address)
     try:
-        summary = run(cfg, progress=not args.no_progress)
+        with common.data_errors("jobs.tune"):
+            summary = run(cfg, progress=not args.no_progress)
     except SearchIncomplete as e:
         print(f"jobs.tune: {e}", file=sys.stderr)
         return 1

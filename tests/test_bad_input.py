@@ -195,3 +195,20 @@ def test_oal_stage_on_a_bad_image_prints_one_line_naming_it(tree, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("oal teacher: error:")]
     assert len(errors) == 1 and str(tree["lists"]["train_cifar10"]) in errors[0], r.stderr
     assert str(tree["text_file"]) in errors[0] or str(tree["cut"]) in errors[0]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_on_a_bad_image_ends_with_one_line_naming_it(stack, tree, tmp_path):
+    """The same image read in a Ray Train worker: under Ray's wrappers (a worker-group failure) the job's last
+    stderr line names the file and its list, exit code 1."""
+    env = {**os.environ, **stack.env, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "jobs.train", "--stage", "teacher", "--no-progress",
+                        f"output_dir={tmp_path}", "data.benchmark=cifar10", f"data.openood_root={tree['root']}",
+                        "data.batch_size=4", "teacher.epochs=1", "model.teacher=resnet_tiny", "teacher.precise_bn=0",
+                        "cluster.max_failures=0", "cluster.cpus_per_worker=1"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("jobs.train: data error: image '"), r.stderr[-3000:]
+    assert str(tree["lists"]["train_cifar10"]) in last and (str(tree["text_file"]) in last or str(tree["cut"]) in last)
