@@ -147,11 +147,14 @@ def _ood_rows(stem: str, n: int, size: int, rng: np.random.Generator, images_dir
 
 
 def make_openood_tree(root: Path, benchmark: str = "cifar100", train_per_class: int = 4, val_per_class: int = 1,
-                      test_per_class: int = 1, ood_per_set: int = 6, size: int = 32, seed: int = 0) -> dict:
+                      test_per_class: int = 1, ood_per_set: int = 6, size: int = 32, seed: int = 0,
+                      val_images: int | None = None, test_images: int | None = None) -> dict:
     """Write an OpenOOD v1.5 tree for `benchmark` under `root`; return its lists, counts and test paths.
 
     ID train images live under `<benchmark>/train/<class>/NNNN.png`; val and test (OpenOOD's val is
     carved out of the CIFAR test split) under `<benchmark>/test/<class>/NNNN.png`, disjoint numbers.
+    `val_images` / `test_images` keep only the first rows of those class-interleaved lists (fewer images than
+    classes: every image costs a forward pass in each evaluation, and 224 px passes are what a CPU run pays for).
     """
     from oal.data.cifar import OPENOOD_SPLITS
 
@@ -164,10 +167,12 @@ def make_openood_tree(root: Path, benchmark: str = "cifar100", train_per_class: 
     rng = np.random.default_rng(seed)
     colours, patterns = _class_style(benchmark, len(names))
 
-    def id_rows(folder: str, per_class: int, start: int) -> list[tuple[str, int]]:
-        rows = []
+    def id_rows(folder: str, per_class: int, start: int, limit: int | None = None) -> list[tuple[str, int]]:
+        rows: list[tuple[str, int]] = []
         for k in range(per_class):  # class-interleaved order, as a shuffled list would be
             for c, cname in enumerate(names):
+                if limit is not None and len(rows) == limit:
+                    return rows
                 rel = f"{benchmark}/{folder}/{cname}/{start + k:04d}.png"
                 _save(images_dir, rel, _class_image(rng, colours[c], int(patterns[c]), size))
                 rows.append((rel, c))
@@ -175,8 +180,8 @@ def make_openood_tree(root: Path, benchmark: str = "cifar100", train_per_class: 
 
     lists: dict[str, list[tuple[str, int]]] = {
         f"train_{benchmark}": id_rows("train", train_per_class, 1),
-        f"val_{benchmark}": id_rows("test", val_per_class, 1),
-        f"test_{benchmark}": id_rows("test", test_per_class, 1 + val_per_class),
+        f"val_{benchmark}": id_rows("test", val_per_class, 1, val_images),
+        f"test_{benchmark}": id_rows("test", test_per_class, 1 + val_per_class, test_images),
     }
     for split in OPENOOD_SPLITS[benchmark]:
         for stem in split.values():
@@ -301,13 +306,18 @@ def teacher_weights(path: Path, image_size: int = 224, seed: int = 0) -> Path:
     return path
 
 
+REHEARSAL_EVAL_IMAGES = 20  # ID validation and ID test images of the rehearsal's tree (the first of its 100 classes)
+
+
 def rehearsal(root: Path, preset: str, seed: int = 0) -> list[str]:
     """Write an OpenOOD v1.5 tree, a teacher weights file and a Stable-Diffusion-layout folder under `root`, and
     return the overrides that run `preset` on them: the three paths, then sizes and epochs only (the teacher is
     a smaller timm ViT at the preset's own input size; k-NN, sampling and training shrunk to seconds)."""
     benchmark = "cifar10" if preset.startswith("cifar10_") else "cifar100"
+    # 2 training images per class (k-NN's K=1 needs two per class); 20 validation and 20 test images, 2 per OOD list
     tree = make_openood_tree(root / "openood", benchmark, train_per_class=2, val_per_class=1, test_per_class=1,
-                             ood_per_set=6, seed=seed)
+                             ood_per_set=2, seed=seed, val_images=REHEARSAL_EVAL_IMAGES,
+                             test_images=REHEARSAL_EVAL_IMAGES)
     return [
         f"data.openood_root={tree['root']}",
         f"model.teacher_pretrained={teacher_weights(root / 'vit_tiny.pth')}",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.realdata import rehearsal
+from tests.realdata import REHEARSAL_EVAL_IMAGES, rehearsal
 
 pytestmark = [pytest.mark.ray, pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).parents[1]
@@ -52,7 +52,7 @@ def test_paper_preset_through_ray_job_submit(stack, tmp_path, preset, student_si
         res = json.loads((run / d / "results.json").read_text())
         per_set = res["results"]["ebo"]["per_set"]
         assert set(per_set) == {"cifar10", "tin", "mnist", "svhn", "texture", "places365"}
-        assert {m["n_id"] for m in per_set.values()} == {n_test} == {100}
+        assert {m["n_id"] for m in per_set.values()} == {n_test} == {REHEARSAL_EVAL_IMAGES}
 
     # the teacher was built, trained and used at 224 px whatever the student's size
     teacher = torch.load(run / "teacher" / "checkpoint.pt", map_location="cpu", weights_only=True)
