@@ -113,7 +113,7 @@ def score(model_uri: str, source: str, output: str, actors: int = 2, batch_size:
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(actors * 4, 1))
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"spec": spec, "weights": weights,
                                                            "device": "cuda" if use_gpu else "cpu"},
-                            batch_size=batch_size, batch_format="pandas", concurrency=actors,
+                            batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)
     table = scored.to_pandas().sort_values("path", kind="stable").reset_index(drop=True)
     seconds = time.perf_counter() - t0
