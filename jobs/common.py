@@ -78,6 +78,12 @@ def data_errors(job: str) -> Iterator[None]:
         root = root_error(e)
         if not isinstance(root, DataError):
             raise
+        import ray
+
+        if ray.is_initialized():
+            # Ray's log monitor streams the workers' copies of the error (and, a moment later, its summary of repeated
+            # lines): disconnect first, so that this line is the job's last
+            ray.shutdown()
         print(f"{job}: data error: {str(root).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
 
