@@ -183,26 +183,51 @@ def test_a_shard_whose_worker_dies_is_retried_alone(ray_driver, tmp_path, monkey
     assert seen == cache
 
 
-def _registered_epoch(storage: Path) -> int:
-    """The last epoch whose checkpoint Ray Train's controller has registered (0 if none). A checkpoint folder
-    in storage is not enough: the controller collects reports by polling, and a worker killed before the
-    poll takes its unregistered reports with it (the restart then starts from scratch)."""
+def _registered_epoch(snapshots: list[bytes]) -> int:
+    """The last epoch whose checkpoint Ray Train's controller has registered (0 if none), from its runs'
+    checkpoint-manager snapshots. A checkpoint folder in storage is not enough: the controller collects reports by
+    polling, and a worker killed before the poll takes its unregistered reports with it (the restart then starts
+    from scratch)."""
     best = 0
-    for f in storage.glob("*/checkpoint_manager_snapshot.json"):
+    for text in snapshots:
         try:
-            results = json.loads(f.read_text()).get("checkpoint_results", [])
-        except (OSError, json.JSONDecodeError):  # being written
+            results = json.loads(text).get("checkpoint_results", [])
+        except json.JSONDecodeError:  # being written
             continue
         best = max([best, *(int(r["metrics"].get("epoch", 0)) for r in results)])
     return best
 
 
-def test_killed_training_worker_resumes_from_checkpoint(ray_driver, tmp_path):
+@pytest.mark.stack
+def test_killed_training_worker_resumes_from_its_checkpoint_in_s3(stack, ray_driver, tmp_path):
+    """cluster.storage_path=s3://...: Ray Train's checkpoints go to the S3 server, nothing to the default local
+    storage. A training worker SIGKILLed once epoch 2's checkpoint is registered: the restarted group reads that
+    checkpoint back from S3 and goes on from there, and the stage finishes from its last checkpoint, read back from
+    S3 too."""
+    import boto3
+    from botocore.exceptions import ClientError
+
     from jobs.train import run_stage
 
-    cfg = _cfg(tmp_path, "teacher.epochs=8", "cluster.max_failures=2", "name=killw")
-    storage = tmp_path / "killw" / "ray"
-    killer = _kill_when(lambda: _registered_epoch(storage) >= 2, "RayTrainWorker")
+    bucket, prefix = stack.env["OAL_S3_BUCKET"], f"ray-storage-{tmp_path.name}"
+    s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
+    cfg = _cfg(tmp_path, "teacher.epochs=8", "cluster.max_failures=2", "name=killw",
+               f"cluster.storage_path=s3://{bucket}/{prefix}")
+
+    def keys() -> list[str]:
+        return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+    def snapshots() -> list[bytes]:
+        found = []
+        for k in keys():
+            if k.endswith("/checkpoint_manager_snapshot.json"):
+                try:
+                    found.append(s3.get_object(Bucket=bucket, Key=k)["Body"].read())
+                except ClientError:  # replaced between the listing and the read
+                    pass
+        return found
+
+    killer = _kill_when(lambda: _registered_epoch(snapshots()) >= 2, "RayTrainWorker")
     res = run_stage(cfg, "teacher", progress=False)
     killer.join(5)
     assert "pid" in killer.result, "no worker was killed: the fault was not exercised"
@@ -214,6 +239,9 @@ def test_killed_training_worker_resumes_from_checkpoint(ray_driver, tmp_path):
     # history still holds every epoch (more than cluster.checkpoints_to_keep of them), each once.
     assert manifest["resumed_from_epoch"] >= 2
     assert epochs == list(range(1, 9))
+    found = keys()
+    assert any(k.endswith("/checkpoint.pt") and "/checkpoint_" in k for k in found), found[:20]
+    assert not (tmp_path / "killw" / "ray").exists()  # nothing went to the default local storage
 
 
 def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
@@ -226,7 +254,8 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
     client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
     bucket, prefix = stack.env["OAL_S3_BUCKET"], f"resubmit-{tmp_path.name}"
     s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
-    overrides = " ".join([*QUICK, f"output_dir=s3://{bucket}/{prefix}", "teacher.epochs=10"])
+    # 5 teacher epochs: the job is stopped after the first one is reported, 4 epochs before the stage can finish
+    overrides = " ".join([*QUICK, f"output_dir=s3://{bucket}/{prefix}", "teacher.epochs=5"])
     entry = f"python -m jobs.pipeline --config digits --no-progress {overrides}"
     # the job's processes mirror the store under tmp_path (default: ~/.cache/oal/objects)
     runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", ".stack", "*.pt"],
@@ -271,7 +300,7 @@ def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
     # the teacher went on from its last reported checkpoint, not from scratch, and its history has every epoch once
     teacher = stored("teacher/stage.json")
     assert teacher["resumed_from_epoch"] >= 1, teacher["resumed_from_epoch"]
-    assert [int(h["epoch"]) for h in teacher["history"]] == list(range(1, 11))
+    assert [int(h["epoch"]) for h in teacher["history"]] == list(range(1, 6))
     assert "teacher: resuming from the reported checkpoint" in logs
     assert "[eval] done" in logs and "| ebo |" in logs
     # what a stage logs in the Ray worker that computed it reaches the job log, as when it ran in the driver
@@ -358,26 +387,29 @@ def test_clients_without_the_right_token_are_told_where_it_is_read(ray_head, tmp
     import subprocess
     import sys
 
+    from tests.stack_fixtures import free_ports
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
     cmd = [sys.executable, "-m", "jobs.train", "--config", "digits", f"output_dir={tmp_path}"]
+    # the three clients at once (each spends most of its time importing)
     procs = {
         "none": subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True),
         "wrong": subprocess.Popen(cmd, env={**env, "RAY_AUTH_TOKEN": "0" * 32}, cwd=REPO, stderr=subprocess.PIPE,
                                   text=True),
+        # nothing listening at the address
+        "nobody": subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{free_ports(1)[0]}"}, cwd=REPO,
+                                   stderr=subprocess.PIPE, text=True),
     }
     err = {k: p.communicate(timeout=180)[1] for k, p in procs.items()}
-    for k, p in procs.items():
+    for k in ("none", "wrong"):
+        p = procs[k]
         assert p.returncode != 0 and "~/.ray/auth_token" in err[k] and "RAY_AUTH_TOKEN_PATH" in err[k], err[k][-2000:]
         assert "Traceback" not in err[k]
     assert "no authentication token was found" in err["none"]
     assert "most likely the token does not match" in err["wrong"]
     # Nothing listening at the address: the command to start a cluster, at once.
-    from tests.stack_fixtures import free_ports
-
-    r = subprocess.run(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{free_ports(1)[0]}"}, cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "python -m cluster.stack up" in r.stderr
+    assert procs["nobody"].returncode != 0 and "python -m cluster.stack up" in err["nobody"], err["nobody"][-2000:]
 
 
 def test_metric_writes_that_fail_after_the_server_stops_mid_stage_reach_the_driver(ray_driver, tmp_path):
@@ -442,22 +474,3 @@ def test_metric_writes_that_fail_after_the_server_stops_mid_stage_reach_the_driv
     # The server holds the first epochs, the buffer the rest, each epoch exactly once.
     assert logged and buffered and logged[0] == 1 and logged + buffered == list(range(1, epochs + 1)), (logged, buffered)
     assert driver.failed == sum(len(r["metrics"]) for r in rows) > 0  # and the driver counts every failed write
-
-
-@pytest.mark.stack
-def test_ray_train_storage_on_s3(stack, ray_driver, tmp_path):
-    """cluster.storage_path=s3://...: Ray Train's checkpoints go to the S3 server, and the stage finishes from
-    the checkpoint it reads back from there."""
-    import boto3
-
-    from jobs import train as jt
-
-    bucket, prefix = stack.env["OAL_S3_BUCKET"], f"ray-storage-{tmp_path.name}"
-    cfg = _cfg(tmp_path, "teacher.epochs=2", f"cluster.storage_path=s3://{bucket}/{prefix}")
-    res = jt.run_stage(cfg, "teacher", progress=False)
-    manifest = json.loads((res.dir / "stage.json").read_text())
-    assert [int(h["epoch"]) for h in manifest["history"]] == [1, 2]
-    s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-    assert any(k.endswith("/checkpoint.pt") and "/checkpoint_" in k for k in keys), keys[:20]
-    assert not (tmp_path / "digits" / "ray").exists()  # nothing went to the default local storage
