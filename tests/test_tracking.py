@@ -496,9 +496,9 @@ def _data_cfg(tracked_run):
 
 
 def test_batch_scoring_job_on_ray_data(tracked_run, stack, tmp_path):
-    """`python -m jobs.score` submitted as a Ray job over 3,001 images in the local S3 server, one of them corrupt:
-    one parquet row per file, equal to the packaged detector's answers in-process (which the served model's equal,
-    above), the corrupt file a row with its error; the MLflow run holds the counts."""
+    """`python -m jobs.score` submitted as a Ray job over 601 images in the local S3 server (batches of 100 over 2
+    actors), one of them corrupt: one parquet row per file, equal to the packaged detector's answers in-process
+    (which the served model's equal, above), the corrupt file a row with its error; the MLflow run holds the counts."""
     import io
 
     import boto3
@@ -512,12 +512,12 @@ def test_batch_scoring_job_on_ray_data(tracked_run, stack, tmp_path):
 
     bucket, prefix = stack.env["OAL_S3_BUCKET"], f"score-{tmp_path.name}"
     s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
-    digits = (load_digits().images * 255 / 16).round().astype(np.uint8)  # (1797, 8, 8)
-    noise = np.random.default_rng(0).integers(0, 256, size=(1203, 8, 8), dtype=np.uint8)
+    digits = (load_digits().images[:400] * 255 / 16).round().astype(np.uint8)  # (400, 8, 8)
+    noise = np.random.default_rng(0).integers(0, 256, size=(200, 8, 8), dtype=np.uint8)
     images = {f"{prefix}/in/{kind}/{i:05d}.png": _png(a) for kind, arr in (("digit", digits), ("noise", noise))
               for i, a in enumerate(arr)}
     images[f"{prefix}/in/noise/zz-corrupt.png"] = b"\x89PNG but cut short"
-    assert len(images) == 3001
+    assert len(images) == 601
     for key, body in images.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     s3.put_object(Bucket=bucket, Key=f"{prefix}/in/README.txt", Body=b"not an image: left out")
@@ -526,7 +526,7 @@ def test_batch_scoring_job_on_ray_data(tracked_run, stack, tmp_path):
     out = f"s3://{bucket}/{prefix}/out/scores.parquet"
     job = client.submit_job(
         entrypoint=f"python -m jobs.score --model models:/oal-tracked@candidate --input s3://{bucket}/{prefix}/in/ "
-                   f"--output {out} --actors 2 --batch-size 500",
+                   f"--output {out} --actors 2 --batch-size 100",
         runtime_env={"working_dir": str(Path(__file__).parents[1]), "excludes": [".venv", ".git", "runs", ".stack"],
                      "env_vars": {"OAL_OBJECT_CACHE": str(tmp_path / "mirror"), "OAL_SCORE_EXPERIMENT": "oal-test-score"}})
     deadline = time.time() + 480
@@ -535,10 +535,10 @@ def test_batch_scoring_job_on_ray_data(tracked_run, stack, tmp_path):
         time.sleep(2)
     logs = client.get_job_logs(job)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "3001 images" in logs and "1 unreadable" in logs
+    assert "601 images" in logs and "1 unreadable" in logs
 
     table = pd.read_parquet(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{prefix}/out/scores.parquet")["Body"].read()))
-    assert len(table) == 3001 and list(table["path"]) == sorted(f"s3://{bucket}/{k}" for k in images)
+    assert len(table) == 601 and list(table["path"]) == sorted(f"s3://{bucket}/{k}" for k in images)
     bad = table[table["error"].notna()]
     assert list(bad["path"]) == [f"s3://{bucket}/{prefix}/in/noise/zz-corrupt.png"]
     assert "not a PNG or JPEG" in bad["error"].iloc[0]
@@ -553,6 +553,6 @@ def test_batch_scoring_job_on_ray_data(tracked_run, stack, tmp_path):
     exp = mlflow.get_experiment_by_name("oal-test-score")
     run = mlflow.search_runs([exp.experiment_id], filter_string="tags.`oal.kind` = 'score'", output_format="list")[0]
     m = run.data.metrics
-    assert (m["images"], m["errors"], m["other_files"]) == (3001, 1, 1)
+    assert (m["images"], m["errors"], m["other_files"]) == (601, 1, 1)
     assert m["flagged"] == int(good["is_ood"].astype(bool).sum()) and m["images_per_second"] > 0
     assert run.data.tags["oal.model"] == "models:/oal-tracked@candidate"
