@@ -90,6 +90,7 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
     tracker = tracker or Tracker.from_env(cfg)
     results: dict[str, stages.StageResult] = {}
     t0 = time.perf_counter()
+    stages.check_data(cfg)  # the user's layout, before any work (a listing: the driver fetches no image)
     with tracker.pipeline_run(cfg):
         cfg = prepare(cfg, tracker, results, progress)
         train_and_evaluate(cfg, tracker, results, progress)

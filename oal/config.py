@@ -76,10 +76,15 @@ def choice(default: str, *others: str) -> Any:
 
 @dataclass
 class DataConfig:
-    benchmark: str = "digits"  # registry name: digits | fashion | cifar10 | cifar100 | imagenet200
-    # dataset folder (torchvision CIFAR layout; for fashion: the idx files, flat or FashionMNIST/raw); unused by
-    # digits and with openood_root
+    # registry name: digits | fashion | cifar10 | cifar100 | imagenet200 (built in) | folder | imglist (your own)
+    benchmark: str = "digits"
+    # dataset folder: for folder, the image tree (train/<class>/, test/<class>/, ood/...; oal/data/folder.py); for
+    # imglist, the folder its lists' paths are relative to (both: a local path or s3://bucket/prefix); torchvision's
+    # CIFAR layout; for fashion the idx files (flat or FashionMNIST/raw); unused by digits and with openood_root
     root: str | None = None
+    # imglist: the folder of its lists (train.txt, test.txt, optional val.txt and classes.txt, ood/{val,near,far}/
+    # <set>.txt; lines `<path under data.root> <label>`), local or s3://
+    imglist: str | None = None
     # OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/ or images_largescale/): ID train/val/test come
     # from its lists (the leaderboard's split) and the OOD sets too; without it CIFAR comes from data.root
     openood_root: str | None = None
@@ -95,6 +100,13 @@ class DataConfig:
     # An image file of an OpenOOD list that cannot be read: error (stop, naming the file and its list) | skip (left
     # out at load time, where every listed file's header is read once; the count per list is logged)
     on_bad_image: str = choice("error", "skip")
+    # folder and imglist: per-channel mean and std that normalise images in [0, 1] (one value for all channels, or
+    # three); null: measured on the training images and recorded in the training stages' manifests
+    mean: list[float] | None = None
+    std: list[float] | None = None  # folder and imglist: see data.mean (null: measured)
+    # folder and imglist without ID validation images (no val/ or val.txt): the share of each class's training
+    # images drawn (with split_seed) for validation
+    val_fraction: float = num(0.1, gt=0, lt=1)
 
 
 @dataclass
@@ -517,7 +529,9 @@ def _type_error(key: str, layer: Any, source: str, e: Exception) -> str:
 
 # What a preset's required value (`???` in its YAML) is, for the error that asks for it.
 PATH_HINTS = {
-    "data.root": "folder holding torchvision's cifar-10-batches-py/ or cifar-100-python/",
+    "data.root": "the folder preset: the image tree (train/<class>/, test/<class>/, ood/val|near|far/<set>/), "
+                 "local or s3://; the CIFAR presets: the folder holding torchvision's cifar-10-batches-py/ or "
+                 "cifar-100-python/",
     "data.openood_root": "OpenOOD v1.5 data folder with benchmark_imglist/ and images_classic/ or images_largescale/",
     "model.teacher_pretrained": "ViT-B/16 ImageNet-21k backbone weights file (.safetensors, .pth or .npz-converted .pt)",
     "diffusion.model": "Stable Diffusion v1.4 in diffusers format: a folder with unet/, vae/, text_encoder/, "
@@ -621,11 +635,29 @@ def validate(cfg: OALConfig) -> None:
     if "://" in out and (not out.startswith("s3://") or not out[len("s3://"):].strip("/")):
         raise ConfigError(f"'output_dir' is '{out}'; expected a local or mounted path, or s3://bucket[/prefix]")
     values = {key: value for key, _, value in fields(cfg)}
+    own_data = cfg.data.benchmark in ("folder", "imglist")
     for key in PATH_KEYS[1:]:
         value = values[key]
+        if own_data and key in ("data.root", "data.imglist") and str(value).startswith("s3://"):
+            continue  # a folder or imglist dataset may live in the store: its files are fetched by the readers
         if value and "://" in str(value):
             raise ConfigError(f"'{key}' is '{value}': it is read as a file path, and object storage URIs are not "
-                              "supported for it; expected a local or mounted path (only output_dir may be s3://...)")
+                              "supported for it; expected a local or mounted path (only output_dir, and data.root and "
+                              "data.imglist of a folder or imglist dataset, may be s3://...)")
+    d = cfg.data
+    for key in ("mean", "std"):
+        v = getattr(d, key)
+        if v is not None and (len(v) not in (1, 3) or (key == "std" and min(v) <= 0)):
+            raise ConfigError(f"'data.{key}' is {list(v)}; expected one value for every channel or three (R, G, B)"
+                              f"{', each > 0' if key == 'std' else ''}, or null to measure it on the training images")
+    if own_data:
+        need = ("root", "imglist") if d.benchmark == "imglist" else ("root",)
+        for key in need:
+            if getattr(d, key) in (None, ""):
+                raise ConfigError(f"'data.{key}' is not set; data.benchmark={d.benchmark} reads "
+                                  + ("its images from data.root (a folder or s3:// prefix: train/<class>/, "
+                                     "test/<class>/, ood/val|near|far/<set>/)" if d.benchmark == "folder" else
+                                     "its lists from data.imglist and their images from under data.root"))
     known = LOSS_WEIGHTS
     bad = [w for w in cfg.search.weights if w not in known]
     if bad:
@@ -650,7 +682,8 @@ def validate(cfg: OALConfig) -> None:
 
 
 # Config keys that name files or folders given by the user (outputs are under output_dir).
-PATH_KEYS = ("output_dir", "data.root", "data.openood_root", "model.teacher_pretrained", "model.teacher_checkpoint",
+PATH_KEYS = ("output_dir", "data.root", "data.imglist", "data.openood_root", "model.teacher_pretrained",
+             "model.teacher_checkpoint",
              "model.base_checkpoint", "diffusion.model", "diffusion.checkpoint", "outliers.knn_path",
              "outliers.latent_path", "outliers.pixel_path")
 
@@ -755,8 +788,11 @@ def to_dict(cfg: Any) -> dict:
 
 
 # Keys added after runs were fingerprinted, left out of a fingerprint at the value that reproduces the earlier
-# behaviour, so that adding them did not invalidate finished stages. By section: data.on_bad_image, ldm.pretrained.
-_FINGERPRINT_NEUTRAL: dict[str, dict[str, Any]] = {"data": {"on_bad_image": "error"}, "ldm": {"pretrained": None}}
+# behaviour, so that adding them did not invalidate finished stages. By section: data.on_bad_image, data.imglist,
+# data.mean, data.std, data.val_fraction, ldm.pretrained.
+_FINGERPRINT_NEUTRAL: dict[str, dict[str, Any]] = {
+    "data": {"on_bad_image": "error", "imglist": None, "mean": None, "std": None, "val_fraction": 0.1},
+    "ldm": {"pretrained": None}}
 
 
 def _fingerprint_dict(part: Any) -> dict:

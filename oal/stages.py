@@ -143,22 +143,34 @@ def _resume_ok(ckpt: Path, fp: str, force: bool = False) -> bool:
     return False
 
 
+OWN_DATA = ("folder", "imglist")  # benchmarks read from the user's files
+
+
 # ---- fingerprints: what each stage's output depends on ---------------------------------------------
 
+def data_parts(cfg: C.OALConfig) -> list[Any]:
+    """The data section, and for a folder or imglist dataset what its files are (their names and versions)."""
+    if cfg.data.benchmark in OWN_DATA:
+        from oal.data.folder import content_id
+
+        return [cfg.data, content_id(cfg.data)]
+    return [cfg.data]
+
+
 def teacher_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("teacher", cfg.data, cfg.model.teacher, cfg.model.teacher_pretrained,
+    return C.fingerprint("teacher", *data_parts(cfg), cfg.model.teacher, cfg.model.teacher_pretrained,
                          cfg.model.teacher_image_size, cfg.teacher, cfg.seed)
 
 
 def base_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("base", cfg.data, cfg.model.student, cfg.base, cfg.seed)
+    return C.fingerprint("base", *data_parts(cfg), cfg.model.student, cfg.base, cfg.seed)
 
 
 def diffusion_fp(cfg: C.OALConfig) -> str:
     from oal.pretrained import card_of
 
     card = card_of(cfg)  # a pretrained model's weights are an input: another file, another model
-    return C.fingerprint("diffusion", cfg.data, cfg.ldm, cfg.diffusion.prompt, cfg.seed,
+    return C.fingerprint("diffusion", *data_parts(cfg), cfg.ldm, cfg.diffusion.prompt, cfg.seed,
                          *([card.get("sha256")] if card else []))
 
 
@@ -240,7 +252,7 @@ def student_fp(cfg: C.OALConfig) -> str:
     init = None
     if cfg.model.student_init == "base":
         init = (_file_id(cfg.model.base_checkpoint) if cfg.model.base_checkpoint else base_fp(cfg), cfg.eval.checkpoint)
-    return C.fingerprint("student", cfg.data, cfg.model.student, cfg.model.teacher_image_size, cfg.student,
+    return C.fingerprint("student", *data_parts(cfg), cfg.model.student, cfg.model.teacher_image_size, cfg.student,
                          cfg.loss, cfg.seed, init, teacher if cfg.loss.uses_teacher else None,
                          _file_id(cfg.outliers.knn_path) if cfg.loss.uses_knn else None,
                          _file_id(cfg.outliers.latent_path) if cfg.loss.uses_latent else None,
@@ -650,7 +662,7 @@ def eval_target(cfg: C.OALConfig, checkpoint: str | None = None, out_dir: Path |
     """What an evaluation scores and where it writes; computed once, before its shards run."""
     ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, of) / CHECKPOINT
     name = EVAL_DIRS[of]
-    return ckpt, name, out_dir or stage_dir(cfg, name), C.fingerprint("eval", _file_id(str(ckpt)), cfg.eval, cfg.data)
+    return ckpt, name, out_dir or stage_dir(cfg, name), C.fingerprint("eval", _file_id(str(ckpt)), cfg.eval, *data_parts(cfg))
 
 
 def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchmark | None = None,
@@ -676,7 +688,7 @@ def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None
     outs = {key: collect(net, data_shard(ds, *shard), cfg.data.eval_batch_size, device, cfg.data.num_workers)
             for key, ds in eval_sets(bench, cfg.eval).items()}
     return {"outputs": outs, "benchmark": bench.name, "near": list(bench.near), "far": list(bench.far),
-            "epoch": loaded["epoch"], "by": process()}
+            "epoch": loaded["epoch"], "by": process(), "data": bench.info}
 
 
 def finish_evaluate(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, Any]]) -> tuple[StageResult, EvalReport]:
@@ -695,7 +707,8 @@ def finish_evaluate(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, 
                    plots=[str(f) for f in files if f.suffix == ".png"], postprocessor=head,
                    chosen_on_validation=report.chosen is not None, knn_k=report.knn_k,
                    id_accuracy=report.id_accuracy, near_auroc=report.results[head].near["auroc"],
-                   far_auroc=report.results[head].far["auroc"], shards=[p["by"] for p in parts]), report
+                   far_auroc=report.results[head].far["auroc"], shards=[p["by"] for p in parts],
+                   **({"data": first["data"]} if first.get("data") else {})), report
 
 
 def run_detector(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool = False) -> StageResult:
@@ -776,8 +789,21 @@ def write_comparison(cfg: C.OALConfig) -> Path:
     return path
 
 
+def check_data(cfg: C.OALConfig) -> None:
+    """Before any stage runs: a folder or imglist dataset's layout (from a listing; no image is fetched), and
+    whether each class has the training images the k-NN stage needs. One DataError naming what is wrong."""
+    if cfg.data.benchmark not in OWN_DATA:
+        return
+    from oal.data.folder import check_knn, scan
+
+    layout = scan(cfg.data)
+    if any(outlier_stages(cfg)):
+        check_knn(layout, cfg.knn)
+
+
 def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResult]:
     """All stages in order, single-process; each skipped when its outputs match its inputs."""
+    check_data(cfg)
     bench = build_benchmark(cfg.data)
     results: dict[str, StageResult] = {}
     if needs_base(cfg):

@@ -272,6 +272,13 @@ def pull(path: str | os.PathLike) -> Path:
     return path
 
 
+def _objects(bucket: str, prefix: str) -> Iterator[tuple[str, dict]]:
+    """(key relative to `prefix`, the listing's entry: ETag, Size, LastModified) of every object under it."""
+    for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            yield obj["Key"][len(prefix):], obj
+
+
 def listing(folder: str | os.PathLike, pattern: str = "**") -> list[Path]:
     """The files under `folder` whose path relative to it matches the glob `pattern` ("**": all), sorted; for a
     mirror folder (or its s3:// URI) as the store lists them, without fetching any."""
@@ -279,15 +286,53 @@ def listing(folder: str | os.PathLike, pattern: str = "**") -> list[Path]:
     loc = remote(folder)
     if loc is None:
         return sorted(p for p in (folder.rglob("*") if pattern == "**" else folder.glob(pattern)) if p.is_file())
-    bucket, prefix = loc[0], loc[1].rstrip("/") + "/"
     found = []
-    for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):]
-            # fnmatch's * also matches "/": a pattern matches only as many levels as it names
-            if pattern == "**" or (fnmatch.fnmatchcase(rel, pattern) and rel.count("/") == pattern.count("/")):
-                found.append(folder / rel)
+    for rel, _ in _objects(loc[0], loc[1].rstrip("/") + "/"):
+        # fnmatch's * also matches "/": a pattern matches only as many levels as it names
+        if pattern == "**" or (fnmatch.fnmatchcase(rel, pattern) and rel.count("/") == pattern.count("/")):
+            found.append(folder / rel)
     return sorted(found)
+
+
+def inventory(folder: str | os.PathLike) -> dict[str, str]:
+    """Every file under `folder` (a local folder, an s3:// prefix or its mirror) by its path relative to it, with
+    what identifies its content: the ETag in the store, size and modification time on disk. One listing; nothing
+    is fetched. Its digest is a dataset's identity in stage fingerprints."""
+    folder = local(folder)
+    loc = remote(folder)
+    if loc is None:
+        return {p.relative_to(folder).as_posix(): f"{st.st_size}:{st.st_mtime_ns}"
+                for p in sorted(folder.rglob("*")) if p.is_file() and (st := p.stat())}
+    return {rel: obj["ETag"] for rel, obj in _objects(loc[0], loc[1].rstrip("/") + "/")}
+
+
+def sync(folder: str | os.PathLike, wanted: set[str] | None = None, threads: int = 16) -> dict[str, Path]:
+    """The files under `folder` (or only the relative paths in `wanted`) by relative path, readable on this node:
+    for an s3:// prefix each object is fetched into this node's mirror unless the mirror already holds the store's
+    version (one listing, no request per unchanged object; `threads` downloads at a time); a local folder is read
+    where it is. A wanted path that is not there is left out of the answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = local(folder)
+    loc = remote(folder)
+    if loc is None:
+        files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {k: v for k, v in files.items() if wanted is None or k in wanted}
+    entries = {rel: obj for rel, obj in _objects(loc[0], loc[1].rstrip("/") + "/")
+               if wanted is None or rel in wanted}
+
+    def fetch(rel: str) -> None:
+        path, obj = folder / rel, entries[rel]
+        with _renamed_into(path) as tmp:
+            client().download_file(loc[0], f"{loc[1].rstrip('/')}/{rel}", str(tmp))
+        _stamp(path, obj)
+
+    stale = [rel for rel, obj in entries.items() if not _same(folder / rel, obj)]
+    if stale:
+        client()  # made once here: boto3's client creation is not thread-safe, its use is
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fetch, stale))
+    return {rel: folder / rel for rel in sorted(entries)}
 
 
 def pull_dir(path: str | os.PathLike) -> Path:

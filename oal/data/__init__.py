@@ -45,18 +45,56 @@ class Benchmark:
     far: dict[str, Dataset] = field(default_factory=dict)  # far-OOD test sets
     # Per-channel mean and std that normalise the model's input (images in [0, 1]); decoded outliers use them too
     norm: tuple[tuple[float, ...], tuple[float, ...]] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    info: dict = field(default_factory=dict)  # what a folder or imglist dataset measured or drew (for manifests)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
+@dataclass
+class Arrays:
+    """A grey benchmark's images before they become tensors, each (N, h, w) uint8 or float in [0, 1] at the size
+    they come in; labels are ID class indices. What `python -m oal.data export` writes as files."""
+
+    name: str
+    class_names: list[str]
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    ood_val: dict[str, np.ndarray]
+    near: dict[str, np.ndarray]
+    far: dict[str, np.ndarray]
+
+    def benchmark(self, size: int) -> Benchmark:
+        """The images upsampled to `size`, replicated to 3 channels and normalised to mean 0.5 / std 0.5."""
+        def id_set(xy: tuple[np.ndarray, np.ndarray]) -> TensorDataset:
+            return TensorDataset(grey_images(xy[0], size), torch.as_tensor(xy[1], dtype=torch.long))
+
+        train = id_set(self.train)
+        return Benchmark(name=self.name, class_names=list(self.class_names), train=train, train_plain=train,
+                         val=id_set(self.val), test=id_set(self.test),
+                         ood_val={k: grey_ood_set(x, size) for k, x in self.ood_val.items()},
+                         near={k: grey_ood_set(x, size) for k, x in self.near.items()},
+                         far={k: grey_ood_set(x, size) for k, x in self.far.items()})
+
+
 BENCHMARKS: dict[str, Callable[[DataConfig], Benchmark]] = {}
+ARRAYS: dict[str, Callable[[DataConfig], Arrays]] = {}  # the embedded benchmarks, as arrays (for export)
 
 
 def register(name: str) -> Callable:
     def deco(fn: Callable[[DataConfig], Benchmark]) -> Callable[[DataConfig], Benchmark]:
         BENCHMARKS[name] = fn
+        return fn
+    return deco
+
+
+def register_arrays(name: str) -> Callable:
+    """Register an embedded grey benchmark by the function that makes its arrays (built at `data.image_size`)."""
+    def deco(fn: Callable[[DataConfig], Arrays]) -> Callable[[DataConfig], Arrays]:
+        ARRAYS[name] = fn
+        BENCHMARKS[name] = lambda cfg: fn(cfg).benchmark(cfg.image_size)
         return fn
     return deco
 
@@ -94,11 +132,11 @@ def build_benchmark(cfg: DataConfig) -> Benchmark:
     if cfg.benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark '{cfg.benchmark}' (data.benchmark); registered: "
                          f"{', '.join(sorted(BENCHMARKS))}")
-    for key in ("root", "openood_root"):  # a folder given is used or is an error, never replaced by another copy
-        folder = getattr(cfg, key)
-        if folder is not None and not Path(folder).expanduser().is_dir():
-            raise FileNotFoundError(f"data.{key} is '{folder}', which is not an existing folder")
+    for key in ("root", "openood_root", "imglist"):  # a folder given is used or is an error, never another copy
+        given = getattr(cfg, key)
+        if given is not None and "://" not in given and not Path(given).expanduser().is_dir():
+            raise FileNotFoundError(f"data.{key} is '{given}', which is not an existing folder")
     return BENCHMARKS[cfg.benchmark](cfg)
 
 
-from oal.data import cifar, digits, fashion  # noqa: E402,F401  (registration side effects)
+from oal.data import cifar, digits, fashion, folder  # noqa: E402,F401  (registration side effects)

@@ -18,12 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from oal.config import DataConfig
 from oal.data import Benchmark, DataError, register
+from oal.data.files import ImageFiles, read_list, reason
 from oal.data.names import CIFAR10_NAMES, CIFAR100_NAMES, imagenet_class_names
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ OPENOOD_SPLITS = {
 }
 
 
-class ImageList(Dataset):
+class ImageList(ImageFiles):
     """An OpenOOD image list: one `relative/path label` per line, images read with PIL.
 
     An image that cannot be read (missing, not an image, truncated) is, with `on_bad_image="error"`, a DataError
@@ -60,73 +59,12 @@ class ImageList(Dataset):
     def __init__(self, list_file: Path, images_dir: Path, transform: Callable, ood: bool, on_bad_image: str = "error"):
         if not list_file.is_file():
             raise FileNotFoundError(f"OpenOOD image list '{list_file}' does not exist (data.openood_root)")
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image is {on_bad_image!r}; expected error or skip (data.on_bad_image)")
-        self.list_file, self.on_bad_image = list_file, on_bad_image
-        self.items: list[tuple[Path, int]] = []
-        self.lines: list[int] = []  # the list line of each item, for error messages
-        for n, line in enumerate(list_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(" ", 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{list_file}:{n}: expected '<path> <label>', got {line!r}")
-            self.items.append((images_dir / parts[0], -1 if ood else int(parts[1])))
-            self.lines.append(n)
-        self.transform = transform
-        self.skipped = 0  # items left out (skip mode)
-        if on_bad_image == "skip":
-            self._drop_unreadable()
-
-    def _drop_unreadable(self) -> None:
-        keep, bad = [], []
-        for j, (path, _) in enumerate(self.items):
-            try:
-                with Image.open(path):
-                    pass
-            except Exception as e:  # any reason PIL cannot identify the file
-                bad.append((path, e))
-            else:
-                keep.append(j)
-        if bad:
-            first, why = bad[0]
-            log.warning("data.on_bad_image=skip: left out %d of %d images listed in %s (unreadable; the first: %s: %s)",
-                        len(bad), len(self.items), self.list_file, first, _reason(why))
-            self.items = [self.items[j] for j in keep]
-            self.lines = [self.lines[j] for j in keep]
-            self.skipped = len(bad)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _read(self, i: int) -> Image.Image:
-        path, _ = self.items[i]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as e:  # missing, not an image, truncated: all one message
-            raise DataError(f"image '{path}' (line {self.lines[i]} of {self.list_file}) cannot be read: "
-                            f"{_reason(e)}; replace or remove it, or set data.on_bad_image=skip") from None
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        for j in range(i, i + len(self.items)) if self.on_bad_image == "skip" else (i,):
-            j %= len(self.items)
-            try:
-                img = self._read(j)
-            except DataError as e:
-                if self.on_bad_image == "error":
-                    raise
-                self.skipped += 1
-                log.warning("data.on_bad_image=skip: %s; using the next image of the list instead (%d so far)",
-                            str(e).split("; replace")[0], self.skipped)
-                continue
-            return self.transform(img), self.items[i][1]
-        raise DataError(f"no image of {self.list_file} can be read (data.on_bad_image=skip)")
-
-
-def _reason(e: BaseException) -> str:
-    """One line: the exception's type and message."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+        self.list_file = list_file
+        items, where = [], []
+        for n, (path, label) in read_list(list_file):
+            items.append((images_dir / path, -1 if ood else label))
+            where.append(f"line {n} of {list_file}")
+        super().__init__(items, where, transform, on_bad_image, source=str(list_file))
 
 
 def _transforms(name: str, size: int) -> tuple[Callable, Callable]:
@@ -200,7 +138,7 @@ def _cifar(name: str, cfg: DataConfig) -> Benchmark:
         plain = cls(cfg.root, train=True, transform=test_tf, download=False)
         test = cls(cfg.root, train=False, transform=test_tf, download=False)
     except Exception as e:  # torchvision's checksum check, a truncated or foreign pickle: one message
-        raise DataError(f"{name}: torchvision's folder '{Path(cfg.root) / folder}' cannot be read ({_reason(e)}); "
+        raise DataError(f"{name}: torchvision's folder '{Path(cfg.root) / folder}' cannot be read ({reason(e)}); "
                         f"expected the unmodified {folder} files (their checksums are checked)") from None
     # ID validation: a fixed 1,000-image slice of the test split's complement is not available in
     # torchvision's format, so validation uses every 10th test image and test keeps the rest.

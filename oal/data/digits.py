@@ -10,13 +10,11 @@ Images are scaled to [0, 1], upsampled to `image_size`, replicated to 3 channels
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import TensorDataset
 
 from oal.config import DataConfig
-from oal.data import Benchmark, grey_images, grey_ood_set, photo_patches, register
+from oal.data import Arrays, photo_patches, register_arrays
 
 ID_CLASSES = (0, 1, 2, 3, 4, 5)
 NEAR_CLASSES = (6, 7, 8)
@@ -24,8 +22,8 @@ VAL_OOD_CLASSES = (9,)
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-@register("digits")
-def build(cfg: DataConfig) -> Benchmark:
+@register_arrays("digits")
+def arrays(cfg: DataConfig) -> Arrays:
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0, 1]
     y = d.target
@@ -34,24 +32,13 @@ def build(cfg: DataConfig) -> Benchmark:
     x_tr, x_rest, y_tr, y_rest = train_test_split(xi, yi, test_size=0.4, stratify=yi, random_state=cfg.split_seed)
     x_va, x_te, y_va, y_te = train_test_split(x_rest, y_rest, test_size=0.75, stratify=y_rest,
                                               random_state=cfg.split_seed)
-    s = cfg.image_size
-
-    def id_set(a: np.ndarray, b: np.ndarray) -> TensorDataset:
-        return TensorDataset(grey_images(a, s), torch.as_tensor(b, dtype=torch.long))
-
-    train = id_set(x_tr, y_tr)
     rng = np.random.default_rng(cfg.split_seed + 1)
-    return Benchmark(
+    return Arrays(
         name="digits",
         class_names=[NAMES[c] for c in ID_CLASSES],
-        train=train,
-        train_plain=train,
-        val=id_set(x_va, y_va),
-        test=id_set(x_te, y_te),
-        ood_val={"digit9": grey_ood_set(x[np.isin(y, VAL_OOD_CLASSES)], s)},
-        near={"digits678": grey_ood_set(x[np.isin(y, NEAR_CLASSES)], s)},
-        far={
-            "photo_patches": grey_ood_set(photo_patches(400, 8, cfg.split_seed + 2), s),
-            "noise": grey_ood_set(rng.random((300, 8, 8), dtype=np.float32), s),
-        },
+        train=(x_tr, y_tr), val=(x_va, y_va), test=(x_te, y_te),
+        ood_val={"digit9": x[np.isin(y, VAL_OOD_CLASSES)]},
+        near={"digits678": x[np.isin(y, NEAR_CLASSES)]},
+        far={"photo_patches": photo_patches(400, 8, cfg.split_seed + 2),
+             "noise": rng.random((300, 8, 8), dtype=np.float32)},
     )

@@ -34,11 +34,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import TensorDataset
 
 from oal.config import DataConfig
-from oal.data import Benchmark, grey_images, grey_ood_set, photo_patches, register
+from oal.data import Arrays, photo_patches, register_arrays
 
 log = logging.getLogger("oal.data")
 NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -162,36 +160,30 @@ def split_indices(y_train: np.ndarray, train_per_class: int | None, seed: int) -
     return {"train": train, "val": val, "ood_val": ood_val, "real_outliers": real}
 
 
-@register("fashion")
-def build(cfg: DataConfig) -> Benchmark:
+@register_arrays("fashion")
+def arrays(cfg: DataConfig) -> Arrays:
     d = find_dir(cfg.root)
     x_tr, y_tr = load_split(d, "train")
     x_te, y_te = load_split(d, "test")
-    s = cfg.image_size
     idx = split_indices(y_tr, cfg.train_per_class, cfg.split_seed)
     remap = np.full(len(NAMES), -1)
     remap[list(ID_CLASSES)] = np.arange(len(ID_CLASSES))  # dataset label -> ID class index
 
-    def id_set(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return TensorDataset(grey_images(x, s), torch.as_tensor(remap[y], dtype=torch.long))
-
     from sklearn.datasets import load_digits
 
-    train = id_set(x_tr[idx["train"]], y_tr[idx["train"]])
     test_id = np.isin(y_te, ID_CLASSES)
     rng = np.random.default_rng(cfg.split_seed + 1)
-    return Benchmark(
+    return Arrays(
         name="fashion",
         class_names=[NAMES[c] for c in ID_CLASSES],
-        train=train,
-        train_plain=train,
-        val=id_set(x_tr[idx["val"]], y_tr[idx["val"]]),
-        test=id_set(x_te[test_id], y_te[test_id]),
-        ood_val={"bag": grey_ood_set(x_tr[idx["ood_val"]], s)},
-        near={"footwear": grey_ood_set(x_te[np.isin(y_te, NEAR_CLASSES)], s)},
+        train=(x_tr[idx["train"]], remap[y_tr[idx["train"]]]),
+        val=(x_tr[idx["val"]], remap[y_tr[idx["val"]]]),
+        test=(x_te[test_id], remap[y_te[test_id]]),
+        ood_val={"bag": x_tr[idx["ood_val"]]},
+        near={"footwear": x_te[np.isin(y_te, NEAR_CLASSES)]},
         far={
-            "digits": grey_ood_set((load_digits().images / 16.0).astype(np.float32), s),
-            "photo_patches": grey_ood_set(photo_patches(1000, 28, cfg.split_seed + 2), s),
-            "noise": grey_ood_set(rng.random((1000, 28, 28), dtype=np.float32), s),
+            "digits": (load_digits().images / 16.0).astype(np.float32),
+            "photo_patches": photo_patches(1000, 28, cfg.split_seed + 2),
+            "noise": rng.random((1000, 28, 28), dtype=np.float32),
         },
     )
