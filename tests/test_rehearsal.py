@@ -1,11 +1,16 @@
-"""Scale rehearsal: the paper presets end to end through `ray job submit` on the real local stack, on data the
-test writes in the real on-disk formats (an OpenOOD v1.5 tree of lists and PNGs, a Stable-Diffusion-layout
-diffusers folder with a CLIP BPE tokenizer, a timm ViT weights file). Only sizes and epochs are shrunk by
-overrides (`tests.realdata.rehearsal`); every code path is the preset's own."""
+"""Scale rehearsal: the paper presets end to end on data the test writes in the real on-disk formats (an OpenOOD
+v1.5 tree of lists and PNGs, a Stable-Diffusion-layout diffusers folder with a CLIP BPE tokenizer, a timm ViT
+weights file). Only sizes and epochs are shrunk by overrides (`tests.realdata.rehearsal`); every code path is the
+preset's own. cifar100_oal (224 px) goes through `ray job submit` on the real local stack; cifar100_32 (student
+32 px, teacher 224 px) runs the same stages through `oal pipeline` in one process: its sizes live in the stages
+(the jobs only place them on Ray workers, whatever the sizes), and the Ray path is the 224 px run's."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,29 +19,19 @@ import torch
 
 from tests.realdata import REHEARSAL_EVAL_IMAGES, rehearsal
 
-pytestmark = [pytest.mark.ray, pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize(("preset", "student_size"), [("cifar100_oal", 224), ("cifar100_32", 32)])
-def test_paper_preset_through_ray_job_submit(stack, tmp_path, preset, student_size):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The rehearsal's data, written once for both presets (the same CIFAR-100 tree, teacher file and diffusers
+    folder: `rehearsal` writes the same for either), and its overrides. Both runs only read it."""
+    root = tmp_path_factory.mktemp("rehearsal") / "data"
+    return root, rehearsal(root, "cifar100_oal")
 
-    overrides = rehearsal(tmp_path / "data", preset)
-    out = tmp_path / "runs"
-    entry = " ".join(["python -m jobs.pipeline --config", preset, "--no-progress", *overrides, f"output_dir={out}",
-                      "cluster.use_gpu=false"])
-    client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
-    job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO),
-                                                           "excludes": [".venv", ".git", "runs", ".stack", "*.pt"]})
-    deadline = time.time() + 600
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.time() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(1)
-    logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
-    run = out / preset
 
+def _check_run(run: Path, data: Path, logs: str, student_size: int) -> None:
+    """What both presets' runs must show; `logs`: everything the run printed (its table, its log lines)."""
     # the results table: the base stage is the CE baseline row, the OAL student the other, both best-epoch
     table = (run / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| CE", "| OAL"))]
@@ -46,7 +41,7 @@ def test_paper_preset_through_ray_job_submit(stack, tmp_path, preset, student_si
     assert table in logs
 
     # the ID test set is exactly OpenOOD's test list, and the OOD sets are the leaderboard's
-    test_list = (tmp_path / "data" / "openood" / "benchmark_imglist" / "cifar100" / "test_cifar100.txt")
+    test_list = data / "openood" / "benchmark_imglist" / "cifar100" / "test_cifar100.txt"
     n_test = len(test_list.read_text().splitlines())
     for d in ("eval", "eval_base"):
         res = json.loads((run / d / "results.json").read_text())
@@ -70,3 +65,37 @@ def test_paper_preset_through_ray_job_submit(stack, tmp_path, preset, student_si
     assert (latents["scheduler"], latents["count"], latents["latent_shape"]) == ("pndm", 6, [4, 8, 8])
     anchors = json.loads((run / "anchors" / "stage.json").read_text())
     assert len(anchors["outlier_norms"]) == 100  # one per CIFAR-100 class name
+
+
+@pytest.mark.ray
+@pytest.mark.stack
+@pytest.mark.slow
+def test_paper_preset_through_ray_job_submit(stack, data, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    preset, (root, overrides) = "cifar100_oal", data
+    out = tmp_path / "runs"
+    entry = " ".join(["python -m jobs.pipeline --config", preset, "--no-progress", *overrides, f"output_dir={out}",
+                      "cluster.use_gpu=false"])
+    client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
+    job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO),
+                                                           "excludes": [".venv", ".git", "runs", ".stack", "*.pt"]})
+    deadline = time.time() + 600
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
+    _check_run(out / preset, root, logs, student_size=224)
+
+
+@pytest.mark.slow
+def test_paper_preset_at_32_px_in_one_process(data, tmp_path):
+    preset, (root, overrides) = "cifar100_32", data
+    out = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "oal", "pipeline", "--config", preset, "--no-progress", *overrides,
+                        f"output_dir={out}", "cluster.use_gpu=false"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    _check_run(out / preset, root, r.stdout + r.stderr, student_size=32)
