@@ -1,7 +1,8 @@
 """OOD-detection quality of OAL's loss terms and of its outliers' source, one variant per row, on an embedded
 benchmark (default `fashion`; `--quick` runs tiny `digits` settings).
 
-    python -m bench.quality [--preset fashion] [--seeds 0 1 2] [--out runs/bench-quality] [--quick] [key=value ...]
+    python -m bench.quality [--preset fashion] [--seeds 0 1 2] [--rows ladder|ablation] [--out runs/bench-quality]
+                            [--quick] [key=value ...]
 
 For each seed the shared stages (base CE student, teacher, the diffusion model trained on the ID images,
 embeddings, anchors, k-NN outliers, latent outliers) run once under `<out>/q-seed<s>/`, plus two more outlier
@@ -69,6 +70,16 @@ VARIANTS = (
             "class"),
 )
 
+FULL = ("loss.w_energy_knn=0", "loss.w_energy_lat=0")  # the paper's OAL: KD + both MICL terms, no energy terms
+# --rows ablation: full OAL and each of its loss terms removed (the CE row is the base stage's)
+ABLATION = (
+    Variant("OAL (full, reference weights)", "full", FULL),
+    Variant("OAL without logit KD", "no-logit-kd", (*FULL, "loss.w_logit_kd=0")),
+    Variant("OAL without feature KD", "no-feat-kd", (*FULL, "loss.w_feat_kd=0")),
+    Variant("OAL without k-NN MICL", "no-micl-knn", (*FULL, "loss.w_micl_knn=0")),
+    Variant("OAL without latent MICL", "no-micl-lat", (*FULL, "loss.w_micl_lat=0")),
+)
+
 # (column header, where in results.json: "id_accuracy" or (near|far, metric))
 COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("near AUROC", ("near", "auroc")),
@@ -96,8 +107,11 @@ def _metrics(results: dict) -> dict[str, Any]:
     return out
 
 
-def variants_for(preset_cfg: C.OALConfig) -> tuple[Variant, ...]:
-    """The untrained-model row only makes sense when the main chain uses the trained model."""
+def variants_for(preset_cfg: C.OALConfig, rows: str = "ladder") -> tuple[Variant, ...]:
+    """The rows of `--rows` (ladder: terms added one by one, and the outliers' source; ablation: each term of full
+    OAL removed). The untrained-model row only makes sense when the main chain uses the trained model."""
+    if rows == "ablation":
+        return ABLATION
     return tuple(v for v in VARIANTS if v.chain != "untrained" or preset_cfg.diffusion.model == TRAINED)
 
 
@@ -148,7 +162,8 @@ def from_base(shared: C.OALConfig, base_ckpt: str) -> list[str]:
     return [f"model.base_checkpoint={base_ckpt}"] if shared.model.student_init == "base" else []
 
 
-def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[str, dict[str, float]], dict]:
+def run_seed(preset: str, base: list[str], seed: int, out: Path,
+             rows: str = "ladder") -> tuple[dict[str, dict[str, float]], dict]:
     """All variants for one seed: shared stages once, then one student and one evaluation per variant."""
     common = [*base, f"seed={seed}", f"output_dir={out}"]
     shared = C.load_config(preset, [*common, f"name=q-seed{seed}"])
@@ -156,7 +171,7 @@ def run_seed(preset: str, base: list[str], seed: int, out: Path) -> tuple[dict[s
     t0 = time.perf_counter()
     given, base_ckpt, info = shared_stages(shared, bench)
     chains = {"main": _outliers(shared, bench)}
-    chosen = variants_for(shared)
+    chosen = variants_for(shared, rows)
     if any(v.chain == "untrained" for v in chosen):
         cfg = C.load_config(preset, [*common, f"name=q-seed{seed}-untrained", f"diffusion.model={BUILTIN}", *given])
         chains["untrained"] = _outliers(cfg, bench)
@@ -257,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/bench-quality", help="output root (one run folder per seed and variant)")
     p.add_argument("--quick", action="store_true", help="tiny digits settings, for checking that it runs")
+    p.add_argument("--rows", choices=["ladder", "ablation"], default="ladder",
+                   help="ladder: loss terms added one by one and the outliers' source; ablation: full OAL and each "
+                        "of its terms removed")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied to every variant")
     args = p.parse_args(argv)
     preset, base, probe = setup(p, args, [])
@@ -264,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     per_seed, info = {}, {}
     for s in args.seeds:
-        per_seed[s], info[s] = run_seed(preset, base, s, out)
+        per_seed[s], info[s] = run_seed(preset, base, s, out, args.rows)
     seconds = time.perf_counter() - t0
     bench = build_benchmark(probe.data)
     model = {BUILTIN: "the built-in UNTRAINED tiny model (random weights): latent terms here exercise the machinery",
@@ -289,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Runtime: {seconds:.0f} s on this machine (stages skipped as up to date take ~0 s).",
         "",
     ])
-    save_report(out, "quality", text, lambda path: plot(per_seed, path),
+    save_report(out, "quality" if args.rows == "ladder" else f"quality-{args.rows}", text, lambda path: plot(per_seed, path),
                 {"preset": preset, "seeds": args.seeds, "overrides": base, "per_seed": per_seed, "diffusion": info})
 
 if __name__ == "__main__":

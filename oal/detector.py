@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from oal.evaluate import KNNScore, Outputs, energy_score, max_logit_score, msp_score
+from oal.images import square
 from oal.models import Classifier, build_student
 
 SPEC = "detector.json"
@@ -108,10 +108,9 @@ class Detector:
             t = (t * torch.tensor(LUMA).view(3, 1, 1)).sum(0, keepdim=True)  # (1, H, W)
         if t.shape[0] == 1:
             t = t.expand(3, -1, -1)
-        s = self.spec.image_size
-        if t.shape[-2:] != (s, s):
-            # the resize the embedded benchmarks apply to their images (oal.data.grey_images)
-            t = F.interpolate(t.unsqueeze(0), size=(s, s), mode="bilinear", align_corners=False)[0]
+        # the resize the benchmarks apply to their images: bilinear (oal.data.grey_images), the shorter side to the
+        # model's size and the longer centre-cropped (oal.data.files.square; a square image is only resized)
+        t = square(t, self.spec.image_size)
         mean, std = (torch.tensor(v).view(3, 1, 1) for v in (self.spec.mean, self.spec.std))
         return ((t - mean) / std).contiguous()
 

@@ -133,6 +133,7 @@ def move_aside(path: str | os.PathLike, reason: str) -> Path:
 # hands it to each Ray task, training worker and trial: `OAL_OBJECT_CACHE`).
 
 OBJECT_CACHE_ENV = "OAL_OBJECT_CACHE"
+SYNC_THREADS = 16  # downloads at a time when a node fetches a dataset (and the client's connection pool)
 SCHEMES = ("s3",)
 
 
@@ -195,7 +196,8 @@ def client() -> Any:
         logging.getLogger("botocore").setLevel(logging.WARNING)  # not one INFO line per client about its sources
         # a session of its own: boto3's default one keeps the credentials it first found in the environment
         _clients[key] = boto3.session.Session().client("s3", config=Config(connect_timeout=timeout, read_timeout=timeout,
-                                                         retries={"max_attempts": attempts, "mode": "standard"}))
+                                                         retries={"max_attempts": attempts, "mode": "standard"},
+                                                         max_pool_connections=SYNC_THREADS))
     return _clients[key]
 
 
@@ -306,7 +308,7 @@ def inventory(folder: str | os.PathLike) -> dict[str, str]:
     return {rel: obj["ETag"] for rel, obj in _objects(loc[0], loc[1].rstrip("/") + "/")}
 
 
-def sync(folder: str | os.PathLike, wanted: set[str] | None = None, threads: int = 16) -> dict[str, Path]:
+def sync(folder: str | os.PathLike, wanted: set[str] | None = None, threads: int = SYNC_THREADS) -> dict[str, Path]:
     """The files under `folder` (or only the relative paths in `wanted`) by relative path, readable on this node:
     for an s3:// prefix each object is fetched into this node's mirror unless the mirror already holds the store's
     version (one listing, no request per unchanged object; `threads` downloads at a time); a local folder is read

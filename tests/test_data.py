@@ -90,22 +90,25 @@ def test_every_registered_benchmark_has_a_builder(tmp_path, monkeypatch):
     """Each registered name builds a whole benchmark from its own data format (tiny stand-ins here): ID splits
     of images at data.image_size, its classes, and for OpenOOD lists the near and far OOD sets."""
     from oal.data.cifar import OPENOOD_SPLITS
+    from oal.data.fashion import PROBED, SPLITS
     from oal.data.folder import export
     from tests.test_fashion import make_fashion_folder
 
-    assert set(BENCHMARKS) == {"digits", "fashion", "cifar10", "cifar100", "imagenet200", "folder", "imglist"}
+    splits = {**SPLITS, **PROBED}  # the fashion splits: one builder, each its own classes
+    assert set(BENCHMARKS) == {"digits", "cifar10", "cifar100", "imagenet200", "folder", "imglist", *splits}
     monkeypatch.setenv("OAL_DATA_DIR", str(tmp_path / "empty-cache"))  # fashion never reads the machine's cache
     openood = _openood_tree(tmp_path / "openood")
     fashion = make_fashion_folder(tmp_path / "fashion", train_per_class=210, test_per_class=2)  # 200 for val
-    configs = {"digits": DataConfig(image_size=16),
-               "fashion": DataConfig(benchmark="fashion", root=str(fashion), train_per_class=4, image_size=16)}
+    configs = {"digits": DataConfig(image_size=16)}
+    configs |= {n: DataConfig(benchmark=n, root=str(fashion), train_per_class=4, image_size=16) for n in splits}
     configs |= {n: DataConfig(benchmark=n, openood_root=str(openood), image_size=16)
                 for n in ("cifar10", "cifar100", "imagenet200")}
     own = tmp_path / "own"
     export("digits", DataConfig(), str(own))  # the folder layout, and lists for the same files
     configs |= {"folder": DataConfig(benchmark="folder", root=str(own), image_size=16),
                 "imglist": DataConfig(benchmark="imglist", root=str(own), imglist=str(own / "imglist"), image_size=16)}
-    classes = {"digits": 6, "fashion": 6, "cifar10": 10, "cifar100": 100, "imagenet200": 2, "folder": 6, "imglist": 6}
+    classes = {"digits": 6, "cifar10": 10, "cifar100": 100, "imagenet200": 2, "folder": 6, "imglist": 6}
+    classes |= {n: len(sp.id_classes) for n, sp in splits.items()}
     for name, builder in BENCHMARKS.items():
         b = builder(configs[name])
         assert b.name == name

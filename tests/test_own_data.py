@@ -218,3 +218,16 @@ def test_a_folder_in_s3_is_fetched_once_per_node_and_reads_as_the_local_one(digi
         assert len(b.train) == len(local.train) + 1
     finally:
         server.stop()
+
+
+def test_a_non_square_image_is_resized_by_its_shorter_side_and_centre_cropped():
+    from oal.images import square
+
+    t = torch.zeros(1, 20, 60)
+    t[:, :, 20:40] = 1.0  # the middle third of a wide image is bright
+    s = square(t, 10)  # 20 x 60 -> 10 x 30, then the middle 10 columns
+    assert s.shape == (1, 10, 10) and torch.allclose(s, torch.ones(1, 10, 10))
+    tall = square(torch.arange(60.0).view(1, 60, 1).expand(1, 60, 20), 10)  # 60 x 20 -> 30 x 10, middle rows
+    assert tall.shape == (1, 10, 10) and 20 < float(tall.mean()) < 40
+    same = torch.rand(3, 10, 10)
+    assert square(same, 10) is same  # a square image of the model's size is left as it is

@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,31 @@ NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "
 ID_CLASSES = (0, 1, 2, 3, 4, 6)
 VAL_OOD_CLASSES = (8,)
 NEAR_CLASSES = (5, 7, 9)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which Fashion-MNIST classes are ID, validation OOD and near-OOD test (the far sets are the same for all)."""
+
+    id_classes: tuple[int, ...]
+    val_ood: tuple[int, ...]
+    near: tuple[int, ...]
+    near_name: str
+    val_name: str
+
+
+# The registered splits, each a benchmark name. The probe that compared them (`python -m bench.split_probe`; the CE
+# base stage under its validation-chosen score, near-OOD AUROC on the test set) and the rule that picked
+# `fashion_tops`: docs/benchmarks.md, "A near-OOD split with room".
+SPLITS = {
+    "fashion": Split(ID_CLASSES, VAL_OOD_CLASSES, NEAR_CLASSES, "footwear", "bag"),
+}
+PROBED = {  # candidates measured by the probe, registered too so that it can build them
+    "fashion_tops": Split((0, 1, 3, 5, 7, 9), (8,), (2, 4, 6), "tops", "bag"),
+    "fashion_shirt": Split((0, 1, 2, 3, 4, 5, 7, 9), (8,), (6,), "shirt", "bag"),
+    "fashion_garments": Split((0, 1, 5, 7, 8, 9), (3,), (2, 4, 6), "garments", "dress"),
+    "fashion_upper": Split((1, 2, 3, 5, 7, 9), (8,), (0, 4, 6), "upper", "bag"),
+}
 FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
          "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -150,40 +176,45 @@ def _take(y: np.ndarray, classes: tuple[int, ...], n: int | None, rng: np.random
     return np.sort(np.concatenate(out))
 
 
-def split_indices(y_train: np.ndarray, train_per_class: int | None, seed: int) -> dict[str, np.ndarray]:
+def split_indices(y_train: np.ndarray, train_per_class: int | None, seed: int,
+                  split: Split = SPLITS["fashion"]) -> dict[str, np.ndarray]:
     """Disjoint index sets into the training split: ID train, ID val, validation OOD, real outliers (OE)."""
     rng = np.random.default_rng(seed)
-    val = _take(y_train, ID_CLASSES, VAL_PER_CLASS, rng)
-    train = _take(y_train, ID_CLASSES, train_per_class, rng, exclude=val)
-    ood_val = _take(y_train, VAL_OOD_CLASSES, OOD_VAL_IMAGES, rng)
-    real = _take(y_train, VAL_OOD_CLASSES, OOD_VAL_IMAGES, rng, exclude=ood_val)
+    val = _take(y_train, split.id_classes, VAL_PER_CLASS, rng)
+    train = _take(y_train, split.id_classes, train_per_class, rng, exclude=val)
+    ood_val = _take(y_train, split.val_ood, OOD_VAL_IMAGES, rng)
+    real = _take(y_train, split.val_ood, OOD_VAL_IMAGES, rng, exclude=ood_val)
     return {"train": train, "val": val, "ood_val": ood_val, "real_outliers": real}
 
 
-@register_arrays("fashion")
-def arrays(cfg: DataConfig) -> Arrays:
+def arrays(cfg: DataConfig, name: str = "fashion") -> Arrays:
+    split = {**SPLITS, **PROBED}[name]
     d = find_dir(cfg.root)
     x_tr, y_tr = load_split(d, "train")
     x_te, y_te = load_split(d, "test")
-    idx = split_indices(y_tr, cfg.train_per_class, cfg.split_seed)
+    idx = split_indices(y_tr, cfg.train_per_class, cfg.split_seed, split)
     remap = np.full(len(NAMES), -1)
-    remap[list(ID_CLASSES)] = np.arange(len(ID_CLASSES))  # dataset label -> ID class index
+    remap[list(split.id_classes)] = np.arange(len(split.id_classes))  # dataset label -> ID class index
 
     from sklearn.datasets import load_digits
 
-    test_id = np.isin(y_te, ID_CLASSES)
+    test_id = np.isin(y_te, split.id_classes)
     rng = np.random.default_rng(cfg.split_seed + 1)
     return Arrays(
-        name="fashion",
-        class_names=[NAMES[c] for c in ID_CLASSES],
+        name=name,
+        class_names=[NAMES[c] for c in split.id_classes],
         train=(x_tr[idx["train"]], remap[y_tr[idx["train"]]]),
         val=(x_tr[idx["val"]], remap[y_tr[idx["val"]]]),
         test=(x_te[test_id], remap[y_te[test_id]]),
-        ood_val={"bag": x_tr[idx["ood_val"]]},
-        near={"footwear": x_te[np.isin(y_te, NEAR_CLASSES)]},
+        ood_val={split.val_name: x_tr[idx["ood_val"]]},
+        near={split.near_name: x_te[np.isin(y_te, split.near)]},
         far={
             "digits": (load_digits().images / 16.0).astype(np.float32),
             "photo_patches": photo_patches(1000, 28, cfg.split_seed + 2),
             "noise": rng.random((1000, 28, 28), dtype=np.float32),
         },
     )
+
+
+for _name in (*SPLITS, *PROBED):
+    register_arrays(_name)(lambda cfg, _n=_name: arrays(cfg, _n))

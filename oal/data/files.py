@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 from oal.data import DataError
+from oal.images import square
 
 log = logging.getLogger("oal.data")
 
@@ -106,18 +106,6 @@ class ImageFiles(Dataset):
 def pixels(img: Image.Image) -> torch.Tensor:
     """An RGB image -> (3, h, w) float in [0, 1]."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-
-
-def square(t: torch.Tensor, size: int) -> torch.Tensor:
-    """(C, h, w) -> (C, size, size): the shorter side resized to `size` (bilinear, as the embedded benchmarks
-    upsample), the longer one centre-cropped."""
-    h, w = t.shape[-2:]
-    if (h, w) != (size, size):
-        nh, nw = (size, max(size, round(w * size / h))) if h <= w else (max(size, round(h * size / w)), size)
-        t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-        top, left = (nh - size) // 2, (nw - size) // 2
-        t = t[:, top:top + size, left:left + size]
-    return t
 
 
 class Pixels:

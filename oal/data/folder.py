@@ -41,7 +41,8 @@ from torch.utils.data import Dataset
 from oal import storage
 from oal.config import DataConfig, KNNConfig
 from oal.data import ARRAYS, Benchmark, DataError, register
-from oal.data.files import ImageFiles, Pixels, pixels, square
+from oal.data.files import ImageFiles, Pixels, pixels
+from oal.images import square
 
 log = logging.getLogger("oal.data")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -394,7 +395,7 @@ def export(name: str, cfg: DataConfig, dest: str) -> dict[str, int]:
     return counts
 
 
-def upload_tree(tmp: Path, dest: str, threads: int = 16) -> None:
+def upload_tree(tmp: Path, dest: str, threads: int = storage.SYNC_THREADS) -> None:
     """Every file under `tmp` to the prefix `dest`; the class lists last (a reader finds images before them)."""
     from concurrent.futures import ThreadPoolExecutor
 
