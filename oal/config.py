@@ -457,20 +457,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     """Merge defaults, a preset (name or .yaml path) and `key=value` overrides into an `OALConfig`, then check every
     value against its field's type and range (`validate`). Any problem is a one-line ConfigError naming the key."""
     cfg = OmegaConf.structured(OALConfig)
-    layers: list[tuple[str, Any]] = []
-    if preset:
-        path = preset_path(preset)
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # YAML syntax: the parser's first line says where
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
-                              f"{getattr(e, 'problem', None) or _first_line(e)}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"config file '{path}' holds a list; expected a mapping of keys (e.g. `student:` "
-                              f"then `  epochs: 3`)")
-        layers.append((str(path), loaded))
+    layers: list[tuple[str, Any]] = _preset_layers(preset, []) if preset else []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. student.epochs=3)")
@@ -500,6 +487,36 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     assert isinstance(obj, OALConfig)
     validate(obj)
     return obj
+
+
+def _preset_layers(preset: str, chain: list[str]) -> list[tuple[str, Any]]:
+    """A preset's layers, the presets it `extends:` first (a name or a .yaml path; a preset holds only what differs
+    from the one it extends)."""
+    path = preset_path(preset)
+    if str(path.resolve()) in chain:
+        raise ConfigError(f"config file '{path}' extends itself through {' -> '.join(chain)}; expected a chain of "
+                          f"presets that ends")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax: the parser's first line says where
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
+                          f"{getattr(e, 'problem', None) or _first_line(e)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file '{path}' holds a list; expected a mapping of keys (e.g. `student:` "
+                          f"then `  epochs: 3`)")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return [(str(path), loaded)]
+    if not isinstance(parent, str):
+        raise ConfigError(f"config file '{path}': 'extends' is {parent!r}; expected the name of a preset or a .yaml "
+                          f"path")
+    try:
+        below = _preset_layers(parent, [*chain, str(path.resolve())])
+    except ConfigError as e:
+        raise ConfigError(f"config file '{path}' extends '{parent}': {e}") from None
+    return [*below, (str(path), loaded)]
 
 
 def _first_line(e: BaseException) -> str:

@@ -251,3 +251,34 @@ def test_help_keys_lists_every_key_with_type_default_range_and_hint():
     assert all(line.split("): ", 1)[1].strip() for line in lines.values() if "): " in line)
     assert all("): " in line for line in lines.values()), "every key has a hint from its field's comment"
     assert "[ldm] The built-in latent diffusion model" in text
+
+
+def test_a_preset_extends_another_and_holds_only_its_differences(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: fashion\nname: child\nstudent:\n  epochs: 7\n")
+    cfg, fashion = load_config(str(child)), load_config("fashion")
+    assert (cfg.name, cfg.student.epochs, cfg.data.benchmark) == ("child", 7, "fashion")
+    assert cfg.teacher == fashion.teacher and cfg.knn == fashion.knn and cfg.ldm == fashion.ldm
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text(f"extends: {child}\nname: grandchild\nldm:\n  pretrained: null\n")
+    cfg = load_config(str(grandchild), ["student.lr=0.5"])  # the command line still comes last
+    assert (cfg.name, cfg.student.epochs, cfg.student.lr, cfg.ldm.pretrained) == ("grandchild", 7, 0.5, None)
+    # the shipped presets that extend fashion resolve to fashion plus their few keys
+    shirt = load_config("fashion_shirt")
+    assert shirt.data.benchmark == "fashion_shirt" and shirt.ldm.pretrained is None
+    assert (shirt.teacher, shirt.base, shirt.student, shirt.knn) == (fashion.teacher, fashion.base, fashion.student,
+                                                                     fashion.knn)
+
+
+def test_a_bad_extends_is_one_error_naming_the_file(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"extends: {b}\nname: a\n")
+    b.write_text(f"extends: {a}\nname: b\n")
+    with pytest.raises(ConfigError, match=r"a.yaml' extends itself through .*a.yaml -> .*b.yaml"):
+        load_config(str(a))
+    b.write_text("extends: no_such_preset\nname: b\n")
+    with pytest.raises(ConfigError, match=r"b.yaml' extends 'no_such_preset': unknown preset 'no_such_preset'"):
+        load_config(str(a))
+    b.write_text("extends: [fashion]\n")
+    with pytest.raises(ConfigError, match=r"'extends' is \['fashion'\]; expected the name of a preset"):
+        load_config(str(b))
