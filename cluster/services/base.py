@@ -1,0 +1,47 @@
+"""What the stack (cluster/stack.py) asks of each of its services; one module per service subclasses it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:  # annotations only: the stack imports the services, never the other way round
+    from cluster.stack import Stack
+
+
+class Service:
+    """One service of the stack, stateless: its settings are the Stack's fields, its files in the Stack's state dir."""
+
+    name: ClassVar[str]
+    ports: ClassVar[dict[str, str]]  # the Stack's port fields it listens on -> their environment variables
+    needs: ClassVar[tuple[str, ...]] = ()  # the services it cannot work without (`up` starts them too)
+    files: ClassVar[tuple[str, ...]] = ()  # its private files in the state dir (0600, also with a suffix: -journal)
+    dirs: ClassVar[tuple[str, ...]] = ()  # its private folders in the state dir (0700)
+
+    def command(self, st: Stack) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment that start it (in the state dir, its output in its log)."""
+        raise NotImplementedError
+
+    def probe(self, st: Stack) -> tuple[bool, str]:
+        """(healthy, what was seen)."""
+        raise NotImplementedError
+
+    def url(self, st: Stack) -> str:
+        """Where it answers, for status lines."""
+        raise NotImplementedError
+
+    def check(self, st: Stack) -> None:
+        """Raise StackError when the settings cannot work (before anything starts)."""
+
+    def prepare(self, st: Stack) -> str | None:
+        """Set-up before it starts; returns a line to show, or None."""
+        return None
+
+    def ready(self, st: Stack) -> None:
+        """Set-up once it answers its probe (after every `up` that waits for it)."""
+
+    def refusal(self, seen: str) -> str | None:
+        """What is wrong when the probe saw `seen` that waiting will not mend, or None."""
+        return None
+
+    def stopped(self, st: Stack) -> None:
+        """Clean-up once its processes are gone."""
