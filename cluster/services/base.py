@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import ClassVar, Protocol
 
-if TYPE_CHECKING:  # annotations only: the stack imports the services, never the other way round
-    from cluster.stack import Stack
+
+class Stack(Protocol):
+    """What a service reads of the stack's settings (cluster.stack.Stack has them all): the stack imports the
+    services, never the other way round."""
+
+    state_dir: Path
+    s3_port: int
+    mlflow_port: int
+    ray_dashboard_port: int
+    ray_gcs_port: int
+    ray_client_port: int
+    ray_agent_port: int
+    num_cpus: int
+    bucket: str
+    ray_temp_dir: Path | None
+    jobs_user: str
+
+    def secret(self, name: str) -> str: ...
+
+    def env(self) -> dict[str, str]: ...
+
+    def ports(self) -> dict[str, int]: ...
+
+    def base_env(self) -> dict[str, str]: ...
 
 
 class Service:

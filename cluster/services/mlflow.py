@@ -11,14 +11,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cluster.procs import HOST, HTTP, StackError, exe, http_get, write_private
 from cluster.services import s3
-from cluster.services.base import Service
-
-if TYPE_CHECKING:
-    from cluster.stack import Stack
+from cluster.services.base import Service, Stack
 
 AUTH_CACHE_SECONDS = 300  # MLflow basic-auth: how long a checked password is remembered (see auth_config)
 

@@ -7,13 +7,9 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cluster.procs import HOST, StackError, exe, http_get, write_private
-from cluster.services.base import Service
-
-if TYPE_CHECKING:
-    from cluster.stack import Stack
+from cluster.services.base import Service, Stack
 
 # Ray hands its worker processes ports from this range (its default), so its fixed ports must lie outside.
 RAY_WORKER_PORTS = range(10002, 20000)

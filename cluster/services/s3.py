@@ -7,14 +7,10 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cluster.procs import HOST, exe, http_get, port_free, private_dir, write_private
-from cluster.services.base import Service
+from cluster.services.base import Service, Stack
 from cluster.services.ray import RAY_WORKER_PORTS
-
-if TYPE_CHECKING:
-    from cluster.stack import Stack
 
 REGION = "us-east-1"
 S3_ACCESS_KEY = "oal-stack"  # the S3 server's access key id (its secret key is generated: secrets.json)
