@@ -331,9 +331,18 @@ def sync(folder: str | os.PathLike, wanted: set[str] | None = None, threads: int
 
     stale = [rel for rel, obj in entries.items() if not _same(folder / rel, obj)]
     if stale:
+        import logging
+        import time
+
+        log = logging.getLogger("oal.storage")
+        size = sum(int(entries[rel].get("Size", 0)) for rel in stale)
+        log.info("fetching %d of %d objects (%.1f MB) under %s into this node's cache %s", len(stale), len(entries),
+                 size / 1e6, uri(folder), cache_root())
+        t0 = time.perf_counter()
         client()  # made once here: boto3's client creation is not thread-safe, its use is
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(fetch, stale))
+        log.info("fetched %d objects under %s in %.1f s", len(stale), uri(folder), time.perf_counter() - t0)
     return {rel: folder / rel for rel in sorted(entries)}
 
 

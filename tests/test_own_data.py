@@ -183,7 +183,10 @@ def _small(src: Path, dst: Path, per_folder: int = 6) -> Path:
 
 
 @pytest.mark.stack
-def test_a_folder_in_s3_is_fetched_once_per_node_and_reads_as_the_local_one(digits_dir, tmp_path, monkeypatch):
+def test_a_folder_in_s3_is_fetched_once_per_node_and_reads_as_the_local_one(digits_dir, tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="oal.storage")
     from tests.test_storage import S3Server
 
     server = S3Server(tmp_path)
@@ -203,12 +206,13 @@ def test_a_folder_in_s3_is_fetched_once_per_node_and_reads_as_the_local_one(digi
         cfg = DataConfig(benchmark="folder", root="s3://data/digits", image_size=16, **HALF)
         b = build_benchmark(cfg)
         assert len(calls) == images  # every image once (classes.txt is read, not fetched)
+        assert f"fetching {images} of {images} objects" in caplog.text  # what the worker's log says it waits for
         local = build_benchmark(DataConfig(benchmark="folder", root=str(small), image_size=16, **HALF))
         for split in ("train", "val", "test"):
             assert torch.equal(_all(getattr(b, split))[0], _all(getattr(local, split))[0])
         assert list(b.far) == list(local.far) and len(b.far["noise"]) == 6
         build_benchmark(cfg)
-        assert len(calls) == images  # the second build fetched nothing
+        assert len(calls) == images and caplog.text.count("fetching ") == 1  # the second build fetched nothing
         first = content_id(cfg)
         storage.client().put_object(Bucket="data", Key="digits/train/one/999.png",
                                     Body=sorted((small / "train" / "one").iterdir())[0].read_bytes())
