@@ -22,7 +22,7 @@ from torchvision import datasets, transforms
 
 from oal.config import DataConfig
 from oal.data import Benchmark, DataError, register
-from oal.data.files import ImageFiles, read_list, reason
+from oal.data.files import ImageFiles, list_lines, reason
 from oal.data.names import CIFAR10_NAMES, CIFAR100_NAMES, imagenet_class_names
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class ImageList(ImageFiles):
             raise FileNotFoundError(f"OpenOOD image list '{list_file}' does not exist (data.openood_root)")
         self.list_file = list_file
         items, where = [], []
-        for n, (path, label) in read_list(list_file):
+        for n, path, label in list_lines(list_file.read_text(), str(list_file)):
             items.append((images_dir / path, -1 if ood else label))
             where.append(f"line {n} of {list_file}")
         super().__init__(items, where, transform, on_bad_image, source=str(list_file))

@@ -22,15 +22,16 @@ def reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def read_list(list_file: Path) -> Iterator[tuple[int, tuple[str, int]]]:
-    """(line number, (path, label)) of each `relative/path label` line of an image list; blank lines skipped."""
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+def list_lines(text: str, where: str) -> Iterator[tuple[int, str, int]]:
+    """(line number, path, label) of each `relative/path label` line of an image list's text (read from `where`);
+    blank lines skipped, any other line a DataError naming `where` and the line."""
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(" ", 1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{list_file}:{n}: expected '<path> <label>', got {line!r}")
-        yield n, (parts[0], int(parts[1]))
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{where}:{n}: expected '<path> <label>', got {line!r}")
+        yield n, parts[0], int(parts[1])
 
 
 class ImageFiles(Dataset):

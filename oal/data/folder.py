@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from oal import storage
 from oal.config import DataConfig, KNNConfig
 from oal.data import ARRAYS, Benchmark, DataError, register
-from oal.data.files import ImageFiles, Pixels, pixels
+from oal.data.files import ImageFiles, Pixels, list_lines, pixels
 from oal.images import square
 
 log = logging.getLogger("oal.data")
@@ -230,14 +230,7 @@ def scan_imglist(cfg: DataConfig) -> Layout:
                 continue
             raise DataError(f"image list '{where}' does not exist; data.imglist needs train.txt and test.txt "
                             f"(`<path under data.root> <label>` lines)")
-        lines: list[tuple[str, int, str]] = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            path, _, label = line.strip().rpartition(" ")
-            if not path or not label.lstrip("-").isdigit():
-                raise DataError(f"{where}:{n}: expected '<path> <label>', got {line!r}")
-            lines.append((path, int(label), f"line {n} of {where}"))
+        lines = [(path, label, f"line {n} of {where}") for n, path, label in list_lines(text, where)]
         if not lines:
             raise DataError(f"image list '{where}' names no image")
         splits[split] = lines
