@@ -81,6 +81,10 @@ SESSION_ENV = {
     # replicas to move away, and waits up to 30 s for the raylet to go idle, which it does not here: 0 stops the head
     # at once (the session's teardown: 32 s -> 2 s).
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    # Ray Train starts a PreemptionWatcher actor (a process of its own) beside every worker group it starts, to watch
+    # for cloud nodes being drained; the session's head is never drained. Without it, each of the session's ~35 worker
+    # group starts has one process fewer to start on the CPUs its worker is starting on.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 
@@ -133,3 +137,21 @@ def s3_mlflow(_stack_session: Stack) -> RunningStack:
 @pytest.fixture(scope="session")
 def ray_head(_stack_session: Stack) -> RunningStack:
     return _start(_stack_session, ("ray",))
+
+
+def wait_job(client, job_id: str, timeout: float = 180.0, poll: float = 0.25):
+    """Poll a Ray job (`client`: a JobSubmissionClient) every `poll` seconds until it has ended (SUCCEEDED, FAILED or
+    STOPPED) and return that status (a JobStatus, equal to its name as a string). After `timeout` seconds: an
+    AssertionError with the job's status and the end of its log."""
+    import time
+
+    from ray.job_submission import JobStatus
+
+    ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job_id)) not in ended:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {status} after {timeout:g} s:\n"
+                                 f"{client.get_job_logs(job_id)[-3000:]}")
+        time.sleep(poll)
+    return status

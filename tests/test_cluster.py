@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from cluster.stack import SERVICES, Stack, StackError
-from tests.stack_fixtures import RunningStack, free_ports
+from tests.stack_fixtures import RunningStack, free_ports, wait_job
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -305,16 +305,6 @@ def test_an_experiment_the_jobs_user_may_not_write_is_one_clear_error(s3_mlflow:
     assert err.value.__cause__ is None and err.value.__suppress_context__  # one error, not MLflow's traceback too
 
 
-def _wait_job(client, job_id: str, timeout: float = 180.0) -> str:
-    from ray.job_submission import JobStatus
-
-    deadline = time.monotonic() + timeout
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout} s"
-        time.sleep(0.5)
-    return str(status)
-
-
 @pytest.mark.stack
 @pytest.mark.ray
 def test_ray_job_succeeds_with_the_token(ray_head: RunningStack):
@@ -323,7 +313,7 @@ def test_ray_job_succeeds_with_the_token(ray_head: RunningStack):
     assert os.environ["RAY_AUTH_MODE"] == "token"
     client = JobSubmissionClient()  # address from RAY_API_SERVER_ADDRESS, token from ~/.ray/auth_token
     job = client.submit_job(entrypoint='python -c "print(42)"')
-    assert _wait_job(client, job) == "SUCCEEDED", client.get_job_logs(job)
+    assert wait_job(client, job) == "SUCCEEDED", client.get_job_logs(job)
     assert "42" in client.get_job_logs(job).split()
 
 
@@ -340,7 +330,7 @@ def test_ray_job_gets_the_repo_and_the_stack_env(stack: RunningStack):
              "'MLFLOW_TRACKING_USERNAME')}, 'password_set': bool(os.environ.get('MLFLOW_TRACKING_PASSWORD'))}))")
     client = JobSubmissionClient()
     job = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env)
-    assert _wait_job(client, job) == "SUCCEEDED", client.get_job_logs(job)
+    assert wait_job(client, job) == "SUCCEEDED", client.get_job_logs(job)
     line = next(x for x in client.get_job_logs(job).splitlines() if x.startswith("PROBE "))
     seen = json.loads(line.removeprefix("PROBE "))
     assert {"oal", "jobs", "cluster", "pyproject.toml"} <= set(seen["ls"])
