@@ -11,13 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.realdata import REHEARSAL_EVAL_IMAGES, rehearsal
+from tests.stack_fixtures import wait_job
 
 REPO = Path(__file__).parents[1]
 
@@ -80,12 +80,9 @@ def test_paper_preset_through_ray_job_submit(stack, data, tmp_path):
     client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
     job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO),
                                                            "excludes": [".venv", ".git", "runs", ".stack", "*.pt"]})
-    deadline = time.time() + 600
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.time() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(1)
+    status = wait_job(client, job, timeout=600)
     logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
     _check_run(out / preset, root, logs, student_size=224)
 
 
