@@ -148,6 +148,8 @@ def require_resources(need: dict[str, float], what: str, cluster: C.ClusterConfi
     import ray
 
     most: dict[str, float] = dict(ray.cluster_resources())
+    if cluster.label_selector and not cluster.autoscaling:
+        most = labelled_resources(cluster.label_selector, what)
     if cluster.autoscaling:
         published: dict[str, int] | None = None
         try:  # private API, also used by Ray Train's own check; absent -> no check
@@ -169,6 +171,57 @@ def require_resources(need: dict[str, float], what: str, cluster: C.ClusterConfi
                            + ("" if cluster.autoscaling else "; on an autoscaling cluster set cluster.autoscaling=true"))
 
 
+def label_matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    """Whether a node's labels satisfy a Ray label selector: per key `value`, `!value`, `in(a,b)` or `!in(a,b)`."""
+    for key, want in selector.items():
+        negate = want.startswith("!")
+        want = want[1:] if negate else want
+        values = [v.strip() for v in want[3:-1].split(",")] if want.startswith("in(") and want.endswith(")") else [want]
+        if (labels.get(key) in values) == negate:
+            return False
+    return True
+
+
+def labelled_resources(selector: dict[str, str], what: str) -> dict[str, float]:
+    """The resources of the alive nodes whose labels match `selector` (cluster.label_selector) summed; one clear
+    error when no node matches (Ray would wait forever for one)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    chosen = [n for n in alive if label_matches(n.get("Labels") or {}, selector)]
+    if not chosen:
+        seen = "; ".join(f"{n.get('NodeManagerAddress')}: "
+                         + (", ".join(f"{k}={v}" for k, v in sorted((n.get("Labels") or {}).items())
+                                      if not k.startswith("ray.io/")) or "no labels of its own")
+                         for n in alive)
+        raise RuntimeError(f"{what}: no alive node carries the labels {selector} (cluster.label_selector), so Ray "
+                           f"would wait forever. The nodes: {seen}. Start a node with `ray start --address ... "
+                           "--labels key=value`, or clear the selector (cluster.label_selector={})")
+    total: dict[str, float] = {}
+    for n in chosen:
+        for k, v in (n.get("Resources") or {}).items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+
+def placement(cluster: C.ClusterConfig) -> dict[str, Any]:
+    """Ray options that keep a task, an actor or a training worker on the nodes cluster.label_selector names."""
+    return {"label_selector": dict(cluster.label_selector)} if cluster.label_selector else {}
+
+
+def in_worker(object_cache: str) -> None:
+    """First thing in every Ray worker process of a job (tasks, training workers, synthesis actors, trials): the
+    driver's object cache root is this process's too (the paths handed over are the driver's mirror paths, see
+    oal.storage; on each node that path is the node's own disk), and the node's id goes into the manifests'
+    `written_by`."""
+    import ray
+
+    from oal import stages
+
+    os.environ[storage.OBJECT_CACHE_ENV] = object_cache
+    os.environ[stages.NODE_ENV] = ray.get_runtime_context().get_node_id()
+
+
 def _worker_task(cluster: C.ClusterConfig, what: str) -> Any:
     """`_logged` as a Ray task with a training worker's resources (checked against the cluster first)."""
     import ray
@@ -181,7 +234,7 @@ def _worker_task(cluster: C.ClusterConfig, what: str) -> Any:
     # CPU (jobs.tune.TRIAL_RESOURCES); the task takes the cluster's resources like the trial's trainer does.
     outside = PlacementGroupSchedulingStrategy(placement_group=None)  # type: ignore[arg-type]
     return ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_retries=cluster.max_failures,
-                      scheduling_strategy=outside)(_logged)
+                      scheduling_strategy=outside, **placement(cluster))(_logged)
 
 
 def on_worker(cluster: C.ClusterConfig, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -230,7 +283,7 @@ def _logged(fn: Any, args: tuple, kwargs: dict, object_cache: str, *resolved: An
     """In the worker: the stage's own INFO lines (a worker's root logger drops them) go to its stderr, which Ray
     forwards to the driver and the job log, as they did when the stage ran in the driver. The driver's object
     cache root is this process's too: the paths handed over are the driver's mirror paths (oal.storage)."""
-    os.environ[storage.OBJECT_CACHE_ENV] = object_cache
+    in_worker(object_cache)
     ours = logging.getLogger("oal")
     if not ours.handlers:
         handler = logging.StreamHandler()

@@ -16,7 +16,6 @@ bookkeeping on top. The pool here is ~60 lines and every failure path is ours to
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import replace
@@ -39,7 +38,9 @@ class SynthActor:
 
     def __init__(self, diffusion: dict, class_names: list[str], outliers: torch.Tensor, model_seed: int,
                  use_gpu: bool, threads: int, object_cache: str):
-        os.environ[storage.OBJECT_CACHE_ENV] = object_cache  # the model checkpoint is named by the driver's mirror path
+        from jobs.common import in_worker
+
+        in_worker(object_cache)  # the model checkpoint is named by the driver's mirror path
         torch.set_num_threads(max(1, threads))  # share the node's cores with the other actors
         self.synth = LatentSynthesizer(C.DiffusionConfig(**diffusion), class_names, outliers,
                                        "cuda" if use_gpu else "cpu", model_seed)
@@ -67,7 +68,10 @@ class ActorPool:
 
         k = cfg.cluster
         check_resources(k)
+        from jobs.common import placement
+
         opts = {"num_gpus": 1, "num_cpus": 1} if k.use_gpu else {"num_cpus": k.synth_cpus_per_actor}
+        opts.update(placement(k))
         self._remote: Any = ray.remote(**opts)(SynthActor)
         self._args = (C.to_dict(cfg.diffusion), class_names, ray.put(outliers), cfg.seed, k.use_gpu,
                       max(1, int(k.synth_cpus_per_actor)), str(storage.cache_root()))
@@ -118,28 +122,49 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
         requeued: list[int] = []
         bar = tqdm(total=sum(s.count for s in queue), desc="latent outliers (ray)", unit="outlier",
                    disable=not progress, dynamic_ncols=True)
-        idle = list(pool.actors)
+        # Shards go only to actors that have loaded their model: an actor the cluster has no room for yet (its
+        # CPUs busy, its labelled nodes full) stays pending without holding a shard, and the others do the work.
+        starting = {a.ready.remote(): a for a in pool.actors}
+        idle: list[Any] = []
+
+        def died(actor: Any, e: Exception, spec: ShardSpec | None) -> None:
+            nonlocal replaced
+            if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
+                raise e  # a bug in the model's loading or the shard's computation: retrying would fail again
+            replaced += 1
+            if replaced > k.synth_max_replacements:
+                raise RuntimeError(f"{replaced} synthesis actors died (cluster.synth_max_replacements="
+                                   f"{k.synth_max_replacements}); last error: {e}") from None
+            if spec is None:
+                log.warning("synthesis actor died while loading its model; actor replaced (%d/%d)",
+                            replaced, k.synth_max_replacements)
+            else:
+                log.warning("synthesis actor died on shard %d; shard re-queued, actor replaced (%d/%d)",
+                            spec.index, replaced, k.synth_max_replacements)
+                queue.appendleft(spec)
+                requeued.append(spec.index)
+            new = pool.replace(actor)
+            starting[new.ready.remote()] = new
+
         try:
             while queue or running:
                 while queue and idle:
                     actor, spec = idle.pop(), queue.popleft()
                     running[actor.run.remote(spec)] = (actor, spec)
-                ready, _ = ray.wait(list(running), num_returns=1)
+                ready, _ = ray.wait([*running, *starting], num_returns=1)
+                if ready[0] in starting:
+                    actor = starting.pop(ready[0])
+                    try:
+                        ray.get(ready[0])
+                        idle.append(actor)
+                    except (RayActorError, RayTaskError) as e:
+                        died(actor, e, None)
+                    continue
                 actor, spec = running.pop(ready[0])
                 try:
                     shard = ray.get(ready[0])
                 except (RayActorError, RayTaskError) as e:
-                    if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
-                        raise  # a bug in the shard's computation: retrying would fail again
-                    replaced += 1
-                    if replaced > k.synth_max_replacements:
-                        raise RuntimeError(f"{replaced} synthesis actors died (cluster.synth_max_replacements="
-                                           f"{k.synth_max_replacements}); last error: {e}") from None
-                    log.warning("synthesis actor died on shard %d; shard re-queued, actor replaced (%d/%d)",
-                                spec.index, replaced, k.synth_max_replacements)
-                    queue.appendleft(spec)
-                    requeued.append(spec.index)
-                    idle.append(pool.replace(actor))
+                    died(actor, e, spec)
                     continue
                 save_torch(shard, out / spec.filename)
                 done += spec.count

@@ -56,7 +56,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     quiet_ray_train_reports()
 
-    os.environ[storage.OBJECT_CACHE_ENV] = config["object_cache"]  # see oal.storage: the driver's cache root
+    from jobs.common import in_worker
+
+    in_worker(config["object_cache"])
     cfg = C.from_dict(config["cfg"])
     stage = config["stage"]
     ctx = ray.train.get_context()
@@ -118,6 +120,8 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from jobs.common import placement
+
     k = cfg.cluster
     fp = stages.training_fp(cfg, stage)
     return TorchTrainer(
@@ -127,7 +131,8 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
                            "mlflow_uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"),
                            "object_cache": str(storage.cache_root())},  # the workers read the driver's mirror paths
         scaling_config=ScalingConfig(num_workers=k.num_workers, use_gpu=k.use_gpu,
-                                     resources_per_worker={"CPU": k.cpus_per_worker, **({"GPU": 1} if k.use_gpu else {})}),
+                                     resources_per_worker={"CPU": k.cpus_per_worker, **({"GPU": 1} if k.use_gpu else {})},
+                                     **placement(k)),
         # A stable name per (run, stage, inputs): a resubmitted job resumes the same Ray Train run.
         run_config=RunConfig(name=run_name or f"{cfg.name}-{stage}-{fp}", storage_path=cfg.ray_storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=k.max_failures),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -90,9 +89,10 @@ def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from jobs.common import in_worker
     from jobs.train import run_stage, with_objective
 
-    os.environ[storage.OBJECT_CACHE_ENV] = object_cache  # the driver's: its mirror paths are in base_dict
+    in_worker(object_cache)  # the driver's: its mirror paths are in base_dict
     base = C.from_dict(base_dict)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id)

@@ -316,6 +316,10 @@ class ClusterConfig:
     # The cluster adds nodes on demand (cluster launcher, KubeRay autoscaler): resource checks then use the
     # maximum the autoscaler publishes, and are skipped where it publishes none; false: what is there now.
     autoscaling: bool = False
+    # Ray node labels (`ray start --labels k=v`) that a node must carry to run the training workers, the sharded
+    # stages' tasks and the synthesis actors (Ray's label_selector), e.g. cluster.label_selector.oal-role=work;
+    # empty: any node. The job's driver stays where `ray job submit` put it (the head).
+    label_selector: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -412,11 +416,16 @@ QUICK_OVERRIDES = (
 )
 
 
+def _is_section(node: Any) -> bool:
+    """A config section (a dataclass), not a free map such as cluster.label_selector, whose keys are the user's."""
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) is not dict
+
+
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     for k, v in node.items():
         path = f"{prefix}{k}"
-        if isinstance(v, DictConfig):
+        if _is_section(v):
             keys.extend(_valid_keys(v, path + "."))
         else:
             keys.append(path)
@@ -432,12 +441,16 @@ def _check_keys(base: DictConfig, other: Any, source: str, prefix: str = "") -> 
         if k not in base:
             siblings = ", ".join(_valid_keys(base, prefix)) if prefix else ", ".join(str(k) for k in base.keys())
             raise ConfigError(f"unknown config key '{path}' (from {source}); valid keys here: {siblings}")
-        if isinstance(base[k], DictConfig) and not isinstance(v, (dict, DictConfig)):
+        if not _is_section(base[k]):
+            if isinstance(base[k], DictConfig) and not isinstance(v, (dict, DictConfig)):
+                raise ConfigError(f"'{path}' is {v!r} (from {source}); it is a map: give its entries, e.g. "
+                                  f"{path}.<key>=<value>, or {path}={{}} for none")
+            continue
+        if not isinstance(v, (dict, DictConfig)):
             first = next(iter(base[k].keys()))
             raise ConfigError(f"'{path}' is {v!r} (from {source}); it is a section, not a value: give its keys, "
                               f"e.g. {path}.{first}=... (its keys: {', '.join(_valid_keys(base[k], path + '.'))})")
-        if isinstance(v, (dict, DictConfig)) and isinstance(base[k], DictConfig):
-            _check_keys(base[k], v, source, path + ".")
+        _check_keys(base[k], v, source, path + ".")
 
 
 def preset_path(name_or_path: str) -> Path:

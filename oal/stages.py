@@ -107,9 +107,13 @@ def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, P
     return StageResult(stage, d, fp, False, outs)
 
 
+NODE_ENV = "OAL_NODE_ID"  # set by the jobs in every Ray worker process: the Ray node it runs on
+
+
 def process() -> dict[str, Any]:
-    """This process: where a stage (or a shard of one) was computed."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    """This process: where a stage (or a shard of one) was computed (and on Ray, on which node)."""
+    node = os.environ.get(NODE_ENV)
+    return {"host": socket.gethostname(), "pid": os.getpid(), **({"node": node} if node else {})}
 
 
 Shard = tuple[int, int]  # (index, count): the index-th of count contiguous slices of each dataset (see oal.evaluate.shard)
