@@ -25,6 +25,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.ray, pytest.mark.slow]
 SENTINEL = "SENTINEL-secret-9f3b1c"
 # The diffusion stage too: the built-in model trained on the ID images, one epoch per phase
 LDM = ("diffusion.model=builtin-ldm", "ldm.vae_epochs=1", "ldm.epochs=1", "ldm.eval_samples=2", "ldm.grid_per_class=2")
+# One teacher and one base epoch: no check here counts theirs (the student's two epochs are counted)
+ONE_EPOCH = ("teacher.epochs=1", "base.epochs=1")
 DOCS = Path(__file__).parents[1] / "docs"
 
 
@@ -44,7 +46,7 @@ def tracked_run(stack, tmp_path_factory):
     try:
         if not ray.is_initialized():
             ray.init(address="auto", logging_level="WARNING")
-        cfg = load_config("digits", [*QUICK, f"output_dir={out}", "name=tracked", "tracking.experiment=oal-test",
+        cfg = load_config("digits", [*QUICK, *ONE_EPOCH, f"output_dir={out}", "name=tracked", "tracking.experiment=oal-test",
                           "eval.plots=true", "eval.baseline=true", "cluster.shards=2", *LDM])
         import logging
 
@@ -154,7 +156,7 @@ def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process
         shards = json.loads((run / name / "stage.json").read_text())["shards"]
         assert len(shards) == 2 and all(s["pid"] != os.getpid() for s in shards), (name, shards)
     # the same stages in this process, from the Ray run's teacher, diffusion model and students
-    cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}", "name=local", "eval.plots=false",
+    cfg = load_config("digits", [*QUICK, *ONE_EPOCH, f"output_dir={tmp_path}", "name=local", "eval.plots=false",
                                  "eval.baseline=true", *LDM, f"model.teacher_checkpoint={run / 'teacher/checkpoint.pt'}",
                                  f"diffusion.checkpoint={run / 'diffusion/checkpoint.pt'}"])
     for stage, fn, file, key in (("embeddings", stages.run_embeddings, "id_embeddings.pt", "embeddings"),
@@ -374,7 +376,7 @@ def test_jobs_evaluate_scores_a_checkpoint_on_a_worker_tracked_in_mlflow(tracked
     from oal.config import load_config
 
     run = tracked_run["out"] / "tracked"
-    cfg = load_config("digits", [*QUICK, f"output_dir={tracked_run['out']}", "name=tracked",
+    cfg = load_config("digits", [*QUICK, *ONE_EPOCH, f"output_dir={tracked_run['out']}", "name=tracked",
                                  "tracking.experiment=oal-test", "eval.plots=true", *LDM])
     result, path = evaluate.run(cfg, checkpoint=str(run / "student"))  # a stage folder: its checkpoint.pt
     assert path == run / "student" / "checkpoint.pt" and not result.skipped
@@ -509,6 +511,7 @@ def test_batch_scoring_job_on_ray_data(tracked_run, stack, tmp_path):
     from sklearn.datasets import load_digits
 
     from oal.detector import Detector
+    from tests.stack_fixtures import wait_job
 
     bucket, prefix = stack.env["OAL_S3_BUCKET"], f"score-{tmp_path.name}"
     s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
@@ -529,12 +532,9 @@ def test_batch_scoring_job_on_ray_data(tracked_run, stack, tmp_path):
                    f"--output {out} --actors 2 --batch-size 100",
         runtime_env={"working_dir": str(Path(__file__).parents[1]), "excludes": [".venv", ".git", "runs", ".stack"],
                      "env_vars": {"OAL_OBJECT_CACHE": str(tmp_path / "mirror"), "OAL_SCORE_EXPERIMENT": "oal-test-score"}})
-    deadline = time.time() + 480
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.time() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(2)
+    status = wait_job(client, job, timeout=480)
     logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "601 images" in logs and "1 unreadable" in logs
 
     table = pd.read_parquet(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{prefix}/out/scores.parquet")["Body"].read()))
