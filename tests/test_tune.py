@@ -4,6 +4,7 @@ MLflow server, interrupted and resumed, whose best config trains."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -75,9 +76,26 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
 
     from jobs import tune as jtune
     from oal import stages
+    from oal.data import build_benchmark
 
     overrides = [*QUICK, f"output_dir={tmp_path}", "name=tq", "search.num_samples=3", "search.max_concurrent=2",
                  "tracking.experiment=oal-tune-test", "tracking.system_metrics=false"]
+    # 0. What the search builds before its trials (the teacher and outlier files the trials share, the baseline
+    # student of the ID-accuracy constraint), built beforehand in this process as `oal pipeline` and `oal train`
+    # build them: the search finds them up to date. On Ray they cost two Ray Train runs and five rounds of tasks and
+    # actors; those paths are the pipeline's own (test_tracking, test_ray_jobs) and the trials' (every trial is a
+    # student stage on Ray Train, as the baseline's is).
+    shared = jtune.every_term(load_config("digits", overrides))
+    bench = build_benchmark(shared.data)
+    prebuilt = {
+        "teacher": stages.run_teacher(shared, bench, progress=False),
+        "embeddings": stages.run_embeddings(shared, bench),
+        "anchors": stages.run_anchors(shared),
+        "knn": stages.run_knn(shared),
+        "latents": stages.run_latents(shared, progress=False),
+    }
+    baseline = jtune.baseline_config(stages.with_outlier_files(shared, prebuilt))
+    prebuilt["baseline"] = stages.run_student(baseline, bench, progress=False)
     # 1. The search as a user runs it, stopped with Ctrl-C once two of its three trials have finished.
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", "--config", "digits", "--no-progress",
@@ -96,6 +114,10 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
     # it says that the search is incomplete and how to resume it, and leaves no best config behind
     assert proc.returncode != 0 and "the search is incomplete" in out and "same command again" in out, out[-3000:]
     assert not (tmp_path / "tq" / "tune" / "best.yaml").exists()
+    # what was built beforehand was found up to date (not built again on Ray)
+    for stage, res in prebuilt.items():
+        assert not res.skipped and json.loads((res.dir / "stage.json").read_text())["written_by"]["pid"] == os.getpid(), stage
+    assert prebuilt["baseline"].dir == tmp_path / "tq-baseline" / "student"
     before = {t: _train_activity(d) for t, d in first.items()}
 
     # 2. The same command again: the search resumes; the finished trials are not trained again.
