@@ -70,9 +70,10 @@ def test_an_actor_the_cluster_has_no_room_for_holds_no_shard(ray_head, tmp_path)
 
     if not ray.is_initialized():
         ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}", "diffusion.num_outliers=12",
-                                 "diffusion.shard_size=2", f"cluster.synth_actors={int(cpus) + 1}",
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    count = 2 * (cpus + 1)  # a shard of 2 for each actor: the pending one is handed a shard by the old dispatch
+    cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}", f"diffusion.num_outliers={count}",
+                                 "diffusion.shard_size=2", f"cluster.synth_actors={cpus + 1}",
                                  "cluster.synth_cpus_per_actor=1"])
     outliers = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(0))
     done: dict = {}
@@ -83,6 +84,6 @@ def test_an_actor_the_cluster_has_no_room_for_holds_no_shard(ray_head, tmp_path)
     worker.join(180)
     assert "manifest" in done, "the pool is still waiting: a shard went to the actor that cannot start"
     manifest = done["manifest"]
-    plan = plan_shards(12, 2, cfg.seed)
-    assert manifest["count"] == 12 and manifest["shards"] == [s.filename for s in plan]
+    plan = plan_shards(count, 2, cfg.seed)
+    assert manifest["count"] == count and manifest["shards"] == [s.filename for s in plan]
     assert sorted(p.name for p in (tmp_path / "latents").glob("shard_*.pt")) == [s.filename for s in plan]
