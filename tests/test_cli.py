@@ -19,7 +19,24 @@ def oal(*args, cwd):
     return subprocess.run([*OAL, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_teacher_train_evaluate_then_skip(tmp_path):
+@pytest.fixture
+def oal_again(capsys, monkeypatch):
+    """The same `oal` main (what the command runs) in this process, its exit code and output as `oal` returns them:
+    for the later calls of a test whose first call ran the real command line. A new interpreter importing torch and
+    the package costs each call about 5 s of CPU here."""
+    from oal.cli import main
+
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([*OAL, *args], code, out.out, out.err)
+
+    return run
+
+
+def test_teacher_train_evaluate_then_skip(tmp_path, oal_again):
     common = ["--no-progress", *QUICK, "eval.plots=true", f"output_dir={tmp_path}"]
     r = oal("teacher", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -29,12 +46,12 @@ def test_teacher_train_evaluate_then_skip(tmp_path):
     assert (run / "teacher" / "config.yaml").read_text().count("epochs: 3") == 1
 
     # without k-NN outliers yet, the MICL terms are switched off on the command line
-    r = oal("train", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    r = oal_again("train", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     student = json.loads((run / "student" / "stage.json").read_text())
     assert {"loss/ce", "loss/logit_kd", "loss/feat_kd", "val/id_accuracy", "val/ood_auroc"} <= set(student["history"][0])
 
-    r = oal("evaluate", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    r = oal_again("evaluate", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| ebo |" in r.stdout
     res = json.loads((run / "eval" / "results.json").read_text())
@@ -44,11 +61,11 @@ def test_teacher_train_evaluate_then_skip(tmp_path):
     assert not list(run.rglob("*.tmp"))
 
     # a second train is skipped: its inputs have not changed
-    r = oal("train", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    r = oal_again("train", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
     assert r.returncode == 0 and "skipped (up to date)" in r.stdout
 
 
-def test_pipeline_runs_knn_stage_and_resumes(tmp_path):
+def test_pipeline_runs_knn_stage_and_resumes(tmp_path, oal_again):
     # one teacher epoch: no check here depends on the teacher's training (the teacher test counts its epochs)
     common = ["--no-progress", *QUICK, f"output_dir={tmp_path}", "eval.baseline=true", "teacher.epochs=1"]
     r = oal("pipeline", *common, cwd=tmp_path)
@@ -73,14 +90,14 @@ def test_pipeline_runs_knn_stage_and_resumes(tmp_path):
     assert table in r.stdout
     detector = json.loads((run / "detector" / "stage.json").read_text())
     assert detector["score"] == json.loads((run / "eval" / "results.json").read_text())["chosen"]
-    r = oal("pipeline", *common, cwd=tmp_path)
+    r = oal_again("pipeline", *common, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 10
     # a changed student setting (one epoch: the retrained students cost half) redoes the student, its evaluation
     # and its detector only
-    r = oal("pipeline", *common, "student.epochs=1", cwd=tmp_path)
+    r = oal_again("pipeline", *common, "student.epochs=1", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 7
     # a changed sampler setting redoes synthesis and what follows, not the teacher or the k-NN outliers
-    r = oal("pipeline", *common, "student.epochs=1", "diffusion.guidance_scale=3", cwd=tmp_path)
+    r = oal_again("pipeline", *common, "student.epochs=1", "diffusion.guidance_scale=3", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 6
 
 
