@@ -1,11 +1,10 @@
-"""The jobs on the session's real local Ray head (token auth on): distributed training, the actor pool,
-`ray job submit` of the pipeline, and faults (a killed actor, a killed worker, a stopped job)."""
+"""The jobs on the session's real local Ray head (token auth on): distributed training, the actor pool, and faults
+(a killed actor, a killed worker). The pipeline through `ray job submit`, stopped and resubmitted: test_two_nodes."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -242,87 +241,6 @@ def test_killed_training_worker_resumes_from_its_checkpoint_in_s3(stack, ray_dri
     found = keys()
     assert any(k.endswith("/checkpoint.pt") and "/checkpoint_" in k for k in found), found[:20]
     assert not (tmp_path / "killw" / "ray").exists()  # nothing went to the default local storage
-
-
-def test_submitted_pipeline_survives_stop_and_resubmit(stack, tmp_path):
-    """The pipeline with output_dir=s3://... (no shared file system: every stage writes to the S3 server and reads
-    back from it; Ray Train's checkpoints go there too): stopped while the teacher trains, resubmitted, it resumes;
-    submitted a third time, every stage is up to date."""
-    import boto3
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
-    bucket, prefix = stack.env["OAL_S3_BUCKET"], f"resubmit-{tmp_path.name}"
-    s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
-    # 5 teacher epochs: the job is stopped after the first one is reported, 4 epochs before the stage can finish
-    overrides = " ".join([*QUICK, f"output_dir=s3://{bucket}/{prefix}", "teacher.epochs=5"])
-    entry = f"python -m jobs.pipeline --config digits --no-progress {overrides}"
-    # the job's processes mirror the store under tmp_path (default: ~/.cache/oal/objects)
-    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", ".stack", "*.pt"],
-                   "env_vars": {"OAL_OBJECT_CACHE": str(tmp_path / "mirror")}}
-
-    def keys(under):
-        return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/digits/{under}").get("Contents", [])]
-
-    def stored(key):
-        return json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/digits/{key}")["Body"].read())
-
-    def wait(job_id, until, timeout=420):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = client.get_job_status(job_id)
-            if status in until:
-                return status
-            time.sleep(1)
-        raise AssertionError(f"job {job_id} still {client.get_job_status(job_id)}:\n{client.get_job_logs(job_id)[-3000:]}")
-
-    first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
-    teacher_done = lambda: bool(keys("teacher/stage.json"))  # noqa: E731
-    # Stop while the teacher trains: once Ray Train holds a reported checkpoint of it (in S3), before it finishes.
-    # Held means registered in the run's checkpoint-manager snapshot, which a restarted run restores from: a
-    # checkpoint_* folder alone can be an upload the manager has not registered yet (a resume from scratch).
-    def reported():
-        snaps = [k for k in keys("ray/") if "teacher" in k and k.endswith("/checkpoint_manager_snapshot.json")]
-        return any(stored(k.split("/digits/", 1)[1]).get("latest_checkpoint_result") for k in snaps)
-
-    deadline = time.time() + 300
-    while not reported() and not teacher_done() and time.time() < deadline:
-        assert client.get_job_status(first) not in (JobStatus.FAILED,), client.get_job_logs(first)[-3000:]
-        time.sleep(0.2)
-    client.stop_job(first)
-    assert wait(first, {JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED}) == JobStatus.STOPPED
-    assert reported() and not teacher_done(), "the job was not stopped while the teacher was training"
-
-    second = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
-    assert wait(second, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}) == JobStatus.SUCCEEDED, \
-        client.get_job_logs(second)[-4000:]
-    logs = client.get_job_logs(second)
-    # the teacher went on from its last reported checkpoint, not from scratch, and its history has every epoch once
-    teacher = stored("teacher/stage.json")
-    assert teacher["resumed_from_epoch"] >= 1, teacher["resumed_from_epoch"]
-    assert [int(h["epoch"]) for h in teacher["history"]] == list(range(1, 6))
-    assert "teacher: resuming from the reported checkpoint" in logs
-    assert "[eval] done" in logs and "| ebo |" in logs
-    # what a stage logs in the Ray worker that computed it reaches the job log, as when it ran in the driver
-    assert re.search(r"pid=\d+\).*oal INFO anchors: .*nearest-anchor accuracy", logs), logs[-4000:]
-    # The student trained on Ray Train in this job, reporting a checkpoint per epoch, without Ray's two INFO lines
-    # per report in the job log (jobs.train.quiet_ray_train_reports)
-    assert "[student] done" in logs
-    assert "Checkpoint successfully created" not in logs and "Reporting training result" not in logs
-    # every stage's outputs are named by their S3 URIs and are in the bucket
-    for stage in ("teacher", "embeddings", "anchors", "knn", "latents", "student", "eval"):
-        for out in stored(f"{stage}/stage.json")["outputs"].values():
-            assert out.startswith(f"s3://{bucket}/{prefix}/digits/{stage}/") and keys(out.split("/digits/")[1]), out
-    results = stored("eval/results.json")
-    assert 0.0 < results["id_accuracy"] <= 1.0
-    latents = stored("latents/manifest.json")
-    assert latents["count"] == 12 and latents["untrained_model"]
-    # a third submission, with another (empty) mirror as a new node would have, finds everything up to date
-    third = client.submit_job(entrypoint=entry, runtime_env={**runtime_env,
-                                                              "env_vars": {"OAL_OBJECT_CACHE": str(tmp_path / "m2")}})
-    assert wait(third, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}) == JobStatus.SUCCEEDED
-    assert client.get_job_logs(third).count("skipped (up to date)") == 8
-    assert not list((tmp_path / "m2").rglob("*.pt"))  # found complete by the manifests: no checkpoint fetched
 
 
 def test_impossible_resources_fail_fast_with_numbers(ray_driver, tmp_path):

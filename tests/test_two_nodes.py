@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -89,32 +90,86 @@ def worker_node(stack, tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_pipeline_on_two_nodes_reads_the_other_nodes_files_only_from_s3(stack, worker_node, tmp_path):
+def _finished(client, job, timeout=600):
+    """Wait for `job`; fail with its error (not Ray's object-store statistics printed after it) unless it succeeded."""
+    from ray.job_submission import JobStatus
+
+    if wait_job(client, job, timeout=timeout) != JobStatus.SUCCEEDED:
+        logs = client.get_job_logs(job)
+        at = logs.rfind("Traceback")
+        pytest.fail(f"job {job} did not succeed:\n{logs[at:at + 4000] if at >= 0 else logs[-4000:]}")
+    return client.get_job_logs(job)
+
+
+def test_pipeline_on_two_nodes_without_a_shared_disk_survives_stop_and_resubmit(stack, worker_node, tmp_path):
+    """The pipeline with output_dir=s3://... placed on the worker node: stopped while the teacher trains there,
+    resubmitted, it resumes from the checkpoint in S3; every stage ran on the worker node, and what one node wrote
+    the other read only from the bucket; submitted a third time, with an empty mirror, every stage is up to date."""
     import boto3
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     bucket, prefix = stack.env["OAL_S3_BUCKET"], f"two-nodes-{tmp_path.name}"
     s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
-    # One epoch per network: where each stage runs is the point, not what it learns.
-    overrides = " ".join([*QUICK, "teacher.epochs=1", "student.epochs=1", f"output_dir=s3://{bucket}/{prefix}",
+    # 5 teacher epochs: the job is stopped after the first one is reported, 4 epochs before the stage can finish
+    overrides = " ".join([*QUICK, "teacher.epochs=5", "student.epochs=1", f"output_dir=s3://{bucket}/{prefix}",
                           f"cluster.label_selector.{LABEL[0]}={LABEL[1]}"])
+    entry = f"python -m jobs.pipeline --config digits --no-progress {overrides}"
+    runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", ".stack", "*.pt"],
+                   "env_vars": {"OAL_OBJECT_CACHE": str(worker_node.mirror)}}
     client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
-    job = client.submit_job(entrypoint=f"python -m jobs.pipeline --config digits --no-progress {overrides}",
-                            runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", ".stack", "*.pt"],
-                                         "env_vars": {"OAL_OBJECT_CACHE": str(worker_node.mirror)}})
-    if wait_job(client, job, timeout=600) != JobStatus.SUCCEEDED:
-        logs = client.get_job_logs(job)
-        at = logs.rfind("Traceback")  # the error, not Ray's object-store statistics printed after it
-        pytest.fail(f"the job failed:\n{logs[at:at + 4000] if at >= 0 else logs[-4000:]}")
+
+    def keys(under):
+        return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/digits/{under}").get("Contents", [])]
 
     def stored(rel):
         return s3.get_object(Bucket=bucket, Key=f"{prefix}/digits/{rel}")
 
+    def stored_json(rel):
+        return json.loads(stored(rel)["Body"].read())
+
+    first = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    teacher_done = lambda: bool(keys("teacher/stage.json"))  # noqa: E731
+
+    # Stop while the teacher trains: once Ray Train holds a reported checkpoint of it (in S3), before it finishes.
+    # Held means registered in the run's checkpoint-manager snapshot, which a restarted run restores from: a
+    # checkpoint_* folder alone can be an upload the manager has not registered yet (a resume from scratch).
+    def reported():
+        snaps = [k for k in keys("ray/") if "teacher" in k and k.endswith("/checkpoint_manager_snapshot.json")]
+        return any(stored_json(k.split("/digits/", 1)[1]).get("latest_checkpoint_result") for k in snaps)
+
+    deadline = time.time() + 300
+    while not reported() and not teacher_done() and time.time() < deadline:
+        assert client.get_job_status(first) != JobStatus.FAILED, client.get_job_logs(first)[-3000:]
+        time.sleep(0.2)
+    client.stop_job(first)
+    assert wait_job(client, first, timeout=120) == JobStatus.STOPPED
+    assert reported() and not teacher_done(), "the job was not stopped while the teacher was training"
+
+    logs = _finished(client, client.submit_job(entrypoint=entry, runtime_env=runtime_env))
+    # the teacher went on from its last reported checkpoint, not from scratch, and its history has every epoch once
+    teacher = stored_json("teacher/stage.json")
+    assert teacher["resumed_from_epoch"] >= 1, teacher["resumed_from_epoch"]
+    assert [int(h["epoch"]) for h in teacher["history"]] == list(range(1, 6))
+    assert "teacher: resuming from the reported checkpoint" in logs
+    assert "[eval] done" in logs and "| ebo |" in logs
+    # what a stage logs in the Ray worker that computed it (on the worker node) reaches the job log
+    assert re.search(r"pid=\d+, ip=127\.0\.0\.2\).*oal INFO anchors: .*nearest-anchor accuracy", logs), logs[-4000:]
+    # The student trained on Ray Train, reporting a checkpoint per epoch, without Ray's two INFO lines per report
+    # in the job log (jobs.train.quiet_ray_train_reports)
+    assert "[student] done" in logs
+    assert "Checkpoint successfully created" not in logs and "Reporting training result" not in logs
+    # every stage ran on the worker node, and its outputs are named by their S3 URIs and are in the bucket
+    for stage in PLACED:
+        manifest = stored_json(f"{stage}/stage.json")
+        assert manifest["written_by"].get("node") == worker_node.node_id, (stage, manifest["written_by"])
+        for out in manifest["outputs"].values():
+            assert out.startswith(f"s3://{bucket}/{prefix}/digits/{stage}/") and keys(out.split("/digits/")[1]), out
+    assert 0.0 < stored_json("eval/results.json")["id_accuracy"] <= 1.0
+    latents = stored_json("latents/manifest.json")
+    assert latents["count"] == 12 and latents["untrained_model"]
+
     run = Path("s3", bucket, prefix, "digits")
     head, worker = worker_node.mirror / run, worker_node.disk / run
-    for stage in PLACED:
-        written_by = json.loads(stored(f"{stage}/stage.json")["Body"].read())["written_by"]
-        assert written_by.get("node") == worker_node.node_id, (stage, written_by)
     # Written on the worker node, never needed by the head: on the worker's disk, in the store, not on the head's disk.
     for rel in ("teacher/checkpoint.pt", "embeddings/id_embeddings.pt", "anchors/anchors.pt"):
         assert (worker / rel).is_file() and stored(rel)["ContentLength"] == (worker / rel).stat().st_size, rel
@@ -124,8 +179,12 @@ def test_pipeline_on_two_nodes_reads_the_other_nodes_files_only_from_s3(stack, w
     rel = "latents/latent_vectors.pt"
     etag = stored(rel)["ETag"]
     assert (head / rel).read_bytes() == (worker / rel).read_bytes()
-
     mark = worker_node.disk / "versions" / run / rel
     assert mark.is_file() and etag.strip('"') in mark.read_text(), (mark, etag)
-    results = json.loads(stored("eval/results.json")["Body"].read())
-    assert results.get("chosen"), sorted(results)
+
+    # a third submission, with another (empty) mirror as a new node would have, finds everything up to date
+    fresh = tmp_path / "m2"
+    logs = _finished(client, client.submit_job(entrypoint=entry, runtime_env={
+        **runtime_env, "env_vars": {"OAL_OBJECT_CACHE": str(fresh)}}))
+    assert logs.count("skipped (up to date)") == 8
+    assert not list(fresh.rglob("*.pt"))  # found complete by the manifests: no checkpoint fetched
