@@ -182,14 +182,21 @@ def label_matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
     return True
 
 
+def labelled_nodes(selector: dict[str, str]) -> list[dict[str, Any]]:
+    """The alive Ray nodes (ray.nodes() entries) whose labels match `selector`."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive") and label_matches(n.get("Labels") or {}, selector)]
+
+
 def labelled_resources(selector: dict[str, str], what: str) -> dict[str, float]:
     """The resources of the alive nodes whose labels match `selector` (cluster.label_selector) summed; one clear
     error when no node matches (Ray would wait forever for one)."""
     import ray
 
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    chosen = [n for n in alive if label_matches(n.get("Labels") or {}, selector)]
+    chosen = labelled_nodes(selector)
     if not chosen:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
         seen = "; ".join(f"{n.get('NodeManagerAddress')}: "
                          + (", ".join(f"{k}={v}" for k, v in sorted((n.get("Labels") or {}).items())
                                       if not k.startswith("ray.io/")) or "no labels of its own")

@@ -31,6 +31,7 @@ from oal.storage import load_torch, save_torch
 from oal.synthesize import LatentSynthesizer, ShardSpec, finalize, plan_shards, shard_ok
 
 log = logging.getLogger("oal.jobs.synthesize")
+STRANDED_CHECK_S = 10.0  # how often a pool whose shards wait on actors that cannot start checks for lost nodes
 
 
 class SynthActor:
@@ -71,8 +72,9 @@ class ActorPool:
         from jobs.common import placement
 
         opts = {"num_gpus": 1, "num_cpus": 1} if k.use_gpu else {"num_cpus": k.synth_cpus_per_actor}
-        opts.update(placement(k))
-        self._remote: Any = ray.remote(**opts)(SynthActor)
+        self._selector = dict(k.label_selector)
+        self._anywhere: Any = ray.remote(**opts)(SynthActor)
+        self._remote: Any = ray.remote(**opts, **placement(k))(SynthActor) if self._selector else self._anywhere
         self._args = (C.to_dict(cfg.diffusion), class_names, ray.put(outliers), cfg.seed, k.use_gpu,
                       max(1, int(k.synth_cpus_per_actor)), str(storage.cache_root()))
         self.actors: list[Any] = [self._remote.remote(*self._args) for _ in range(size or k.synth_actors)]
@@ -80,10 +82,39 @@ class ActorPool:
     def replace(self, dead: Any) -> Any:
         import ray
 
+        from jobs.common import labelled_nodes
+
         ray.kill(dead)  # already dead: only frees the handle
         self.actors.remove(dead)
-        self.actors.append(self._remote.remote(*self._args))
+        remote = self._remote
+        if self._selector and not labelled_nodes(self._selector):
+            # The labelled nodes are gone (a lost node): the replacement would wait for one forever.
+            log.warning("no alive node carries the labels %s (cluster.label_selector): the replacement synthesis "
+                        "actor runs on any node", self._selector)
+            remote = self._anywhere
+        self.actors.append(remote.remote(*self._args))
         return self.actors[-1]
+
+    def unstrand(self, starting: dict[Any, Any]) -> dict[Any, Any]:
+        """When no alive node carries the pool's labels any more (its node was lost after the replacements were
+        made), the actors still waiting to start would wait forever: each is replaced by one that runs on any node.
+        Takes them out of `starting` and returns the replacements' ready refs."""
+        import ray
+
+        from jobs.common import labelled_nodes
+
+        if not self._selector or not starting or labelled_nodes(self._selector):
+            return {}
+        log.warning("no alive node carries the labels %s (cluster.label_selector): %d synthesis actor(s) waiting to "
+                    "start replaced by actors on any node", self._selector, len(starting))
+        fresh = {}
+        for ref in list(starting):
+            actor = starting.pop(ref)
+            ray.kill(actor)
+            self.actors.remove(actor)
+            self.actors.append(self._anywhere.remote(*self._args))
+            fresh[self.actors[-1].ready.remote()] = self.actors[-1]
+        return fresh
 
     def wait_ready(self) -> None:
         """Block until every actor has loaded its model (the constructor ran)."""
@@ -151,7 +182,12 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
                 while queue and idle:
                     actor, spec = idle.pop(), queue.popleft()
                     running[actor.run.remote(spec)] = (actor, spec)
-                ready, _ = ray.wait([*running, *starting], num_returns=1)
+                ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=STRANDED_CHECK_S)
+                if not ready:
+                    if not running and not idle:  # shards wait, and only actors that have not started could take them
+                        for ref, actor in pool.unstrand(starting).items():
+                            starting[ref] = actor
+                    continue
                 if ready[0] in starting:
                     actor = starting.pop(ready[0])
                     try:

@@ -8,7 +8,9 @@ Needs `unshare` (util-linux) and a kernel that allows mount namespaces (as root,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +38,22 @@ PLACED = ("teacher", "embeddings", "anchors", "knn", "latents", "student", "eval
 @dataclass
 class WorkerNode:
     node_id: str
+    pid: int  # the node's `ray start --block`
+    ray_tmp: Path  # its Ray temp dir, named on the command line of each of its processes (raylet, agents, workers)
     mirror: Path  # the jobs' object cache path (OAL_OBJECT_CACHE), the same on both nodes; the head's folder
     disk: Path  # what the worker node finds at that path: its own disk
     log: Path
+
+    def lose(self) -> int:
+        """SIGKILL every process of the node at once, as when its machine goes away; returns how many."""
+        import psutil
+
+        doomed = [p for p in psutil.process_iter(["pid", "cmdline"])
+                  if p.info["pid"] == self.pid or str(self.ray_tmp) in " ".join(p.info["cmdline"] or [])]
+        for p in doomed:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        return len(doomed)
 
 
 def _namespace() -> list[str]:
@@ -80,9 +96,10 @@ def worker_node(stack, tmp_path_factory):
                 assert proc.poll() is None and time.monotonic() < deadline, \
                     f"the worker node did not join the head:\n{log.read_text()[-3000:]}"
                 time.sleep(0.5)
-        yield WorkerNode(node_id, mirror, disk, log)
+        yield WorkerNode(node_id, proc.pid, ray_tmp, mirror, disk, log)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # lost on purpose by a test
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -188,3 +205,57 @@ def test_pipeline_on_two_nodes_without_a_shared_disk_survives_stop_and_resubmit(
         **runtime_env, "env_vars": {"OAL_OBJECT_CACHE": str(fresh)}}))
     assert logs.count("skipped (up to date)") == 8
     assert not list(fresh.rglob("*.pt"))  # found complete by the manifests: no checkpoint fetched
+
+
+def test_synthesis_loses_the_worker_node_and_finishes_on_the_head(worker_node, tmp_path):
+    """The latents stage's actor pool placed on the worker node (cluster.label_selector), the node killed (its raylet
+    and workers) once a shard is written: the lost actor's shard is requeued once and the replacement, finding no
+    node with the label, runs on the head; every shard is there once and equals a single process's. Runs last: it
+    loses the module's worker node."""
+    import torch
+
+    from jobs.synthesize import run_pool
+    from oal.config import load_config
+    from oal.synthesize import LatentSynthesizer, plan_shards
+
+    cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}", "diffusion.num_outliers=12", "diffusion.shard_size=2",
+                                 "diffusion.steps=40", "cluster.synth_actors=1",  # shards slow enough to lose one
+                                 f"cluster.label_selector.{LABEL[0]}={LABEL[1]}"])
+    names = ["zero", "one", "two"]
+    outliers = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "latents"
+
+    def lose_node():
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("shard_*.pt")):
+            time.sleep(0.1)
+        lost.append(worker_node.lose())
+
+    lost: list[int] = []
+    killer = threading.Thread(target=lose_node, daemon=True)
+    killer.start()
+    stats: dict = {}
+    done: dict = {}
+    warnings: list[str] = []  # the pool's own logger (whether or not "oal" propagates to the root logger here)
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("oal.jobs.synthesize").addHandler(catcher)
+    pool = threading.Thread(target=lambda: done.update(manifest=run_pool(
+        cfg, out, names, outliers, fingerprint="fp", progress=False, stats=stats)), daemon=True)
+    pool.start()
+    pool.join(300)
+    killer.join(5)
+    logging.getLogger("oal.jobs.synthesize").removeHandler(catcher)
+    assert "manifest" in done, f"the pool did not finish after the node was lost: {stats}, {warnings}"
+    assert lost and lost[0] >= 3, f"the node was not lost (processes killed: {lost})"  # ray start, raylet, worker
+    # the replacement went to the head, as no node with the label was left
+    assert any("no alive node carries the labels" in w for w in warnings), (stats, warnings)
+    # the lost actor's shard went back to the queue once; nothing was lost or written twice differently
+    assert stats["actors_replaced"] >= 1 and len(stats["requeued_shards"]) == len(set(stats["requeued_shards"])) >= 1
+    plan = plan_shards(12, 2, cfg.seed)
+    assert done["manifest"]["count"] == 12 and done["manifest"]["shards"] == [s.filename for s in plan]
+    assert sorted(p.name for p in out.glob("shard_*.pt")) == [s.filename for s in plan]
+    reference = LatentSynthesizer(cfg.diffusion, names, outliers, "cpu", cfg.seed)
+    for spec in (plan[0], plan[-1]):
+        got = torch.load(out / spec.filename, weights_only=True)
+        assert torch.allclose(got["vectors"], reference.run(spec)["vectors"], atol=1e-5)
