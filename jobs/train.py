@@ -45,6 +45,7 @@ def quiet_ray_train_reports() -> None:
         getattr(module, "logger", logging.getLogger(name)).setLevel(logging.WARNING)
 
 
+NODE_LOSS_WAIT_S = 30.0  # after a failed training run placed on labelled nodes: how long to wait to see them gone
 FAILED_WRITES = "tracking_failed_writes"  # reported by every epoch of a worker: its MLflow writes that failed
 
 
@@ -174,7 +175,7 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
         import time
 
         trainer_options["run_name"] = f"{cfg.name}-{stage}-{fp}-redo-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
+    result, cfg = fit_placed(cfg, stage, progress, mlflow_run_id, **trainer_options)
     failed = int((result.metrics or {}).get(FAILED_WRITES, 0))
     if failed:
         log.warning("%s: %d metric writes to MLflow failed in the training worker (buffered in its "
@@ -185,6 +186,35 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
         raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
     # On a worker: the diffusion stage measures its model there (sampling, the teacher as judge, a decoded grid).
     return on_worker(cfg.cluster, f"recording the {stage} stage", finish_from_checkpoint, cfg, stage, result.checkpoint)
+
+
+def fit_placed(cfg: C.OALConfig, stage: str, progress: bool, mlflow_run_id: str | None,
+               **trainer_options: Any) -> tuple[Any, C.OALConfig]:
+    """The Ray Train run of `stage` on the nodes cluster.label_selector names, and the config it finished with.
+    When it fails and no alive node carries those labels any more (its nodes were lost), it goes on on any node,
+    from its last checkpoint (the same run name, so Ray Train restores the run's checkpoint from its storage),
+    instead of waiting for a node to join; the config returned then has no selector."""
+    from dataclasses import replace
+
+    from jobs.common import labelled_nodes
+
+    try:
+        return make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit(), cfg
+    except Exception as e:
+        selector = cfg.cluster.label_selector
+        if not selector:
+            raise
+        import time
+
+        deadline = time.monotonic() + NODE_LOSS_WAIT_S  # the GCS notices a lost node a few seconds after its workers
+        while labelled_nodes(selector) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        if labelled_nodes(selector):
+            raise
+        log.warning("%s: training failed (%s) and no alive node carries the labels %s (cluster.label_selector): "
+                    "it goes on on any node, from its last checkpoint", stage, str(e).splitlines()[0][:200], selector)
+    anywhere = replace(cfg, cluster=replace(cfg.cluster, label_selector={}))
+    return make_trainer(anywhere, stage, progress, mlflow_run_id, **trainer_options).fit(), anywhere
 
 
 def finish_from_checkpoint(cfg: C.OALConfig, stage: str, checkpoint: Any) -> stages.StageResult:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,20 +65,20 @@ def _namespace() -> list[str]:
     return ["unshare", *user, "--mount", "--propagation", "private"]
 
 
-@pytest.fixture(scope="module")
-def worker_node(stack, tmp_path_factory):
+@contextlib.contextmanager
+def _node(stack, base: Path, label: tuple[str, str]) -> Iterator[WorkerNode]:
+    """A worker node joined to the session's head, carrying `label`, with a disk of its own (see the module doc)."""
     import ray
 
-    base = tmp_path_factory.mktemp("two-nodes")
     mirror, disk, log = base / "mirror", base / "worker-disk", base / "worker-node.log"
-    mirror.mkdir()
+    mirror.mkdir(parents=True)
     disk.mkdir()
     ray_tmp = Path(tempfile.mkdtemp(prefix="oalw-"))  # short: Ray's socket paths must stay under 108 bytes
     (agent,) = free_ports(1)
     gcs = f"[::ffff:127.0.0.1]:{stack.stack.ray_gcs_port}"  # not the literal 127.0.0.1, which `ray start` would
     # replace by the machine's network address when multi-node is enabled
     start = [str(Path(sys.executable).parent / "ray"), "start", "--address", gcs, "--node-ip-address", "127.0.0.2",
-             "--num-cpus", "1", "--labels", "=".join(LABEL), "--temp-dir", str(ray_tmp),
+             "--num-cpus", "1", "--labels", "=".join(label), "--temp-dir", str(ray_tmp),
              "--dashboard-agent-listen-port", str(agent), "--disable-usage-stats", "--block"]
     script = f"mount --bind {disk} {mirror} && exec {' '.join(start)}"
     # What a node of a cluster needs: the credentials (S3, MLflow) and the token auth; the head's stack env has them.
@@ -90,7 +91,7 @@ def worker_node(stack, tmp_path_factory):
             ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
         deadline, node_id = time.monotonic() + 90, None
         while node_id is None:
-            found = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n.get("Labels", {}).get(LABEL[0]) == LABEL[1]]
+            found = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n.get("Labels", {}).get(label[0]) == label[1]]
             node_id = found[0] if found else None
             if node_id is None:
                 assert proc.poll() is None and time.monotonic() < deadline, \
@@ -105,6 +106,12 @@ def worker_node(stack, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def worker_node(stack, tmp_path_factory):
+    with _node(stack, tmp_path_factory.mktemp("two-nodes"), LABEL) as node:
+        yield node
 
 
 def _finished(client, job, timeout=600):
@@ -205,6 +212,49 @@ def test_pipeline_on_two_nodes_without_a_shared_disk_survives_stop_and_resubmit(
         **runtime_env, "env_vars": {"OAL_OBJECT_CACHE": str(fresh)}}))
     assert logs.count("skipped (up to date)") == 8
     assert not list(fresh.rglob("*.pt"))  # found complete by the manifests: no checkpoint fetched
+
+
+def test_teacher_loses_its_node_and_resumes_on_the_head_from_its_checkpoint(stack, tmp_path):
+    """The teacher's Ray Train run placed on a node of its own (label oal-role=teacher), every process of that node
+    killed once a checkpoint is reported (in S3): the run fails, no node carries the label any more, and the stage
+    goes on on the head from that checkpoint (jobs.train.fit_placed): resumed epoch above 0, every epoch once."""
+    import boto3
+
+    from jobs.train import run_stage
+    from oal import stages
+    from oal.config import load_config
+
+    label = ("oal-role", "teacher")
+    bucket, prefix = stack.env["OAL_S3_BUCKET"], f"teacher-loss-{tmp_path.name}"
+    s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
+
+    def reported():
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/digits/ray/").get("Contents", [])]
+        snaps = [k for k in keys if "teacher" in k and k.endswith("/checkpoint_manager_snapshot.json")]
+        return any(json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read()).get("latest_checkpoint_result")
+                   for k in snaps)
+
+    cfg = load_config("digits", [*QUICK, "teacher.epochs=6", f"output_dir=s3://{bucket}/{prefix}",
+                                 "cluster.max_failures=0", f"cluster.label_selector.{label[0]}={label[1]}"])
+    with _node(stack, tmp_path / "node", label) as node:
+        lost: list[int] = []
+
+        def lose_node():
+            deadline = time.time() + 240
+            while time.time() < deadline and not reported():
+                time.sleep(0.2)
+            lost.append(node.lose())
+
+        killer = threading.Thread(target=lose_node, daemon=True)
+        killer.start()
+        res = run_stage(cfg, "teacher", progress=False)
+        killer.join(5)
+    assert lost and lost[0] >= 3, f"the node was not lost (processes killed: {lost})"
+    manifest = stages.read_manifest(stages.stage_dir(cfg, "teacher"))
+    assert res.outputs and manifest is not None
+    assert manifest["resumed_from_epoch"] >= 1, manifest["resumed_from_epoch"]
+    assert [int(h["epoch"]) for h in manifest["history"]] == list(range(1, 7))
+    assert manifest["written_by"].get("node") != node.node_id  # finished elsewhere: the head
 
 
 def test_synthesis_loses_the_worker_node_and_finishes_on_the_head(worker_node, tmp_path):
