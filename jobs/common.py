@@ -147,9 +147,8 @@ def require_resources(need: dict[str, float], what: str, cluster: C.ClusterConfi
     check is skipped and Ray waits for nodes."""
     import ray
 
-    most: dict[str, float] = dict(ray.cluster_resources())
-    if cluster.label_selector and not cluster.autoscaling:
-        most = labelled_resources(cluster.label_selector, what)
+    labelled = cluster.label_selector and not cluster.autoscaling
+    most = labelled_resources(cluster.label_selector, what) if labelled else dict(ray.cluster_resources())
     if cluster.autoscaling:
         published: dict[str, int] | None = None
         try:  # private API, also used by Ray Train's own check; absent -> no check

@@ -99,21 +99,14 @@ class ActorPool:
         """When no alive node carries the pool's labels any more (its node was lost after the replacements were
         made), the actors still waiting to start would wait forever: each is replaced by one that runs on any node.
         Takes them out of `starting` and returns the replacements' ready refs."""
-        import ray
-
         from jobs.common import labelled_nodes
 
         if not self._selector or not starting or labelled_nodes(self._selector):
             return {}
-        log.warning("no alive node carries the labels %s (cluster.label_selector): %d synthesis actor(s) waiting to "
-                    "start replaced by actors on any node", self._selector, len(starting))
         fresh = {}
         for ref in list(starting):
-            actor = starting.pop(ref)
-            ray.kill(actor)
-            self.actors.remove(actor)
-            self.actors.append(self._anywhere.remote(*self._args))
-            fresh[self.actors[-1].ready.remote()] = self.actors[-1]
+            new = self.replace(starting.pop(ref))  # on any node now (replace says so)
+            fresh[new.ready.remote()] = new
         return fresh
 
     def wait_ready(self) -> None:

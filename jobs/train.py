@@ -207,9 +207,9 @@ def fit_placed(cfg: C.OALConfig, stage: str, progress: bool, mlflow_run_id: str 
         import time
 
         deadline = time.monotonic() + NODE_LOSS_WAIT_S  # the GCS notices a lost node a few seconds after its workers
-        while labelled_nodes(selector) and time.monotonic() < deadline:
+        while (alive := labelled_nodes(selector)) and time.monotonic() < deadline:
             time.sleep(1.0)
-        if labelled_nodes(selector):
+        if alive:
             raise
         log.warning("%s: training failed (%s) and no alive node carries the labels %s (cluster.label_selector): "
                     "it goes on on any node, from its last checkpoint", stage, str(e).splitlines()[0][:200], selector)

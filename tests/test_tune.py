@@ -83,7 +83,7 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
     # 0. What the search builds before its trials (the teacher and outlier files the trials share, the baseline
     # student of the ID-accuracy constraint), built beforehand in this process as `oal pipeline` and `oal train`
     # build them: the search finds them up to date. On Ray they cost two Ray Train runs and five rounds of tasks and
-    # actors; those paths are the pipeline's own (test_tracking, test_ray_jobs) and the trials' (every trial is a
+    # actors; those paths are the pipeline's own (test_tracking, test_two_nodes) and the trials' (every trial is a
     # student stage on Ray Train, as the baseline's is).
     shared = jtune.every_term(load_config("digits", overrides))
     bench = build_benchmark(shared.data)

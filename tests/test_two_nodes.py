@@ -114,6 +114,16 @@ def worker_node(stack, tmp_path_factory):
         yield node
 
 
+def _teacher_reported(s3, bucket: str, run: str) -> bool:
+    """Whether Ray Train holds a reported checkpoint of the teacher under `run` (a key prefix) in the bucket. Held
+    means registered in the run's checkpoint-manager snapshot, which a restarted run restores from: a checkpoint_*
+    folder alone can be an upload the manager has not registered yet (a resume from scratch)."""
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{run}/ray/").get("Contents", [])
+    snaps = [o["Key"] for o in listed if "teacher" in o["Key"] and o["Key"].endswith("/checkpoint_manager_snapshot.json")]
+    return any(json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read()).get("latest_checkpoint_result")
+               for k in snaps)
+
+
 def _finished(client, job, timeout=600):
     """Wait for `job`; fail with its error (not Ray's object-store statistics printed after it) unless it succeeded."""
     from ray.job_submission import JobStatus
@@ -155,11 +165,8 @@ def test_pipeline_on_two_nodes_without_a_shared_disk_survives_stop_and_resubmit(
     teacher_done = lambda: bool(keys("teacher/stage.json"))  # noqa: E731
 
     # Stop while the teacher trains: once Ray Train holds a reported checkpoint of it (in S3), before it finishes.
-    # Held means registered in the run's checkpoint-manager snapshot, which a restarted run restores from: a
-    # checkpoint_* folder alone can be an upload the manager has not registered yet (a resume from scratch).
     def reported():
-        snaps = [k for k in keys("ray/") if "teacher" in k and k.endswith("/checkpoint_manager_snapshot.json")]
-        return any(stored_json(k.split("/digits/", 1)[1]).get("latest_checkpoint_result") for k in snaps)
+        return _teacher_reported(s3, bucket, f"{prefix}/digits")
 
     deadline = time.time() + 300
     while not reported() and not teacher_done() and time.time() < deadline:
@@ -228,12 +235,6 @@ def test_teacher_loses_its_node_and_resumes_on_the_head_from_its_checkpoint(stac
     bucket, prefix = stack.env["OAL_S3_BUCKET"], f"teacher-loss-{tmp_path.name}"
     s3 = boto3.client("s3", endpoint_url=stack.env["MLFLOW_S3_ENDPOINT_URL"])
 
-    def reported():
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/digits/ray/").get("Contents", [])]
-        snaps = [k for k in keys if "teacher" in k and k.endswith("/checkpoint_manager_snapshot.json")]
-        return any(json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read()).get("latest_checkpoint_result")
-                   for k in snaps)
-
     cfg = load_config("digits", [*QUICK, "teacher.epochs=6", f"output_dir=s3://{bucket}/{prefix}",
                                  "cluster.max_failures=0", f"cluster.label_selector.{label[0]}={label[1]}"])
     with _node(stack, tmp_path / "node", label) as node:
@@ -241,7 +242,7 @@ def test_teacher_loses_its_node_and_resumes_on_the_head_from_its_checkpoint(stac
 
         def lose_node():
             deadline = time.time() + 240
-            while time.time() < deadline and not reported():
+            while time.time() < deadline and not _teacher_reported(s3, bucket, f"{prefix}/digits"):
                 time.sleep(0.2)
             lost.append(node.lose())
 
