@@ -306,7 +306,7 @@ def teacher_weights(path: Path, image_size: int = 224, seed: int = 0) -> Path:
     return path
 
 
-REHEARSAL_EVAL_IMAGES = 20  # ID validation and ID test images of the rehearsal's tree (the first of its 100 classes)
+REHEARSAL_EVAL_IMAGES = 20  # ID validation and ID test images of the rehearsal's tree (class-interleaved)
 
 
 def rehearsal(root: Path, preset: str, seed: int = 0) -> list[str]:
@@ -315,8 +315,9 @@ def rehearsal(root: Path, preset: str, seed: int = 0) -> list[str]:
     a smaller timm ViT at the preset's own input size; k-NN, sampling and training shrunk to seconds)."""
     benchmark = "cifar10" if preset.startswith("cifar10_") else "cifar100"
     # 2 training images per class (k-NN's K=1 needs two per class); 20 validation and 20 test images, 2 per OOD list
-    tree = make_openood_tree(root / "openood", benchmark, train_per_class=2, val_per_class=1, test_per_class=1,
-                             ood_per_set=2, seed=seed, val_images=REHEARSAL_EVAL_IMAGES,
+    per_class = -(-REHEARSAL_EVAL_IMAGES // len(CLASSES[benchmark]))
+    tree = make_openood_tree(root / "openood", benchmark, train_per_class=2, val_per_class=per_class,
+                             test_per_class=per_class, ood_per_set=2, seed=seed, val_images=REHEARSAL_EVAL_IMAGES,
                              test_images=REHEARSAL_EVAL_IMAGES)
     return [
         f"data.openood_root={tree['root']}",
