@@ -128,6 +128,16 @@ def _trial_mlflow_run(cfg: C.OALConfig, base: C.OALConfig, mlflow_info: dict, tr
     return str(run.info.run_id)
 
 
+def finished_trials(path: str) -> int:
+    """The trials that the search's saved state at `path` records as finished (TERMINATED: run to their end, or
+    stopped by the scheduler): those a resumed search does not run again. Not what the grid `Tuner.fit` returns
+    says: after Ctrl-C, Tune saves the state (a running trial saved to be resumed) and then stops the running
+    trials, which that grid then counts as TERMINATED too, with the epochs they had reported."""
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status == "TERMINATED" for t in ExperimentAnalysis(path).trials)
+
+
 class SearchIncomplete(RuntimeError):
     """Some trials did not finish (the search was interrupted, or trials failed): no best config is written."""
 
@@ -228,12 +238,11 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
                 max_concurrent_trials=s.max_concurrent if s.algorithm == "optuna" else None),
                 run_config=tune.RunConfig(name=name, storage_path=ray_storage))
         grid = tuner.fit()
-        trial_results = [grid[i] for i in range(len(grid))]
-        finished = [r for r in trial_results if r.error is None and r.metrics and "objective" in r.metrics]
+        finished = finished_trials(path)
         expected = expected_trials(s, space)
-        if len(finished) < expected:  # Ctrl-C (Tune saves its state and returns) or failed trials
+        if finished < expected:  # Ctrl-C (Tune saves its state and returns) or failed trials
             raise SearchIncomplete(
-                f"the search is incomplete: {len(finished)} of {expected} trials finished"
+                f"the search is incomplete: {finished} of {expected} trials finished"
                 f"{f' ({grid.num_errors} failed)' if grid.num_errors else ''}. Run the same command again to "
                 f"resume it (finished trials are kept, failed ones retried); state: {path}")
         summary = summarize(full, grid, out, base_acc)
