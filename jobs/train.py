@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from oal import config as C
 from oal import pretrained, stages, storage
-from oal.storage import load_torch
+from oal.storage import load_torch, save_torch
 from oal.train import CHECKPOINT
 
 if TYPE_CHECKING:
@@ -88,9 +88,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
     metrics_log = MetricLogger(mlflow_run, stages.stage_dir(cfg, stage) / "tracking_buffer.jsonl",
                                config["mlflow_uri"] if mlflow_run else None)
 
+    reports = 0
+
     def report(epoch: int, metrics: dict[str, float], ckpt: Path) -> None:
         from ray.train import Checkpoint
 
+        nonlocal reports
+        reports += 1
         metrics_log.log({k.replace("/", "_"): v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         # this worker's failed MLflow writes so far: the driver adds rank 0's to its own count (run_stage)
         payload = with_objective({**metrics, "epoch": epoch, FAILED_WRITES: metrics_log.failed},
@@ -102,8 +106,18 @@ def _worker_loop(config: dict[str, Any]) -> None:
         else:
             ray.train.report(payload)
 
-    stages.train_stage(cfg, stage, out_dir=work, on_epoch_end=report, accelerator=acc,
-                       progress=config["progress"] and rank == 0)
+    fitted = stages.train_stage(cfg, stage, out_dir=work, on_epoch_end=report, accelerator=acc,
+                                progress=config["progress"] and rank == 0)
+    if restored is not None and not reports and fitted.history:
+        # Restored at its last epoch (the run was cut after that epoch's checkpoint was reported, before its end
+        # was recorded): nothing was left to train. The checkpoint says that this run resumed there, and that epoch
+        # is reported once more, so that the run's result and whoever follows its reports (a Tune trial, which
+        # may have received only an earlier epoch) end on it.
+        if rank == 0:
+            state = load_torch(work / CHECKPOINT, "checkpoint")
+            save_torch({**state, "resumed_from_epoch": fitted.resumed_from_epoch}, work / CHECKPOINT)
+        last = fitted.history[-1]
+        report(int(last.get("epoch", len(fitted.history))), last, work / CHECKPOINT)
     shutil.rmtree(work, ignore_errors=True)
 
 

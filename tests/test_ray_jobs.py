@@ -242,6 +242,29 @@ def test_killed_training_worker_resumes_from_its_checkpoint_in_s3(stack, ray_dri
     assert any(k.endswith("/checkpoint.pt") and "/checkpoint_" in k for k in found), found[:20]
     assert not (tmp_path / "killw" / "ray").exists()  # nothing went to the default local storage
 
+    # Cut after the last epoch's checkpoint was reported, before the stage was recorded (its manifest gone): run
+    # again, Ray Train restores that checkpoint and nothing is left to train. The last epoch is reported once more
+    # (what a Tune trial that missed it ranks by) and the stage records where it resumed.
+    from ray.train import UserCallback
+
+    class ReportsTo(UserCallback):
+        """Appends rank 0's reported numbers to a file (runs in the run's controller)."""
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
+
+    (tmp_path / "killw" / "teacher" / "stage.json").unlink()
+    reports = tmp_path / "reports.jsonl"
+    run_stage(cfg, "teacher", progress=False, callbacks=[ReportsTo(str(reports))])
+    manifest = json.loads((tmp_path / "killw" / "teacher" / "stage.json").read_text())
+    assert manifest["resumed_from_epoch"] == 8 and [int(h["epoch"]) for h in manifest["history"]] == list(range(1, 9))
+    assert [r["epoch"] for r in map(json.loads, reports.read_text().splitlines())] == [8]
+
+
 
 def test_impossible_resources_fail_fast_with_numbers(ray_driver, tmp_path):
     from jobs import synthesize, train
