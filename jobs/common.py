@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -260,22 +261,66 @@ def on_shards(cluster: C.ClusterConfig, what: str, shard_fn: Any, finish_fn: Any
     """Data-parallel `on_worker`: `shard_fn(*args, shard=(i, n), **kwargs)` for i < n (`shard_count`) as n Ray
     tasks at once, each on its slice of the data, then `finish_fn(parts)` in one more task, given
     the shards' results in shard order (Ray hands them over worker to worker; the driver never holds them). A
-    shard whose worker dies is retried alone. With one shard this is `on_worker(shard_fn)` then `finish_fn`."""
+    shard whose worker dies is retried alone. With one shard this is `on_worker(shard_fn)` then `finish_fn`.
+    Placed on labelled nodes (cluster.label_selector) that are all lost, the shards still waiting go on on any
+    node (`placed`)."""
     import ray
 
     n = shard_count(cluster)
-    task = _worker_task(cluster, what)
     cache = str(storage.cache_root())
-    parts = [task.remote(shard_fn, args, {**kwargs, "shard": (i, n)}, cache) for i in range(n)]
+
+    def shards(c: C.ClusterConfig, which: list[int]) -> list[Any]:
+        task = _worker_task(c, what)
+        return [task.remote(shard_fn, args, {**kwargs, "shard": (i, n)}, cache) for i in which]
+
+    def merged(c: C.ClusterConfig, parts: list[Any]) -> list[Any]:
+        # Merging, scoring and writing need no GPU: one CPU, so that an autoscaler starts no GPU node for them.
+        merge = _worker_task(c, what).options(num_cpus=min(1.0, c.cpus_per_worker), num_gpus=0)
+        return [merge.remote(_gathered, (finish_fn,), {}, cache, *parts)]
+
+    parts = shards(cluster, list(range(n)))
     log.info("%s: %d shard(s) on Ray workers", what, n)
-    # Merging, scoring and writing need no GPU: one CPU, so that an autoscaler starts no GPU node for them.
-    merge = task.options(num_cpus=min(1.0, cluster.cpus_per_worker), num_gpus=0)
     try:
-        return ray.get(merge.remote(_gathered, (finish_fn,), {}, cache, *parts))
+        parts, cluster = placed(cluster, what, parts, shards)
+        merge, _ = placed(cluster, what, merged(cluster, parts), lambda c, _: merged(c, parts))
+        return ray.get(merge[0])
     except BaseException:
         for ref in parts:  # a failed shard (or an interrupted driver) stops the others, not only the merge
             ray.cancel(ref)
         raise
+
+
+STRANDED_CHECK_S = 2.0  # how often tasks placed on labelled nodes that wait check whether those nodes are gone (one GCS call)
+
+
+def placed(cluster: C.ClusterConfig, what: str, refs: list[Any], again: Any) -> tuple[list[Any], C.ClusterConfig]:
+    """`refs` (tasks placed by cluster.label_selector) once all are done, and the cluster settings to place what
+    follows with. While some wait, every STRANDED_CHECK_S seconds: when no alive node carries the labels any more
+    (the nodes were lost, and Ray retries their tasks with the same selector, which would wait for such a node to
+    join), the waiting ones are cancelled and made again on any node by `again(cluster without the selector, their
+    indices)`, with a warning, and the settings returned have no selector. Done tasks are kept: nothing is computed
+    twice. Without a selector this returns at once (ray.get waits)."""
+    import ray
+
+    selector = cluster.label_selector
+    if not selector:
+        return refs, cluster
+    refs = list(refs)
+    while True:
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=STRANDED_CHECK_S, fetch_local=False)
+        if not waiting:
+            return refs, cluster
+        if labelled_nodes(selector):
+            continue
+        stranded = [i for i, r in enumerate(refs) if r in waiting]
+        log.warning("%s: no alive node carries the labels %s (cluster.label_selector) any more: %d waiting task(s) "
+                    "go on on any node", what, selector, len(stranded))
+        for i in stranded:
+            ray.cancel(refs[i])
+        anywhere = dataclasses.replace(cluster, label_selector={})
+        for i, ref in zip(stranded, again(anywhere, stranded)):
+            refs[i] = ref
+        return refs, anywhere
 
 
 def _gathered(finish_fn: Any, *parts: Any) -> Any:

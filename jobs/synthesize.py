@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from jobs.common import STRANDED_CHECK_S  # also how often a pool whose shards wait on actors that cannot start looks
 from oal import config as C
 from oal import stages, storage
 from oal.storage import load_torch, save_torch
 from oal.synthesize import LatentSynthesizer, ShardSpec, finalize, plan_shards, shard_ok
 
 log = logging.getLogger("oal.jobs.synthesize")
-STRANDED_CHECK_S = 10.0  # how often a pool whose shards wait on actors that cannot start checks for lost nodes
 
 
 class SynthActor:
@@ -78,6 +78,7 @@ class ActorPool:
         self._args = (C.to_dict(cfg.diffusion), class_names, ray.put(outliers), cfg.seed, k.use_gpu,
                       max(1, int(k.synth_cpus_per_actor)), str(storage.cache_root()))
         self.actors: list[Any] = [self._remote.remote(*self._args) for _ in range(size or k.synth_actors)]
+        self._placed = set(self.actors) if self._selector else set()  # made with the selector (may be stranded)
 
     def replace(self, dead: Any) -> Any:
         import ray
@@ -86,6 +87,7 @@ class ActorPool:
 
         ray.kill(dead)  # already dead: only frees the handle
         self.actors.remove(dead)
+        self._placed.discard(dead)
         remote = self._remote
         if self._selector and not labelled_nodes(self._selector):
             # The labelled nodes are gone (a lost node): the replacement would wait for one forever.
@@ -93,18 +95,22 @@ class ActorPool:
                         "actor runs on any node", self._selector)
             remote = self._anywhere
         self.actors.append(remote.remote(*self._args))
+        if remote is not self._anywhere:
+            self._placed.add(self.actors[-1])
         return self.actors[-1]
 
     def unstrand(self, starting: dict[Any, Any]) -> dict[Any, Any]:
         """When no alive node carries the pool's labels any more (its node was lost after the replacements were
         made), the actors still waiting to start would wait forever: each is replaced by one that runs on any node.
-        Takes them out of `starting` and returns the replacements' ready refs."""
+        Takes them out of `starting` and returns the replacements' ready refs. Actors already made on any node are
+        left to start (loading the model takes a while)."""
         from jobs.common import labelled_nodes
 
-        if not self._selector or not starting or labelled_nodes(self._selector):
+        stranded = [ref for ref, actor in starting.items() if actor in self._placed]
+        if not stranded or labelled_nodes(self._selector):
             return {}
         fresh = {}
-        for ref in list(starting):
+        for ref in stranded:
             new = self.replace(starting.pop(ref))  # on any node now (replace says so)
             fresh[new.ready.remote()] = new
         return fresh

@@ -85,6 +85,12 @@ SESSION_ENV = {
     # for cloud nodes being drained; the session's head is never drained. Without it, each of the session's ~35 worker
     # group starts has one process fewer to start on the CPUs its worker is starting on.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The GCS declares a node dead after RAY_health_check_failure_threshold (5) failed health checks in a row, one
+    # every RAY_health_check_period_ms (3 s by default): a lost node is noticed ~15 s after its raylet went. Once a
+    # second here (the head reads it when it starts): ~5 s, for the two-node tests' lost nodes. A check still
+    # waits RAY_health_check_timeout_ms (10 s) for a busy raylet's answer: only a raylet that refuses five in a row
+    # (gone) is declared dead.
+    "RAY_health_check_period_ms": "1000",
 }
 
 

@@ -258,6 +258,74 @@ def test_teacher_loses_its_node_and_resumes_on_the_head_from_its_checkpoint(stac
     assert manifest["written_by"].get("node") != node.node_id  # finished elsewhere: the head
 
 
+def _shard(starts: str, pause: float, shard: tuple[int, int]) -> tuple[int, str]:
+    """A shard of tests' own: says where and when it starts (a line in `starts`), works `pause` seconds."""
+    from oal.stages import NODE_ENV
+
+    with open(starts, "a") as f:
+        f.write(f"{shard[0]}\n")
+    time.sleep(pause)
+    return shard[0], os.environ[NODE_ENV]
+
+
+def _gather(parts: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], str]:
+    from oal.stages import NODE_ENV
+
+    return parts, os.environ[NODE_ENV]
+
+
+def test_sharded_tasks_lose_their_node_and_finish_on_the_head(stack, tmp_path):
+    """Two shards placed on a one-CPU node of their own (one runs, one waits), the node killed while the first
+    runs: Ray retries it with the same selector, which no node satisfies any more; `jobs.common.placed` sees that
+    and makes both waiting shards again on any node. Each shard runs to its end once, the lost one started twice,
+    the merge runs on the head, a warning says why."""
+    import ray
+
+    from jobs.common import on_shards
+    from oal.config import load_config
+
+    label = ("oal-role", "shards")
+    cfg = load_config("digits", ["cluster.shards=2", "cluster.max_failures=2",
+                                 f"cluster.label_selector.{label[0]}={label[1]}"])
+    starts = tmp_path / "starts"
+    with _node(stack, tmp_path / "node", label) as node:
+        lost: list[int] = []
+
+        def lose_node():
+            deadline = time.time() + 120
+            while time.time() < deadline and not (starts.exists() and starts.read_text()):
+                time.sleep(0.1)
+            lost.append(node.lose())
+
+        killer = threading.Thread(target=lose_node, daemon=True)
+        killer.start()
+        done: dict = {}
+        warnings: list[str] = []
+        catcher = logging.Handler(logging.WARNING)
+        catcher.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("oal.jobs").addHandler(catcher)
+        try:
+            run = threading.Thread(target=lambda: done.update(result=on_shards(
+                cfg.cluster, "the test's shards", _shard, _gather, str(starts), 4.0)), daemon=True)
+            run.start()
+            run.join(90)
+        finally:
+            logging.getLogger("oal.jobs").removeHandler(catcher)
+        killer.join(5)
+    if run.is_alive():  # still waiting in ray.get: disconnect this driver, or the session could not end
+        ray.shutdown()
+        pytest.fail(f"the shards did not finish after their node was lost (lost: {lost}): {warnings}")
+    assert lost and lost[0] >= 3, f"the node was not lost (processes killed: {lost})"
+    assert "result" in done, f"the shards failed after their node was lost: {warnings}"
+    parts, merged_on = done["result"]
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # the head (and the module's worker node, if up)
+    assert [i for i, _ in parts] == [0, 1] and {where for _, where in parts} | {merged_on} <= alive - {node.node_id}
+    # the running shard was lost and started again once; the waiting one never started on the lost node
+    first, *later = starts.read_text().split()
+    assert sorted(later) == ["0", "1"] and first in later, starts.read_text()
+    assert any("no alive node carries the labels" in w and "2 waiting task(s)" in w for w in warnings), warnings
+
+
 def test_synthesis_loses_the_worker_node_and_finishes_on_the_head(worker_node, tmp_path):
     """The latents stage's actor pool placed on the worker node (cluster.label_selector), the node killed (its raylet
     and workers) once a shard is written: the lost actor's shard is requeued once and the replacement, finding no
