@@ -256,6 +256,19 @@ def test_teacher_loses_its_node_and_resumes_on_the_head_from_its_checkpoint(stac
     assert manifest["resumed_from_epoch"] >= 1, manifest["resumed_from_epoch"]
     assert [int(h["epoch"]) for h in manifest["history"]] == list(range(1, 7))
     assert manifest["written_by"].get("node") != node.node_id  # finished elsewhere: the head
+    # The same teacher trained in this process, nothing lost: the same weights and the same numbers every epoch.
+    import torch
+
+    from oal import storage
+
+    alone = stages.run_teacher(load_config("digits", [*QUICK, "teacher.epochs=6", f"output_dir={tmp_path / 'alone'}"]),
+                               progress=False)
+    lost_run, whole = (torch.load(p, map_location="cpu", weights_only=True)
+                       for p in (storage.pull(res.outputs["checkpoint"]), alone.outputs["checkpoint"]))
+    for name, tensor in whole["modules"].items():
+        assert torch.allclose(lost_run["modules"][name], tensor, atol=1e-6), name
+    for a, b in zip(lost_run["history"], whole["history"], strict=True):
+        assert a["val/id_accuracy"] == b["val/id_accuracy"] and a["loss/total"] == pytest.approx(b["loss/total"], abs=1e-6)
 
 
 def _shard(starts: str, pause: float, shard: tuple[int, int]) -> tuple[int, str]:
