@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,35 @@ def _node(stack, base: Path, label: tuple[str, str]) -> Iterator[WorkerNode]:
 def worker_node(stack, tmp_path_factory):
     with _node(stack, tmp_path_factory.mktemp("two-nodes"), LABEL) as node:
         yield node
+
+
+def _lose_when(node: WorkerNode, happened: Callable[[], bool], within: float) -> tuple[threading.Thread, list[int]]:
+    """A started thread that loses `node` (WorkerNode.lose) once `happened()`, or after `within` seconds; the list
+    receives how many processes it killed."""
+    lost: list[int] = []
+
+    def watch() -> None:
+        deadline = time.time() + within
+        while time.time() < deadline and not happened():
+            time.sleep(0.1)
+        lost.append(node.lose())
+
+    killer = threading.Thread(target=watch, daemon=True)
+    killer.start()
+    return killer, lost
+
+
+@contextlib.contextmanager
+def _warnings_of(logger: str) -> Iterator[list[str]]:
+    """The WARNING messages `logger` emits meanwhile (whether or not "oal" propagates to the root logger here)."""
+    seen: list[str] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger(logger).addHandler(catcher)
+    try:
+        yield seen
+    finally:
+        logging.getLogger(logger).removeHandler(catcher)
 
 
 def _teacher_reported(s3, bucket: str, run: str) -> bool:
@@ -238,16 +267,7 @@ def test_teacher_loses_its_node_and_resumes_on_the_head_from_its_checkpoint(stac
     cfg = load_config("digits", [*QUICK, "teacher.epochs=6", f"output_dir=s3://{bucket}/{prefix}",
                                  "cluster.max_failures=0", f"cluster.label_selector.{label[0]}={label[1]}"])
     with _node(stack, tmp_path / "node", label) as node:
-        lost: list[int] = []
-
-        def lose_node():
-            deadline = time.time() + 240
-            while time.time() < deadline and not _teacher_reported(s3, bucket, f"{prefix}/digits"):
-                time.sleep(0.2)
-            lost.append(node.lose())
-
-        killer = threading.Thread(target=lose_node, daemon=True)
-        killer.start()
+        killer, lost = _lose_when(node, lambda: _teacher_reported(s3, bucket, f"{prefix}/digits"), 240)
         res = run_stage(cfg, "teacher", progress=False)
         killer.join(5)
     assert lost and lost[0] >= 3, f"the node was not lost (processes killed: {lost})"
@@ -302,28 +322,13 @@ def test_sharded_tasks_lose_their_node_and_finish_on_the_head(stack, tmp_path):
                                  f"cluster.label_selector.{label[0]}={label[1]}"])
     starts = tmp_path / "starts"
     with _node(stack, tmp_path / "node", label) as node:
-        lost: list[int] = []
-
-        def lose_node():
-            deadline = time.time() + 120
-            while time.time() < deadline and not (starts.exists() and starts.read_text()):
-                time.sleep(0.1)
-            lost.append(node.lose())
-
-        killer = threading.Thread(target=lose_node, daemon=True)
-        killer.start()
+        killer, lost = _lose_when(node, lambda: starts.exists() and bool(starts.read_text()), 120)
         done: dict = {}
-        warnings: list[str] = []
-        catcher = logging.Handler(logging.WARNING)
-        catcher.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-        logging.getLogger("oal.jobs").addHandler(catcher)
-        try:
+        with _warnings_of("oal.jobs") as warnings:
             run = threading.Thread(target=lambda: done.update(result=on_shards(
                 cfg.cluster, "the test's shards", _shard, _gather, str(starts), 4.0)), daemon=True)
             run.start()
             run.join(90)
-        finally:
-            logging.getLogger("oal.jobs").removeHandler(catcher)
         killer.join(5)
     if run.is_alive():  # still waiting in ray.get: disconnect this driver, or the session could not end
         ray.shutdown()
@@ -357,27 +362,15 @@ def test_synthesis_loses_the_worker_node_and_finishes_on_the_head(worker_node, t
     outliers = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
     out = tmp_path / "latents"
 
-    def lose_node():
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(out.glob("shard_*.pt")):
-            time.sleep(0.1)
-        lost.append(worker_node.lose())
-
-    lost: list[int] = []
-    killer = threading.Thread(target=lose_node, daemon=True)
-    killer.start()
+    killer, lost = _lose_when(worker_node, lambda: bool(list(out.glob("shard_*.pt"))), 240)
     stats: dict = {}
     done: dict = {}
-    warnings: list[str] = []  # the pool's own logger (whether or not "oal" propagates to the root logger here)
-    catcher = logging.Handler(logging.WARNING)
-    catcher.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("oal.jobs.synthesize").addHandler(catcher)
-    pool = threading.Thread(target=lambda: done.update(manifest=run_pool(
-        cfg, out, names, outliers, fingerprint="fp", progress=False, stats=stats)), daemon=True)
-    pool.start()
-    pool.join(300)
-    killer.join(5)
-    logging.getLogger("oal.jobs.synthesize").removeHandler(catcher)
+    with _warnings_of("oal.jobs.synthesize") as warnings:
+        pool = threading.Thread(target=lambda: done.update(manifest=run_pool(
+            cfg, out, names, outliers, fingerprint="fp", progress=False, stats=stats)), daemon=True)
+        pool.start()
+        pool.join(300)
+        killer.join(5)
     assert "manifest" in done, f"the pool did not finish after the node was lost: {stats}, {warnings}"
     assert lost and lost[0] >= 3, f"the node was not lost (processes killed: {lost})"  # ray start, raylet, worker
     # the replacement went to the head, as no node with the label was left
