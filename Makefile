@@ -46,9 +46,11 @@ stack-down: $(STAMP)
 stack-status: $(STAMP)
 	$(BIN)/python -m cluster.stack status
 
-## Run the whole test suite
+## Run the whole test suite: two pytest processes (pytest-xdist), one running every test of the local stack (one Ray
+## head), the other the rest meanwhile
+TEST_PROCS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_PROCS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not ray and not stack"

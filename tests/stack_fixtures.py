@@ -94,8 +94,36 @@ SESSION_ENV = {
 }
 
 
+STACK_FIXTURES = frozenset({"stack", "s3_mlflow", "ray_head", "_stack_session"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Under pytest-xdist (`make test`: two processes, --dist loadgroup) every test that uses the stack runs in one
+    # process, so the session still starts one Ray head, one MLflow and one S3 server, and the tests that need none of
+    # them run in the other process meanwhile. The stack's tests go first (in their own order), so that their process
+    # starts on them at once: they are most of the suite's time.
+    uses = {id(item): bool(STACK_FIXTURES.intersection(getattr(item, "fixturenames", ()))) for item in items}
+    for item in items:
+        if uses[id(item)]:
+            item.add_marker(pytest.mark.xdist_group("stack"))
+    items.sort(key=lambda item: not uses[id(item)])
+
+
 @pytest.fixture(scope="session")
 def _stack_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        # One stack per test session, not per xdist process: the first process to ask claims it in the folder the
+        # processes share; a second one means the grouping above did not hold.
+        claim = tmp_path_factory.getbasetemp().parent / "stack-claimed-by"
+        try:
+            with claim.open("x") as f:
+                f.write(worker)
+        except FileExistsError:
+            pytest.fail(f"pytest-xdist process {worker} was asked for the local stack, which {claim.read_text() or 'another process'} "
+                        "started: the stack's tests were not all given to one process (--dist loadgroup, "
+                        "tests/stack_fixtures.py); see pyproject.toml's note on pytest's version")
     # Ray's socket paths (<temp-dir>/session_<date>_<pid>/sockets/...) must stay under 108 bytes: a short dir.
     ray_tmp = Path(tempfile.mkdtemp(prefix="oalray-"))
     s3, mlflow, dashboard, gcs, client, agent = free_ports(6)
