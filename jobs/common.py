@@ -298,29 +298,50 @@ def placed(cluster: C.ClusterConfig, what: str, refs: list[Any], again: Any) -> 
     follows with. While some wait, every STRANDED_CHECK_S seconds: when no alive node carries the labels any more
     (the nodes were lost, and Ray retries their tasks with the same selector, which would wait for such a node to
     join), the waiting ones are cancelled and made again on any node by `again(cluster without the selector, their
-    indices)`, with a warning, and the settings returned have no selector. Done tasks are kept: nothing is computed
-    twice. Without a selector this returns at once (ray.get waits)."""
+    indices)`, and the settings returned have no selector. Done tasks are kept: nothing is computed twice. Without
+    a selector this returns at once (ray.get waits)."""
     import ray
 
-    selector = cluster.label_selector
-    if not selector:
+    if not cluster.label_selector:
         return refs, cluster
     refs = list(refs)
     while True:
         _, waiting = ray.wait(refs, num_returns=len(refs), timeout=STRANDED_CHECK_S, fetch_local=False)
         if not waiting:
             return refs, cluster
-        if labelled_nodes(selector):
-            continue
         stranded = [i for i, r in enumerate(refs) if r in waiting]
-        log.warning("%s: no alive node carries the labels %s (cluster.label_selector) any more: %d waiting task(s) "
-                    "go on on any node", what, selector, len(stranded))
+        if not labels_lost(cluster.label_selector, what, f"{len(stranded)} waiting task(s) go on on any node"):
+            continue
         for i in stranded:
             ray.cancel(refs[i])
-        anywhere = dataclasses.replace(cluster, label_selector={})
-        for i, ref in zip(stranded, again(anywhere, stranded)):
+        for i, ref in zip(stranded, again(anywhere(cluster), stranded)):
             refs[i] = ref
-        return refs, anywhere
+        return refs, anywhere(cluster)
+
+
+def labels_lost(selector: dict[str, str], what: str, goes_on: str, wait_s: float = 0.0) -> bool:
+    """Whether what was placed on the nodes `selector` (cluster.label_selector) names must go on elsewhere: no
+    alive node carries those labels (any more), so whatever Ray still holds for such a node would wait for one to
+    join. Then one warning: "`what`: no alive node carries the labels ... any more: `goes_on`". `wait_s`: how long
+    to wait for the labelled nodes to be declared dead (the GCS notices a lost node a few seconds after its workers
+    failed) before saying no. No selector: False."""
+    import time
+
+    if not selector:
+        return False
+    deadline = time.monotonic() + wait_s
+    while labelled_nodes(selector):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+    log.warning("%s: no alive node carries the labels %s (cluster.label_selector) any more: %s", what, selector,
+                goes_on)
+    return True
+
+
+def anywhere(cluster: C.ClusterConfig) -> C.ClusterConfig:
+    """The same cluster settings without cluster.label_selector: placed on any node."""
+    return dataclasses.replace(cluster, label_selector={})
 
 
 def _gathered(finish_fn: Any, *parts: Any) -> Any:

@@ -83,16 +83,13 @@ class ActorPool:
     def replace(self, dead: Any) -> Any:
         import ray
 
-        from jobs.common import labelled_nodes
+        from jobs.common import labels_lost
 
         ray.kill(dead)  # already dead: only frees the handle
         self.actors.remove(dead)
         self._placed.discard(dead)
         remote = self._remote
-        if self._selector and not labelled_nodes(self._selector):
-            # The labelled nodes are gone (a lost node): the replacement would wait for one forever.
-            log.warning("no alive node carries the labels %s (cluster.label_selector): the replacement synthesis "
-                        "actor runs on any node", self._selector)
+        if labels_lost(self._selector, "synthesis", "the replacement synthesis actor runs on any node"):
             remote = self._anywhere
         self.actors.append(remote.remote(*self._args))
         if remote is not self._anywhere:

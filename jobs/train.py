@@ -210,25 +210,16 @@ def fit_placed(cfg: C.OALConfig, stage: str, progress: bool, mlflow_run_id: str 
     instead of waiting for a node to join; the config returned then has no selector."""
     from dataclasses import replace
 
-    from jobs.common import labelled_nodes
+    from jobs.common import anywhere, labels_lost
 
     try:
         return make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit(), cfg
     except Exception as e:
-        selector = cfg.cluster.label_selector
-        if not selector:
+        if not labels_lost(cfg.cluster.label_selector, stage, "it goes on on any node, from its last checkpoint "
+                           f"(training failed: {str(e).splitlines()[0][:200]})", wait_s=NODE_LOSS_WAIT_S):
             raise
-        import time
-
-        deadline = time.monotonic() + NODE_LOSS_WAIT_S  # the GCS notices a lost node a few seconds after its workers
-        while (alive := labelled_nodes(selector)) and time.monotonic() < deadline:
-            time.sleep(1.0)
-        if alive:
-            raise
-        log.warning("%s: training failed (%s) and no alive node carries the labels %s (cluster.label_selector): "
-                    "it goes on on any node, from its last checkpoint", stage, str(e).splitlines()[0][:200], selector)
-    anywhere = replace(cfg, cluster=replace(cfg.cluster, label_selector={}))
-    return make_trainer(anywhere, stage, progress, mlflow_run_id, **trainer_options).fit(), anywhere
+    elsewhere = replace(cfg, cluster=anywhere(cfg.cluster))
+    return make_trainer(elsewhere, stage, progress, mlflow_run_id, **trainer_options).fit(), elsewhere
 
 
 def finish_from_checkpoint(cfg: C.OALConfig, stage: str, checkpoint: Any) -> stages.StageResult:

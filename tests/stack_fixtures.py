@@ -121,7 +121,8 @@ def _stack_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             with claim.open("x") as f:
                 f.write(worker)
         except FileExistsError:
-            pytest.fail(f"pytest-xdist process {worker} was asked for the local stack, which {claim.read_text() or 'another process'} "
+            owner = claim.read_text() or "another process"
+            pytest.fail(f"pytest-xdist process {worker} was asked for the local stack, which {owner} "
                         "started: the stack's tests were not all given to one process (--dist loadgroup, "
                         "tests/stack_fixtures.py); see pyproject.toml's note on pytest's version")
     # Ray's socket paths (<temp-dir>/session_<date>_<pid>/sockets/...) must stay under 108 bytes: a short dir.

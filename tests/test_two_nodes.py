@@ -365,7 +365,7 @@ def test_synthesis_loses_the_worker_node_and_finishes_on_the_head(worker_node, t
     killer, lost = _lose_when(worker_node, lambda: bool(list(out.glob("shard_*.pt"))), 240)
     stats: dict = {}
     done: dict = {}
-    with _warnings_of("oal.jobs.synthesize") as warnings:
+    with _warnings_of("oal.jobs") as warnings:
         pool = threading.Thread(target=lambda: done.update(manifest=run_pool(
             cfg, out, names, outliers, fingerprint="fp", progress=False, stats=stats)), daemon=True)
         pool.start()
