@@ -37,20 +37,32 @@ def _cfg(tmp_path, *extra):
     return load_config("digits", [*QUICK, f"output_dir={tmp_path}", *extra])
 
 
-def _kill_when(predicate, class_name: str, timeout: float = 240) -> threading.Thread:
-    """In the background: once `predicate()` holds, SIGKILL one live actor of `class_name`."""
+def _kill_when(predicate, class_name: str, timeout: float = 240, busy_in: str | None = None) -> threading.Thread:
+    """In the background: once `predicate()` holds, SIGKILL one live actor of `class_name`; with `busy_in`, one that
+    is running that method (Ray's process title `ray::<class>.<method>`), waiting for one if none is: an actor
+    still in its constructor is ALIVE too (a slow model load), and killing it exercises another path."""
+    import psutil
     from ray.util.state import list_actors
 
     result: dict = {}
 
+    def running(pid: int) -> bool:
+        try:
+            return busy_in is None or f"{class_name}.{busy_in}" in " ".join(psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:
+            return False
+
     def run():
         deadline = time.time() + timeout
-        while time.time() < deadline and not predicate():
+        while time.time() < deadline:
+            if predicate():
+                actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+                chosen = [a["pid"] for a in actors if running(a["pid"])]
+                if chosen:
+                    os.kill(chosen[0], signal.SIGKILL)
+                    result["pid"] = chosen[0]
+                    return
             time.sleep(0.2)
-        actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-        if actors:
-            os.kill(actors[0]["pid"], signal.SIGKILL)
-            result["pid"] = actors[0]["pid"]
 
     t = threading.Thread(target=run, daemon=True)
     t.result = result  # type: ignore[attr-defined]
@@ -120,7 +132,8 @@ def test_killed_synthesis_actor_loses_and_duplicates_nothing(ray_driver, tmp_pat
     names = ["zero", "one", "two"]
     outliers = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
     out = tmp_path / "latents"
-    killer = _kill_when(lambda: len(list(out.glob("shard_*.pt"))) >= 1, "SynthActor")
+    # an actor computing a shard (seen flaky when the one killed was still loading its model: nothing requeued)
+    killer = _kill_when(lambda: len(list(out.glob("shard_*.pt"))) >= 1, "SynthActor", busy_in="run")
     stats: dict = {}
     manifest = run_pool(cfg, out, names, outliers, fingerprint="fp", progress=False, stats=stats)
     killer.join(5)
