@@ -148,8 +148,8 @@ def require_resources(need: dict[str, float], what: str, cluster: C.ClusterConfi
     check is skipped and Ray waits for nodes."""
     import ray
 
-    labelled = cluster.label_selector and not cluster.autoscaling
-    most = labelled_resources(cluster.label_selector, what) if labelled else dict(ray.cluster_resources())
+    selector = selector_now(cluster)
+    most = labelled_resources(selector, what) if selector and not cluster.autoscaling else dict(ray.cluster_resources())
     if cluster.autoscaling:
         published: dict[str, int] | None = None
         try:  # private API, also used by Ray Train's own check; absent -> no check
@@ -212,8 +212,10 @@ def labelled_resources(selector: dict[str, str], what: str) -> dict[str, float]:
 
 
 def placement(cluster: C.ClusterConfig) -> dict[str, Any]:
-    """Ray options that keep a task, an actor or a training worker on the nodes cluster.label_selector names."""
-    return {"label_selector": dict(cluster.label_selector)} if cluster.label_selector else {}
+    """Ray options that keep a task, an actor or a training worker on the nodes cluster.label_selector names
+    (`selector_now`)."""
+    selector = selector_now(cluster)
+    return {"label_selector": dict(selector)} if selector else {}
 
 
 def in_worker(object_cache: str) -> None:
@@ -302,7 +304,7 @@ def placed(cluster: C.ClusterConfig, what: str, refs: list[Any], again: Any) -> 
     a selector this returns at once (ray.get waits)."""
     import ray
 
-    if not cluster.label_selector:
+    if not selector_now(cluster):
         return refs, cluster
     refs = list(refs)
     while True:
@@ -334,9 +336,24 @@ def labels_lost(selector: dict[str, str], what: str, goes_on: str, wait_s: float
         if time.monotonic() >= deadline:
             return False
         time.sleep(1.0)
-    log.warning("%s: no alive node carries the labels %s (cluster.label_selector) any more: %s", what, selector,
-                goes_on)
+    log.warning("%s: no alive node carries the labels %s (cluster.label_selector) any more: %s; so does what "
+                "follows in this job until a node with those labels joins", what, selector, goes_on)
+    if dict(selector) not in _LOST:
+        _LOST.append(dict(selector))
     return True
+
+
+_LOST: list[dict[str, str]] = []  # the selectors whose nodes this process saw all lost (labels_lost)
+
+
+def selector_now(cluster: C.ClusterConfig) -> dict[str, str]:
+    """The label selector to place with now: cluster.label_selector, or none once this process saw every node
+    carrying it lost (`labels_lost`, e.g. during an earlier stage of the same pipeline) while none has joined
+    since. A selector that no node ever carried here is kept, and meets `require_resources`' clear error."""
+    selector = cluster.label_selector
+    if selector and dict(selector) in _LOST and not labelled_nodes(selector):
+        return {}
+    return selector
 
 
 def anywhere(cluster: C.ClusterConfig) -> C.ClusterConfig:

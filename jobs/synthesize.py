@@ -69,10 +69,10 @@ class ActorPool:
 
         k = cfg.cluster
         check_resources(k)
-        from jobs.common import placement
+        from jobs.common import placement, selector_now
 
         opts = {"num_gpus": 1, "num_cpus": 1} if k.use_gpu else {"num_cpus": k.synth_cpus_per_actor}
-        self._selector = dict(k.label_selector)
+        self._selector = dict(selector_now(k))
         self._anywhere: Any = ray.remote(**opts)(SynthActor)
         self._remote: Any = ray.remote(**opts, **placement(k))(SynthActor) if self._selector else self._anywhere
         self._args = (C.to_dict(cfg.diffusion), class_names, ray.put(outliers), cfg.seed, k.use_gpu,

@@ -210,12 +210,12 @@ def fit_placed(cfg: C.OALConfig, stage: str, progress: bool, mlflow_run_id: str 
     instead of waiting for a node to join; the config returned then has no selector."""
     from dataclasses import replace
 
-    from jobs.common import anywhere, labels_lost
+    from jobs.common import anywhere, labels_lost, selector_now
 
     try:
         return make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit(), cfg
     except Exception as e:
-        if not labels_lost(cfg.cluster.label_selector, stage, "it goes on on any node, from its last checkpoint "
+        if not labels_lost(selector_now(cfg.cluster), stage, "it goes on on any node, from its last checkpoint "
                            f"(training failed: {str(e).splitlines()[0][:200]})", wait_s=NODE_LOSS_WAIT_S):
             raise
     elsewhere = replace(cfg, cluster=anywhere(cfg.cluster))
