@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -271,21 +270,20 @@ def on_shards(cluster: C.ClusterConfig, what: str, shard_fn: Any, finish_fn: Any
     n = shard_count(cluster)
     cache = str(storage.cache_root())
 
-    def shards(c: C.ClusterConfig, which: list[int]) -> list[Any]:
-        task = _worker_task(c, what)
+    def shards(which: list[int]) -> list[Any]:
+        task = _worker_task(cluster, what)
         return [task.remote(shard_fn, args, {**kwargs, "shard": (i, n)}, cache) for i in which]
 
-    def merged(c: C.ClusterConfig, parts: list[Any]) -> list[Any]:
+    def merged(_: list[int] | None = None) -> list[Any]:
         # Merging, scoring and writing need no GPU: one CPU, so that an autoscaler starts no GPU node for them.
-        merge = _worker_task(c, what).options(num_cpus=min(1.0, c.cpus_per_worker), num_gpus=0)
+        merge = _worker_task(cluster, what).options(num_cpus=min(1.0, cluster.cpus_per_worker), num_gpus=0)
         return [merge.remote(_gathered, (finish_fn,), {}, cache, *parts)]
 
-    parts = shards(cluster, list(range(n)))
+    parts = shards(list(range(n)))
     log.info("%s: %d shard(s) on Ray workers", what, n)
     try:
-        parts, cluster = placed(cluster, what, parts, shards)
-        merge, _ = placed(cluster, what, merged(cluster, parts), lambda c, _: merged(c, parts))
-        return ray.get(merge[0])
+        parts = placed(cluster, what, parts, shards)
+        return ray.get(placed(cluster, what, merged(), merged)[0])
     except BaseException:
         for ref in parts:  # a failed shard (or an interrupted driver) stops the others, not only the merge
             ray.cancel(ref)
@@ -295,30 +293,29 @@ def on_shards(cluster: C.ClusterConfig, what: str, shard_fn: Any, finish_fn: Any
 STRANDED_CHECK_S = 2.0  # how often tasks placed on labelled nodes that wait check whether those nodes are gone (one GCS call)
 
 
-def placed(cluster: C.ClusterConfig, what: str, refs: list[Any], again: Any) -> tuple[list[Any], C.ClusterConfig]:
-    """`refs` (tasks placed by cluster.label_selector) once all are done, and the cluster settings to place what
-    follows with. While some wait, every STRANDED_CHECK_S seconds: when no alive node carries the labels any more
-    (the nodes were lost, and Ray retries their tasks with the same selector, which would wait for such a node to
-    join), the waiting ones are cancelled and made again on any node by `again(cluster without the selector, their
-    indices)`, and the settings returned have no selector. Done tasks are kept: nothing is computed twice. Without
-    a selector this returns at once (ray.get waits)."""
+def placed(cluster: C.ClusterConfig, what: str, refs: list[Any], again: Any) -> list[Any]:
+    """`refs` (tasks placed by cluster.label_selector) once all are done. While some wait, every STRANDED_CHECK_S
+    seconds: when no alive node carries the labels any more (the nodes were lost, and Ray retries their tasks with
+    the same selector, which would wait for such a node to join), the waiting ones are cancelled and made again by
+    `again(their indices)`, which places them on any node now (`labels_lost` recorded the loss: `selector_now`).
+    Done tasks are kept: nothing is computed twice. Without a selector this returns at once (ray.get waits)."""
     import ray
 
     if not selector_now(cluster):
-        return refs, cluster
+        return refs
     refs = list(refs)
     while True:
         _, waiting = ray.wait(refs, num_returns=len(refs), timeout=STRANDED_CHECK_S, fetch_local=False)
         if not waiting:
-            return refs, cluster
+            return refs
         stranded = [i for i, r in enumerate(refs) if r in waiting]
         if not labels_lost(cluster.label_selector, what, f"{len(stranded)} waiting task(s) go on on any node"):
             continue
         for i in stranded:
             ray.cancel(refs[i])
-        for i, ref in zip(stranded, again(anywhere(cluster), stranded)):
+        for i, ref in zip(stranded, again(stranded)):
             refs[i] = ref
-        return refs, anywhere(cluster)
+        return refs
 
 
 def labels_lost(selector: dict[str, str], what: str, goes_on: str, wait_s: float = 0.0) -> bool:
@@ -354,11 +351,6 @@ def selector_now(cluster: C.ClusterConfig) -> dict[str, str]:
     if selector and dict(selector) in _LOST and not labelled_nodes(selector):
         return {}
     return selector
-
-
-def anywhere(cluster: C.ClusterConfig) -> C.ClusterConfig:
-    """The same cluster settings without cluster.label_selector: placed on any node."""
-    return dataclasses.replace(cluster, label_selector={})
 
 
 def _gathered(finish_fn: Any, *parts: Any) -> Any:

@@ -189,7 +189,7 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
         import time
 
         trainer_options["run_name"] = f"{cfg.name}-{stage}-{fp}-redo-{time.strftime('%Y%m%d-%H%M%S')}"
-    result, cfg = fit_placed(cfg, stage, progress, mlflow_run_id, **trainer_options)
+    result = fit_placed(cfg, stage, progress, mlflow_run_id, **trainer_options)
     failed = int((result.metrics or {}).get(FAILED_WRITES, 0))
     if failed:
         log.warning("%s: %d metric writes to MLflow failed in the training worker (buffered in its "
@@ -203,23 +203,20 @@ def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool =
 
 
 def fit_placed(cfg: C.OALConfig, stage: str, progress: bool, mlflow_run_id: str | None,
-               **trainer_options: Any) -> tuple[Any, C.OALConfig]:
-    """The Ray Train run of `stage` on the nodes cluster.label_selector names, and the config it finished with.
-    When it fails and no alive node carries those labels any more (its nodes were lost), it goes on on any node,
-    from its last checkpoint (the same run name, so Ray Train restores the run's checkpoint from its storage),
-    instead of waiting for a node to join; the config returned then has no selector."""
-    from dataclasses import replace
-
-    from jobs.common import anywhere, labels_lost, selector_now
+               **trainer_options: Any) -> Any:
+    """The Ray Train run of `stage` on the nodes cluster.label_selector names. When it fails and no alive node
+    carries those labels any more (its nodes were lost), it goes on on any node (`jobs.common.selector_now`), from
+    its last checkpoint (the same run name, so Ray Train restores the run's checkpoint from its storage), instead of
+    waiting for a node to join."""
+    from jobs.common import labels_lost, selector_now
 
     try:
-        return make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit(), cfg
+        return make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
     except Exception as e:
         if not labels_lost(selector_now(cfg.cluster), stage, "it goes on on any node, from its last checkpoint "
                            f"(training failed: {str(e).splitlines()[0][:200]})", wait_s=NODE_LOSS_WAIT_S):
             raise
-    elsewhere = replace(cfg, cluster=anywhere(cfg.cluster))
-    return make_trainer(elsewhere, stage, progress, mlflow_run_id, **trainer_options).fit(), elsewhere
+    return make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
 
 
 def finish_from_checkpoint(cfg: C.OALConfig, stage: str, checkpoint: Any) -> stages.StageResult:

@@ -278,7 +278,6 @@ def test_killed_training_worker_resumes_from_its_checkpoint_in_s3(stack, ray_dri
     assert [r["epoch"] for r in map(json.loads, reports.read_text().splitlines())] == [8]
 
 
-
 def test_impossible_resources_fail_fast_with_numbers(ray_driver, tmp_path):
     from jobs import synthesize, train
     from jobs.common import require_resources

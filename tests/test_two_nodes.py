@@ -244,7 +244,6 @@ def test_pipeline_on_two_nodes_without_a_shared_disk_survives_stop_and_resubmit(
     assert mark.is_file() and etag.strip('"') in mark.read_text(), (mark, etag)
 
 
-
 def test_pipeline_loses_its_node_while_the_teacher_trains_and_ends_as_without_the_loss(stack, tmp_path):
     """The pipeline (jobs.pipeline.run, this process its driver) with its stages placed on a node of its own (label
     oal-role=lossy), every process of that node killed once the teacher has reported a checkpoint (in S3): the
