@@ -39,6 +39,27 @@ def test_digits_splits():
     assert set(b.near) == {"digits678"} and set(b.far) == {"photo_patches", "noise"}
 
 
+def test_grey_sets_convert_only_the_blocks_read_and_give_what_grey_images_gives(monkeypatch):
+    from oal.data import GreyImages, grey_images
+    from oal.evaluate import shard
+
+    monkeypatch.setattr(GreyImages, "BLOCK", 100)
+    raw = np.random.default_rng(0).integers(0, 256, (350, 8, 8), dtype=np.uint8)
+    ds = GreyImages(raw, torch.arange(350), 16)
+    second = shard(ds, 1, 2)  # images 175..349: blocks 1, 2 and 3
+    items = [second[i] for i in range(len(second))]
+    assert sorted(ds._blocks) == [1, 2, 3]  # block 0 (images 0..99) was never read, so never converted
+    whole = grey_images(raw, 16)  # (350, 3, 16, 16)
+    assert torch.equal(torch.stack([x for x, _ in items]), whole[175:])  # image for image, labels with them
+    assert [int(y) for _, y in items] == list(range(175, 350))
+    assert torch.equal(ds[-1][0], whole[-1])
+    assert torch.equal(ds.tensors[0], whole) and torch.equal(ds.tensors[1], torch.arange(350))
+    with pytest.raises(IndexError, match="image 350 of a set of 350"):
+        ds[350]
+    with pytest.raises(ValueError, match="350 grey images but 3 labels"):
+        GreyImages(raw, torch.arange(3), 16)
+
+
 def test_digits_is_seeded():
     a, b = build_benchmark(DataConfig()), build_benchmark(DataConfig())
     assert torch.equal(a.train.tensors[0], b.train.tensors[0])

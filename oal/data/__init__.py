@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from oal.config import DataConfig
 
@@ -68,8 +68,8 @@ class Arrays:
 
     def benchmark(self, size: int) -> Benchmark:
         """The images upsampled to `size`, replicated to 3 channels and normalised to mean 0.5 / std 0.5."""
-        def id_set(xy: tuple[np.ndarray, np.ndarray]) -> TensorDataset:
-            return TensorDataset(grey_images(xy[0], size), torch.as_tensor(xy[1], dtype=torch.long))
+        def id_set(xy: tuple[np.ndarray, np.ndarray]) -> GreyImages:
+            return GreyImages(xy[0], torch.as_tensor(xy[1], dtype=torch.long), size)
 
         train = id_set(self.train)
         return Benchmark(name=self.name, class_names=list(self.class_names), train=train, train_plain=train,
@@ -99,18 +99,62 @@ def register_arrays(name: str) -> Callable:
     return deco
 
 
-def grey_images(x: np.ndarray, size: int) -> torch.Tensor:
-    """(N, h, w) grey images, uint8 or float in [0, 1] -> (N, 3, size, size) normalised to mean 0.5 / std 0.5."""
+def _grey(x: np.ndarray, size: int) -> torch.Tensor:
+    """(N, h, w) grey images, uint8 or float in [0, 1] -> (N, 1, size, size) normalised to mean 0.5 / std 0.5."""
     t = torch.as_tensor(x)
     t = (t.float() / 255.0 if t.dtype == torch.uint8 else t.float()).unsqueeze(1)  # (N, 1, h, w)
     if t.shape[-1] != size:
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return ((t - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S)
+    return (t - 0.5) / 0.5
 
 
-def grey_ood_set(x: np.ndarray, size: int) -> TensorDataset:
+def grey_images(x: np.ndarray, size: int) -> torch.Tensor:
+    """(N, h, w) grey images, uint8 or float in [0, 1] -> (N, 3, size, size) normalised to mean 0.5 / std 0.5."""
+    return _grey(x, size).expand(-1, 3, -1, -1).contiguous()
+
+
+class GreyImages(Dataset):
+    """A grey image set kept as it came, (N, h, w), and made into model input (what `grey_images` gives, image for
+    image) one block of BLOCK images at a time, when an image of the block is first read; the block is kept, one
+    channel of it (the three are the same). So a Ray shard task that reads half of the training set converts that
+    half, and the splits a stage does not read cost nothing (the embeddings stage reads only the training set).
+    `tensors` is the whole set converted, as a TensorDataset's."""
+
+    BLOCK = 1024
+
+    def __init__(self, x: np.ndarray, labels: torch.Tensor, size: int):
+        if len(x) != len(labels):
+            raise ValueError(f"{len(x)} grey images but {len(labels)} labels")
+        self.x, self.labels, self.size = x, labels, size
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def _block(self, b: int) -> torch.Tensor:
+        if b not in self._blocks:
+            self._blocks[b] = _grey(self.x[b * self.BLOCK:(b + 1) * self.BLOCK], self.size)  # (n, 1, S, S)
+        return self._blocks[b]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"image {i} of a set of {n}")
+        i %= n
+        b, r = divmod(i, self.BLOCK)
+        return self._block(b)[r].expand(3, -1, -1), self.labels[i]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = [self._block(b) for b in range(-(-len(self) // self.BLOCK))]
+        if not blocks:
+            return torch.zeros(0, 3, self.size, self.size), self.labels
+        return torch.cat(blocks).expand(-1, 3, -1, -1).contiguous(), self.labels
+
+
+def grey_ood_set(x: np.ndarray, size: int) -> GreyImages:
     """An OOD set of grey images, label -1."""
-    return TensorDataset(grey_images(x, size), torch.full((len(x),), -1, dtype=torch.long))
+    return GreyImages(x, torch.full((len(x),), -1, dtype=torch.long), size)
 
 
 def photo_patches(n: int, side: int, seed: int) -> np.ndarray:
