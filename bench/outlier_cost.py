@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.quality import NO_OUTLIER_TERMS, POSTPROCESSOR, from_base, save_report, setup, shared_stages
 from oal import config as C
-from oal import stages
+from oal import registry, stages
 from oal.data import build_benchmark
 from oal.evaluate import load_report
 from oal.storage import load_torch, write_json
@@ -61,7 +61,7 @@ def timed_synthesis(shared: C.OALConfig, n: int, pixel: bool, out: Path) -> tupl
     timing = out / "seconds.json"
     if (out / MANIFEST).is_file() and timing.is_file():
         return json.loads((out / MANIFEST).read_text()), json.loads(timing.read_text())["seconds"]
-    knn = load_torch(stages.stage_dir(shared, "knn") / "knn_outliers.pt", "k-NN outliers")
+    knn = load_torch(stages.output_of(shared, "knn", "outliers"), "k-NN outliers")
     cfg = replace(stages.diffusion_config(shared), num_outliers=n, mode="pixel" if pixel else "latent", grid_samples=0)
     t0 = time.perf_counter()
     manifest = synthesize(cfg, knn["class_names"], knn["outliers"], out, shared.seed, resolve_device(shared.device),
@@ -75,9 +75,9 @@ def train_row(preset: str, common: list[str], name: str, method: Method, outlier
               given: list[str], bench) -> dict[str, float]:
     cfg = C.load_config(preset, [*common, f"name={name}", *NO_OUTLIER_TERMS, *method.overrides, *given])
     cfg = replace(cfg, outliers=outliers)
-    res = stages.run_student(cfg, bench, progress=False)
+    res = registry.run_stage("student", cfg, bench, progress=False)
     history = json.loads((Path(res.dir) / "stage.json").read_text())["history"]
-    ev, _ = stages.run_evaluate(cfg, bench=bench)
+    ev, _ = registry.evaluate(cfg, bench=bench)
     r = load_report(Path(ev.dir) / "results.json")
     pp = r.get("chosen") or POSTPROCESSOR  # the score chosen on validation; EBO only where there is no choice
     score = r["results"][pp]
@@ -92,9 +92,9 @@ def run(preset: str, base: list[str], sizes: list[int], seed: int, out: Path) ->
     t0 = time.perf_counter()
     given, base_ckpt, _ = shared_stages(shared, bench)
     given = [*given, *from_base(shared, base_ckpt)]
-    stages.run_embeddings(shared, bench)
-    stages.run_anchors(shared)
-    stages.run_knn(shared)
+    registry.run_stage("embeddings", shared, bench)
+    registry.run_stage("anchors", shared)
+    registry.run_stage("knn", shared)
     _log(f"shared stages: {time.perf_counter() - t0:.0f} s")
     rows = [{"method": NONE.label, "outliers": 0, "synth_s": 0.0,
              **train_row(preset, common, f"c-seed{seed}-none", NONE, shared.outliers, given, bench)}]

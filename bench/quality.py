@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from oal import config as C
-from oal import stages
+from oal import registry, stages
 from oal.data import build_benchmark
 from oal.diffusion import BUILTIN, TRAINED
 from oal.evaluate import load_report
@@ -117,10 +117,10 @@ def variants_for(preset_cfg: C.OALConfig, rows: str = "ladder") -> tuple[Variant
 
 def _outliers(cfg: C.OALConfig, bench) -> C.OutlierConfig:
     """Run one chain's outlier stages (embeddings -> anchors -> k-NN -> latents); return its outlier files."""
-    stages.run_embeddings(cfg, bench)
-    stages.run_anchors(cfg)
-    knn = stages.run_knn(cfg)
-    lat = stages.run_latents(cfg, progress=False)
+    registry.run_stage("embeddings", cfg, bench)
+    registry.run_stage("anchors", cfg)
+    knn = registry.run_stage("knn", cfg)
+    lat = registry.run_stage("latents", cfg, progress=False)
     # with diffusion.mode=pixel the latents stage also wrote the decoded outliers (pixel OE reads them)
     return replace(cfg.outliers, knn_path=knn.outputs["outliers"], latent_path=lat.outputs["vectors"],
                    pixel_path=lat.outputs.get("images", cfg.outliers.pixel_path))
@@ -128,13 +128,13 @@ def _outliers(cfg: C.OALConfig, bench) -> C.OutlierConfig:
 
 def student_metrics(cfg: C.OALConfig, bench) -> dict[str, float]:
     """Train (or skip, when up to date) the student of `cfg` and evaluate it; the table's numbers."""
-    stages.run_student(cfg, bench, progress=False)
-    return _evaluated(stages.run_evaluate(cfg, bench=bench)[0])
+    registry.run_stage("student", cfg, bench, progress=False)
+    return _evaluated(registry.evaluate(cfg, bench=bench)[0])
 
 
 def base_metrics(shared: C.OALConfig, base_ckpt: str, bench) -> dict[str, float]:
     """The CE row: the base student's evaluation (or its record, when up to date)."""
-    return _evaluated(stages.run_evaluate(shared, base_ckpt, bench=bench, of="base")[0])
+    return _evaluated(registry.evaluate(shared, base_ckpt, bench=bench, of="base")[0])
 
 
 def _evaluated(result: stages.StageResult) -> dict[str, float]:
@@ -145,13 +145,13 @@ def _evaluated(result: stages.StageResult) -> dict[str, float]:
 def shared_stages(shared: C.OALConfig, bench) -> tuple[list[str], str, dict]:
     """The stages every variant reads: base CE student, teacher and (builtin-ldm) the diffusion model. Returns the
     override that points a variant at the teacher, the base checkpoint, and the diffusion stage's quality.json."""
-    stages.run_base(shared, bench, progress=False)
-    stages.run_teacher(shared, bench, progress=False)
+    registry.run_stage("base", shared, bench, progress=False)
+    registry.run_stage("teacher", shared, bench, progress=False)
     teacher = str(stages.stage_dir(shared, "teacher") / "checkpoint.pt")
     info: dict = {}
     if stages.trained_diffusion(shared):
         if shared.diffusion.checkpoint is None:  # else a given one (e.g. one model for every seed)
-            stages.run_diffusion(shared, bench, progress=False)
+            registry.run_stage("diffusion", shared, bench, progress=False)
         q = Path(str(stages.diffusion_config(shared).checkpoint)).parent / "quality.json"
         info = json.loads(q.read_text()) if q.exists() else {}
     return [f"model.teacher_checkpoint={teacher}"], str(stages.base_checkpoint(shared)), info

@@ -32,7 +32,7 @@ The Ray runs and the plain runs are interleaved ABBA: Ray 1, Ray 2, plain 1, pla
    Ray worker gets). Step time = an epoch's `epoch_seconds` over its steps, the first epoch of each run
    left out as warm-up. Runs ABBA (single, ray, ray, single, ...); medians over all steady-state epochs.
 3. Seconds of the evaluation of one checkpoint (`jobs.common.evaluate_on_workers`) and of the embeddings stage
-   (`jobs.common.embeddings_on_workers`) with `cluster.shards` 1 and 2 (1 CPU each) on fashion with
+   (the registry's embeddings stage on `jobs.common.Workers`) with `cluster.shards` 1 and 2 (1 CPU each) on fashion with
    `--train-per-class` training images per class (default all 6,000), the teacher at 64 px: from the driver's
    call to the manifest, shard tasks (each loads the data and the network) and the merging task included. The
    checkpoints (base student and teacher, one epoch each) are trained once first; weights do not change the
@@ -378,6 +378,7 @@ def sharded_once(stage: str, out: Path, shards: int, train_per_class: int) -> tu
     """(seconds, the stage's shard records) of one run of `stage` over `shards` Ray workers into a fresh folder,
     from the checkpoints `measure_sharded` trained under `out/fashion`."""
     from jobs import common
+    from oal import registry
 
     trained = out / "fashion"
     with tempfile.TemporaryDirectory(prefix=f"bench-ray-{stage}-", dir=out) as d:
@@ -388,7 +389,7 @@ def sharded_once(stage: str, out: Path, shards: int, train_per_class: int) -> tu
             res, _ = common.evaluate_on_workers(cfg, "the evaluation", str(trained / "base" / "checkpoint.pt"),
                                                 of="base")
         else:
-            res = common.embeddings_on_workers(cfg)
+            res = registry.run(registry.named("embeddings"), cfg, common.Workers())
         seconds = time.perf_counter() - t0
         record = json.loads((res.dir / "stage.json").read_text())
     if res.skipped or len(record["shards"]) != shards:
@@ -419,7 +420,7 @@ def _eval_half(arrays: Any, cfg: C.OALConfig, checkpoint: str, shard: tuple[int,
 def _embeddings_half(arrays: Any, cfg: C.OALConfig, shard: tuple[int, int]) -> None:
     from oal import stages
 
-    stages.embeddings_shard(cfg, arrays.benchmark(cfg.data.image_size), shard=shard)  # as embeddings_on_workers' task
+    stages.embeddings_shard(cfg, arrays.benchmark(cfg.data.image_size), shard=shard)  # as each Ray shard task
 
 
 def measure_sharded(reps: int, train_per_class: int, plain: PlainPool) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from oal import config as C
-from oal import stages
+from oal import registry
 from oal.data import build_benchmark
 from oal.data.fashion import NAMES, PROBED, SPLITS
 from oal.evaluate import load_report
@@ -32,8 +32,8 @@ def probe(name: str, seed: int, out: Path, overrides: list[str]) -> dict:
                                     "ldm.pretrained=null", f"output_dir={out}", *overrides])
     bench = build_benchmark(cfg.data)
     t0 = time.perf_counter()
-    stages.run_base(cfg, bench, progress=False)
-    result = stages.run_evaluate(cfg, bench=bench, of="base")[0]
+    registry.run_stage("base", cfg, bench, progress=False)
+    result = registry.evaluate(cfg, bench=bench, of="base")[0]
     r = load_report(Path(result.dir) / "results.json")
     score = r["chosen"]
     return {"split": name, "seed": seed, "score": score if score != "knn" else f"knn K={r['knn_k']}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -375,35 +374,30 @@ def _logged(fn: Any, args: tuple, kwargs: dict, object_cache: str, *resolved: An
     return fn(*args, *resolved, **kwargs)
 
 
-def embeddings_on_workers(cfg: C.OALConfig) -> Any:
-    """The embeddings stage (`oal.stages.run_embeddings`) over `shard_count` Ray workers; skipped when up to date."""
-    from oal import stages
+class Workers:
+    """Executor (`oal.registry`) of the stages that run as Ray tasks: a sharded stage as one task per slice of its
+    data then a merging task (`on_shards`), a whole one as one task (`on_worker`); each with a training worker's
+    resources. `what` names the stage in logs and errors (default: "the <name> stage").
+    `jobs.pipeline.RayExecutor` adds the training stages (Ray Train) and the latents (the actor pool)."""
 
-    d, fp = stages.stage_dir(cfg, "embeddings"), stages.embeddings_fp(cfg)
-    if stages.is_done(d, fp):
-        return stages.skipped("embeddings", d, fp)
-    return on_shards(cfg.cluster, "the embeddings stage", stages.embeddings_shard,
-                     functools.partial(stages.finish_embeddings, cfg, fp), cfg)
+    def __init__(self, what: str | None = None):
+        self.what = what
 
-
-def knn_on_workers(cfg: C.OALConfig) -> Any:
-    """The k-NN stage (`oal.stages.run_knn`) with its classes split over `shard_count` Ray workers; skipped when
-    up to date."""
-    from oal import stages
-
-    d, fp = stages.stage_dir(cfg, "knn"), stages.knn_fp(cfg)
-    if stages.is_done(d, fp):
-        return stages.skipped("knn", d, fp)
-    return on_shards(cfg.cluster, "the knn stage", stages.knn_shard, functools.partial(stages.finish_knn, cfg, fp), cfg)
+    def compute(self, stage: Any, cfg: C.OALConfig, fp: str, force: bool) -> Any:
+        what = self.what or f"the {stage.name} stage"
+        if stage.runs == "sharded":
+            shard_fn, finish = stage.work(cfg, fp, None)  # each task builds its own benchmark
+            return on_shards(cfg.cluster, what, shard_fn, finish)
+        if stage.runs == "whole":
+            return on_worker(cfg.cluster, what, stage.work(cfg, fp, None))
+        raise ValueError(f"stage {stage.name} runs {stage.runs}, which Ray tasks alone do not run; "
+                         "use jobs.pipeline.RayExecutor")
 
 
 def evaluate_on_workers(cfg: C.OALConfig, what: str, checkpoint: str | None = None, out_dir: Any = None,
                         force: bool = False, of: str = "student") -> Any:
-    """`oal.stages.run_evaluate` over `shard_count` Ray workers: (StageResult, report or None when skipped)."""
-    from oal import stages
+    """`oal.registry.evaluate` over `shard_count` Ray workers: (StageResult, its report, or None when skipped)."""
+    from oal import registry
 
-    target = ckpt, name, d, fp = stages.eval_target(cfg, checkpoint, out_dir, of)
-    if not force and stages.is_done(d, fp):
-        return stages.skipped(name, d, fp), None
-    return on_shards(cfg.cluster, what, stages.eval_shard, functools.partial(stages.finish_evaluate, cfg, target), cfg,
-                     str(ckpt), of=of)
+    res = registry.run(registry.evaluation(of, checkpoint, out_dir), cfg, Workers(what), force)
+    return res, res.report

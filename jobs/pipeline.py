@@ -5,8 +5,9 @@
 base student, CE only (Ray Train) -> teacher (Ray Train) -> built-in diffusion model on the ID images, with
 diffusion.model=builtin-ldm (Ray Train) -> embeddings -> anchors -> k-NN outliers (Ray tasks)
 -> latent outliers (actor pool) -> OAL student (Ray Train; starts from the base student with
-model.student_init=base) -> evaluation of both (Ray tasks) -> results.md (CE baseline, OAL) -> detector
-(the student, the score chosen on validation and a threshold; registered in MLflow as models:/oal-<name>@candidate).
+model.student_init=base) -> evaluation of both (Ray tasks) -> detector (the student, the score chosen on
+validation and a threshold; registered in MLflow as models:/oal-<name>@candidate); then results.md (CE baseline,
+OAL). The order and how each stage runs: `oal.registry.STAGES`, run here by `RayExecutor`.
 Every stage that computes runs in a Ray worker with a training worker's resources (a GPU with
 cluster.use_gpu=true); embeddings and evaluation split their data, k-NN its classes, over cluster.shards such
 workers (default: one per training worker) and merge in order. The driver only orchestrates and tracks.
@@ -18,72 +19,65 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-from jobs.common import embeddings_on_workers, evaluate_on_workers, knn_on_workers, on_worker
+from jobs.common import Workers
 from oal import config as C
-from oal import stages, storage
+from oal import registry, stages, storage
 from oal.tracking import Tracker
 
 log = logging.getLogger("oal.jobs.pipeline")
 
 
+class RayExecutor:
+    """Executor (`oal.registry`) of every stage on Ray: the training stages on Ray Train (`jobs.train.Trainer`,
+    streaming their metrics into `stage_run`, the tracker's run of the stage), the latents on the actor pool
+    (`jobs.synthesize.Pool`), the others as Ray tasks (`jobs.common.Workers`)."""
+
+    def __init__(self, progress: bool = True, stage_run: Any = None):
+        self.progress, self.stage_run = progress, stage_run
+
+    def compute(self, stage: registry.Stage, cfg: C.OALConfig, fp: str, force: bool) -> stages.StageResult:
+        from jobs import synthesize as js
+        from jobs import train as jt
+
+        executor: Any = Workers()
+        if stage.runs == "training":
+            sr = self.stage_run
+            executor = jt.Trainer(self.progress, sr.run_id if sr else None, sr.metrics if sr else None)
+        elif stage.runs == "actors":
+            executor = js.Pool(self.progress)
+        return executor.compute(stage, cfg, fp, force)
+
+
+def run_stages(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageResult],
+               todo: list[registry.Stage], progress: bool = True) -> C.OALConfig:
+    """`todo` in order on Ray, each in its own MLflow run (its manifest, files and metrics recorded there); returns
+    the config with the stages' `inputs` applied."""
+
+    def tracked(stage: registry.Stage, cfg: C.OALConfig) -> stages.StageResult:
+        with tracker.stage(stage.name, cfg) as sr:
+            res = registry.run(stage, cfg, RayExecutor(progress, sr))
+            # the student's evaluation logs the student as an MLflow model
+            tracker.record_stage(res, report=res.report, student=results.get("student") if stage.name == "eval" else None,
+                                 cfg=cfg, live_metrics=stage.runs == "training")
+        return res
+
+    return registry.run_all(cfg, todo, results, tracked)
+
+
 def prepare(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageResult],
             progress: bool = True) -> C.OALConfig:
-    """Teacher and outlier stages; returns the config with the outlier files filled in."""
-    from jobs import synthesize as js
-    from jobs import train as jt
-
-    if stages.needs_base(cfg):
-        with tracker.stage("base", cfg) as sr:
-            results["base"] = jt.run_stage(cfg, "base", progress, mlflow_run_id=sr.run_id, tracking=sr.metrics)
-            tracker.record_stage(results["base"], live_metrics=True)
-    with tracker.stage("teacher", cfg) as sr:
-        results["teacher"] = jt.run_stage(cfg, "teacher", progress, mlflow_run_id=sr.run_id, tracking=sr.metrics)
-        tracker.record_stage(results["teacher"], live_metrics=True)
-    if stages.needs_diffusion(cfg):
-        with tracker.stage("diffusion", cfg) as sr:
-            results["diffusion"] = jt.run_stage(cfg, "diffusion", progress, mlflow_run_id=sr.run_id,
-                                                tracking=sr.metrics)
-            tracker.record_stage(results["diffusion"], live_metrics=True)
-    need_knn, need_lat = stages.outlier_stages(cfg)
-    if need_knn or need_lat:
-        with tracker.stage("embeddings", cfg):
-            results["embeddings"] = embeddings_on_workers(cfg)
-            tracker.record_stage(results["embeddings"])
-        with tracker.stage("anchors", cfg):
-            results["anchors"] = on_worker(cfg.cluster, "the anchors stage", stages.run_anchors, cfg)
-            tracker.record_stage(results["anchors"])
-        with tracker.stage("knn", cfg):
-            results["knn"] = knn_on_workers(cfg)  # classes split over the workers
-            tracker.record_stage(results["knn"])
-    if need_lat:
-        with tracker.stage("latents", cfg):
-            results["latents"] = js.run_stage(cfg, progress)
-            tracker.record_stage(results["latents"])
+    """The stages before the student (`oal.registry.plan`); returns the config with the outlier files filled in."""
+    cfg = run_stages(cfg, tracker, results, registry.plan(cfg, last="latents"), progress)
     return stages.with_outlier_files(cfg, results)
 
 
 def train_and_evaluate(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.StageResult],
                        progress: bool = True) -> None:
-    from jobs import train as jt
-
-    with tracker.stage("student", cfg) as sr:
-        results["student"] = jt.run_stage(cfg, "student", progress, mlflow_run_id=sr.run_id, tracking=sr.metrics)
-        tracker.record_stage(results["student"], live_metrics=True)
-    if cfg.eval.baseline:
-        with tracker.stage("eval_base", cfg):
-            results["eval_base"], report = evaluate_on_workers(cfg, "the base student's evaluation",
-                                                               str(stages.base_checkpoint(cfg)), of="base")
-            tracker.record_stage(results["eval_base"], report=report, cfg=cfg)
-    with tracker.stage("eval", cfg):
-        results["eval"], report = evaluate_on_workers(cfg, "the student's evaluation")
-        tracker.record_stage(results["eval"], report=report, student=results["student"], cfg=cfg)
+    """The student and the stages after it; then the results table (CE baseline, OAL) on the pipeline's run."""
+    run_stages(cfg, tracker, results, registry.plan(cfg, first="student"), progress)
     tracker.log_comparison(stages.write_comparison(cfg))
-    with tracker.stage("detector", cfg):
-        # the evaluated student as a detector (score chosen on validation, threshold, preprocessing), on a worker;
-        # tracked: registered in the Model Registry under the alias `candidate`
-        results["detector"] = on_worker(cfg.cluster, "the detector stage", stages.run_detector, cfg)
-        tracker.record_stage(results["detector"], cfg=cfg)
 
 
 def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None) -> dict[str, stages.StageResult]:
@@ -92,8 +86,8 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
     t0 = time.perf_counter()
     stages.check_data(cfg)  # the user's layout, before any work (a listing: the driver fetches no image)
     with tracker.pipeline_run(cfg):
-        cfg = prepare(cfg, tracker, results, progress)
-        train_and_evaluate(cfg, tracker, results, progress)
+        cfg = run_stages(cfg, tracker, results, registry.plan(cfg), progress)
+        tracker.log_comparison(stages.write_comparison(cfg))
     log.info("pipeline finished in %.1f s: %s", time.perf_counter() - t0,
              ", ".join(f"{k}={'skipped' if r.skipped else 'done'}" for k, r in results.items()))
     return results

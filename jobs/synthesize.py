@@ -217,17 +217,27 @@ def run_pool(cfg: C.OALConfig, out: Path, class_names: list[str], outliers: torc
 
 
 def run_stage(cfg: C.OALConfig, progress: bool = True, force: bool = False) -> stages.StageResult:
-    """The `latents` stage of the pipeline, on the actor pool."""
-    out, fp = stages.stage_dir(cfg, "latents"), stages.latents_fp(cfg)
-    if not force and stages.is_done(out, fp):
-        return stages.skipped("latents", out, fp)
-    knn = load_torch(stages.stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
-    cfg = replace(cfg, diffusion=stages.diffusion_config(cfg))  # builtin-ldm: the trained checkpoint's path
-    manifest = run_pool(cfg, out, knn["class_names"], knn["outliers"], fp, progress, redo=force)
-    from jobs.common import on_worker
+    """The `latents` stage of the pipeline, on the actor pool, unless its outputs are up to date."""
+    from oal import registry
 
-    # the decoded grid (a VAE decode) on a worker too
-    return on_worker(cfg.cluster, "the latents stage's grid", stages.finish_latents, cfg, manifest)
+    return registry.run(registry.named("latents"), cfg, Pool(progress), force)
+
+
+class Pool:
+    """Executor (`oal.registry`) of the latents stage on the synthesis actor pool (`run_pool`)."""
+
+    def __init__(self, progress: bool = True):
+        self.progress = progress
+
+    def compute(self, stage: Any, cfg: C.OALConfig, fp: str, force: bool) -> stages.StageResult:
+        out = stages.stage_dir(cfg, "latents")
+        knn = load_torch(stages.output_of(cfg, "knn", "outliers"), "k-NN outliers")
+        cfg = replace(cfg, diffusion=stages.diffusion_config(cfg))  # builtin-ldm: the trained checkpoint's path
+        manifest = run_pool(cfg, out, knn["class_names"], knn["outliers"], fp, self.progress, redo=force)
+        from jobs.common import on_worker
+
+        # the decoded grid (a VAE decode) on a worker too
+        return on_worker(cfg.cluster, "the latents stage's grid", stages.finish_latents, cfg, manifest)
 
 
 def main(argv: list[str] | None = None) -> int:

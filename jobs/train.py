@@ -167,39 +167,53 @@ def check_resources(cfg: C.ClusterConfig) -> None:
 def run_stage(cfg: C.OALConfig, stage: str, progress: bool = True, force: bool = False,
               mlflow_run_id: str | None = None, tracking: MetricLogger | None = None,
               **trainer_options: Any) -> stages.StageResult:
-    """Train `stage` (teacher | base | student | diffusion) on Ray Train unless its outputs are up to date.
-    `tracking`: the stage run's logger in this process, which takes over the count of the MLflow writes that
-    failed in rank 0 (the worker that logs; counted since its last start). `trainer_options`: `make_trainer`'s
-    callbacks, objective and run_name (tuning)."""
-    d, fp = stages.stage_dir(cfg, stage), stages.training_fp(cfg, stage)
-    if not force and stages.is_done(d, fp):
-        return stages.skipped(stage, d, fp)
-    stages.check_inputs(cfg, stage)
-    check_resources(cfg.cluster)
-    from jobs.common import on_worker
+    """Train `stage` (teacher | base | student | diffusion) on Ray Train unless its outputs are up to date
+    (`oal.registry.run`). The rest as `Trainer`'s."""
+    from oal import registry
 
-    if stage == "diffusion" and pretrained.usable(cfg) is not None:
-        # A pretrained model that fits: measured on a worker, no training group (None: it did not fit there)
-        adopted = on_worker(cfg.cluster, "the diffusion stage (pretrained model)", stages.run_pretrained_diffusion,
-                            cfg, force)
-        if adopted is not None:
-            return adopted
-    if force and trainer_options.get("run_name") is None:
-        # A run of its own: under the stable name Ray Train would restore the last run's checkpoint and retrain nothing.
-        import time
+    return registry.run(registry.named(stage), cfg, Trainer(progress, mlflow_run_id, tracking, **trainer_options),
+                        force)
 
-        trainer_options["run_name"] = f"{cfg.name}-{stage}-{fp}-redo-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = fit_placed(cfg, stage, progress, mlflow_run_id, **trainer_options)
-    failed = int((result.metrics or {}).get(FAILED_WRITES, 0))
-    if failed:
-        log.warning("%s: %d metric writes to MLflow failed in the training worker (buffered in its "
-                    "tracking_buffer.jsonl)", stage, failed)
-        if tracking is not None:
-            tracking.failed += failed
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
-    # On a worker: the diffusion stage measures its model there (sampling, the teacher as judge, a decoded grid).
-    return on_worker(cfg.cluster, f"recording the {stage} stage", finish_from_checkpoint, cfg, stage, result.checkpoint)
+
+class Trainer:
+    """Executor (`oal.registry`) of the training stages on Ray Train. `tracking`: the stage run's logger in this
+    process, which takes over the count of the MLflow writes that failed in rank 0 (the worker that logs; counted
+    since its last start). `trainer_options`: `make_trainer`'s callbacks, objective and run_name (tuning)."""
+
+    def __init__(self, progress: bool = True, mlflow_run_id: str | None = None, tracking: MetricLogger | None = None,
+                 **trainer_options: Any):
+        self.progress, self.mlflow_run_id, self.tracking, self.options = progress, mlflow_run_id, tracking, trainer_options
+
+    def compute(self, st: Any, cfg: C.OALConfig, fp: str, force: bool) -> stages.StageResult:
+        stage, trainer_options = st.name, dict(self.options)
+        stages.check_inputs(cfg, stage)
+        check_resources(cfg.cluster)
+        from jobs.common import on_worker
+
+        if stage == "diffusion" and pretrained.usable(cfg) is not None:
+            # A pretrained model that fits: measured on a worker, no training group (None: it did not fit there)
+            adopted = on_worker(cfg.cluster, "the diffusion stage (pretrained model)",
+                                stages.adopt_pretrained_diffusion, cfg, force)
+            if adopted is not None:
+                return adopted
+        if force and trainer_options.get("run_name") is None:
+            # A run of its own: under the stable name Ray Train would restore the last run's checkpoint and retrain
+            # nothing.
+            import time
+
+            trainer_options["run_name"] = f"{cfg.name}-{stage}-{fp}-redo-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = fit_placed(cfg, stage, self.progress, self.mlflow_run_id, **trainer_options)
+        failed = int((result.metrics or {}).get(FAILED_WRITES, 0))
+        if failed:
+            log.warning("%s: %d metric writes to MLflow failed in the training worker (buffered in its "
+                        "tracking_buffer.jsonl)", stage, failed)
+            if self.tracking is not None:
+                self.tracking.failed += failed
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
+        # On a worker: the diffusion stage measures its model there (sampling, the teacher as judge, a decoded grid).
+        return on_worker(cfg.cluster, f"recording the {stage} stage", finish_from_checkpoint, cfg, stage,
+                         result.checkpoint)
 
 
 def fit_placed(cfg: C.OALConfig, stage: str, progress: bool, mlflow_run_id: str | None,

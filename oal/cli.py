@@ -11,6 +11,9 @@ from pathlib import Path
 from oal import config as C
 
 _PACKAGE = Path(__file__).resolve().parent
+# the subcommand of each stage that runs alone (`oal.registry.named`)
+STAGE_OF = {"base": "base", "teacher": "teacher", "diffusion": "diffusion", "embed": "embeddings", "anchors": "anchors",
+            "knn": "knn", "synthesize": "latents", "train": "student", "detector": "detector"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,37 +80,21 @@ def main(argv: list[str] | None = None) -> int:
         except C.ConfigError as e:
             print(f"oal: config error: {e}", file=sys.stderr)
             return 2
-    from oal import stages  # torch and the rest: only once the config is known to be good
+    from oal import registry  # torch and the rest: only once the config is known to be good
     from oal.data import DataError
 
     progress = not args.no_progress
     try:
         if args.command == "config":
             print(C.to_yaml(cfg), end="")
-        elif args.command == "base":
-            _show(stages.run_base(cfg, progress=progress, force=args.force))
-        elif args.command == "teacher":
-            _show(stages.run_teacher(cfg, progress=progress, force=args.force))
-        elif args.command == "diffusion":
-            _show(stages.run_diffusion(cfg, progress=progress, force=args.force))
-        elif args.command == "embed":
-            _show(stages.run_embeddings(cfg, force=args.force))
-        elif args.command == "anchors":
-            _show(stages.run_anchors(cfg, force=args.force))
-        elif args.command == "synthesize":
-            _show(stages.run_latents(cfg, force=args.force, progress=progress))
-        elif args.command == "knn":
-            _show(stages.run_knn(cfg, force=args.force))
-        elif args.command == "train":
-            _show(stages.run_student(cfg, progress=progress, force=args.force))
+        elif args.command in STAGE_OF:
+            _show(registry.run_stage(STAGE_OF[args.command], cfg, progress=progress, force=args.force))
         elif args.command == "evaluate":
-            res, _ = stages.run_evaluate(cfg, checkpoint=args.checkpoint, force=args.force, of=args.of)
+            res, _ = registry.evaluate(cfg, checkpoint=args.checkpoint, force=args.force, of=args.of)
             _show(res)
             print(storage.pull(res.outputs["table"]).read_text())
-        elif args.command == "detector":
-            _show(stages.run_detector(cfg, force=args.force))
         elif args.command == "pipeline":
-            results = stages.run_pipeline(cfg, progress=progress)
+            results = registry.run_pipeline(cfg, progress=progress)
             for r in results.values():
                 _show(r)
             print(storage.pull(results["eval"].outputs["table"]).read_text())

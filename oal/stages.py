@@ -1,7 +1,7 @@
-"""The pipeline's stages as plain functions on an `OALConfig`, each reading and writing files under
-`<output_dir>/<name>/<stage>/`. A stage is complete when its `stage.json` manifest exists (written
-last); it is skipped when that manifest's fingerprint matches the fingerprint of its inputs. With
-output_dir=s3://..., the same files are written through to the object store and read back from it
+"""The pipeline's stages as plain functions on an `OALConfig` (their order, and how each runs: `oal.registry`),
+each reading and writing files under `<output_dir>/<name>/<stage>/`. A stage is complete when its `stage.json`
+manifest exists (written last); it is skipped when that manifest's fingerprint matches the fingerprint of its
+inputs. With output_dir=s3://..., the same files are written through to the object store and read back from it
 (`oal.storage`): the manifest and the outputs' existence are asked of the store, never of a node's mirror.
 """
 
@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from oal import config as C
 from oal import storage
 from oal.data import Benchmark, build_benchmark
 from oal.evaluate import (
-    EvalReport,
     accuracy,
     collect,
     eval_sets,
@@ -58,6 +57,7 @@ class StageResult:
     fingerprint: str
     skipped: bool
     outputs: dict[str, str]
+    report: Any = field(default=None, repr=False, compare=False)  # an evaluation's EvalReport, when it computed one
 
 
 def stage_dir(cfg: C.OALConfig, stage: str) -> Path:
@@ -72,6 +72,17 @@ def read_manifest(d: Path) -> dict[str, Any] | None:
         return json.loads(text)
     except json.JSONDecodeError:
         return None
+
+
+def output_of(cfg: C.OALConfig, stage: str, key: str) -> Path:
+    """The file a finished upstream stage recorded as its output `key` (in its manifest; this node's path for it):
+    how a stage reads another's output, never by that stage's file name."""
+    d = stage_dir(cfg, stage)
+    m = read_manifest(d)
+    if m is None or key not in m.get("outputs", {}):
+        raise FileNotFoundError(f"the {stage} stage has not finished: no manifest in '{d}' naming its output {key!r}; "
+                                f"run it first (`oal pipeline` runs every stage in order)")
+    return storage.local(m["outputs"][key])
 
 
 def is_done(d: Path, fp: str) -> bool:
@@ -93,7 +104,9 @@ def is_done(d: Path, fp: str) -> bool:
     return True
 
 
-def _finish(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, Path], **extra: Any) -> StageResult:
+def finish_stage(stage: str, d: Path, fp: str, cfg: C.OALConfig, outputs: dict[str, Path], **extra: Any) -> StageResult:
+    """Record a computed stage: its config, then its manifest (written last: what `is_done` reads) naming its
+    `outputs` (each a file written already) with their sizes and digests, the process that wrote it, and `extra`."""
     write_text(C.to_yaml(cfg), d / "config.yaml")
     outs = {k: str(v) for k, v in outputs.items()}
     # which process computed and recorded it (a Ray pipeline does that in workers, never in the driver)
@@ -362,7 +375,7 @@ def finish_training(cfg: C.OALConfig, stage: str, checkpoint: Path, history: lis
             shutil.copyfile(checkpoint, tmp)
     if stage == "diffusion":
         return finish_diffusion(cfg, target, history, resumed_from_epoch)
-    return _finish(stage, d, fp, cfg, {"checkpoint": target}, history=history, resumed_from_epoch=resumed_from_epoch)
+    return finish_stage(stage, d, fp, cfg, {"checkpoint": target}, history=history, resumed_from_epoch=resumed_from_epoch)
 
 
 def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str, float]],
@@ -394,7 +407,7 @@ def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str,
     if cfg.ldm.grid_per_class > 0:
         outputs["grid"] = save_grid(images[:, : cfg.ldm.grid_per_class].flatten(0, 1), d / "grid.png",
                                     nrow=cfg.ldm.grid_per_class)
-    return _finish("diffusion", d, fp, cfg, outputs, history=history, resumed_from_epoch=resumed_from_epoch,
+    return finish_stage("diffusion", d, fp, cfg, outputs, history=history, resumed_from_epoch=resumed_from_epoch,
                    class_accuracy=quality["accuracy"], teacher_val_accuracy=teacher_real, **extra)
 
 
@@ -413,25 +426,19 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, min_cell: int = 64) -
     return path
 
 
-def run_diffusion(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
-                  accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
-    """Train the built-in latent diffusion model on the ID training images (diffusion.model=builtin-ldm)."""
+def check_trained_diffusion(cfg: C.OALConfig) -> None:
     if not trained_diffusion(cfg):
         raise ValueError(f"the diffusion stage trains the built-in model: set diffusion.model=builtin-ldm (it is "
                          f"{cfg.diffusion.model!r}, which is used as it is)")
-    adopted = run_pretrained_diffusion(cfg, force)
-    return adopted or _run_trained(cfg, "diffusion", bench, on_epoch_end, accelerator, progress, force)
 
 
-def run_pretrained_diffusion(cfg: C.OALConfig, force: bool = False) -> StageResult | None:
+def adopt_pretrained_diffusion(cfg: C.OALConfig, force: bool = False) -> StageResult | None:
     """The diffusion stage from `ldm.pretrained` when its card fits this run: its weights become the stage's
     checkpoint, measured like a trained one (class-conditional accuracy, grid). None when it does not fit (the
     stage then trains; `oal.pretrained.usable` has said why) or is not set."""
     from oal import pretrained
 
     d, fp = stage_dir(cfg, "diffusion"), diffusion_fp(cfg)
-    if not force and is_done(d, fp):
-        return skipped("diffusion", d, fp)
     if pretrained.usable(cfg) is None:
         return None
     bench = build_benchmark(cfg.data)
@@ -448,12 +455,15 @@ def run_pretrained_diffusion(cfg: C.OALConfig, force: bool = False) -> StageResu
     return finish_diffusion(cfg, target, [], 0, pretrained={"weights": str(weights), "sha256": card["sha256"]})
 
 
-def _run_trained(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch_end: EpochHook | None,
-                 accelerator: Any, progress: bool, force: bool) -> StageResult:
-    d, fp = stage_dir(cfg, stage), training_fp(cfg, stage)
-    if not force and is_done(d, fp):
-        return skipped(stage, d, fp)
+def compute_training(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch_end: EpochHook | None,
+                     accelerator: Any, progress: bool, force: bool) -> StageResult:
+    """A training stage in this process: trained (resumed when it can be), then recorded. The diffusion stage
+    adopts `ldm.pretrained` instead when its card fits."""
     check_inputs(cfg, stage)
+    if stage == "diffusion":
+        adopted = adopt_pretrained_diffusion(cfg, force)
+        if adopted is not None:
+            return adopted
     res = train_stage(cfg, stage, bench, None, on_epoch_end, accelerator, progress, force=force)
     return finish_training(cfg, stage, res.checkpoint, res.history, res.resumed_from_epoch)
 
@@ -462,17 +472,12 @@ def check_inputs(cfg: C.OALConfig, stage: str) -> None:
     """Fail before training on what a stage reads only at its end: the diffusion stage is measured by the
     fine-tuned teacher (its class-conditional accuracy)."""
     if stage == "diffusion":
+        check_trained_diffusion(cfg)
         path = Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
         if not storage.exists(path):
             raise FileNotFoundError(f"the diffusion stage is judged by the fine-tuned teacher, and its checkpoint "
                                     f"'{path}' does not exist: run the teacher stage first (`oal teacher`), or give "
                                     f"model.teacher_checkpoint")
-
-
-def run_base(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
-             accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
-    """Train the student with cross-entropy alone: the CE baseline, and the OAL student's starting weights."""
-    return _run_trained(cfg, "base", bench, on_epoch_end, accelerator, progress, force)
 
 
 def base_checkpoint(cfg: C.OALConfig) -> Path:
@@ -496,12 +501,6 @@ def load_base(cfg: C.OALConfig, net: Classifier, num_classes: int) -> None:
     log.info("student starts from the base checkpoint %s (epoch %s, %s)", path, loaded["epoch"], cfg.eval.checkpoint)
 
 
-def run_teacher(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
-                accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
-    """Fine-tune the teacher on the ID training set with cross-entropy."""
-    return _run_trained(cfg, "teacher", bench, on_epoch_end, accelerator, progress, force)
-
-
 def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -> Classifier:
     path = path or Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
     if not storage.exists(path):
@@ -519,14 +518,6 @@ def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -
 
 def teacher_input_size(cfg: C.OALConfig) -> int:
     return cfg.model.teacher_image_size or cfg.data.image_size
-
-
-def run_embeddings(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool = False) -> StageResult:
-    """The teacher's penultimate features on the ID training set: [C, N, D]."""
-    d, fp = stage_dir(cfg, "embeddings"), embeddings_fp(cfg)
-    if not force and is_done(d, fp):
-        return skipped("embeddings", d, fp)
-    return finish_embeddings(cfg, fp, [embeddings_shard(cfg, bench)])
 
 
 def embeddings_shard(cfg: C.OALConfig, bench: Benchmark | None = None, shard: Shard = (0, 1)) -> dict[str, Any]:
@@ -547,18 +538,16 @@ def finish_embeddings(cfg: C.OALConfig, fp: str, parts: list[dict[str, Any]]) ->
     names = parts[0]["class_names"]
     emb = per_class_sample(merge([p["outputs"] for p in parts]), len(names), cfg.knn.per_class_cap, cfg.seed)
     save_torch({"embeddings": emb, "class_names": names}, d / "id_embeddings.pt")
-    return _finish("embeddings", d, fp, cfg, {"embeddings": d / "id_embeddings.pt"}, shape=list(emb.shape),
+    return finish_stage("embeddings", d, fp, cfg, {"embeddings": d / "id_embeddings.pt"}, shape=list(emb.shape),
                    shards=[p["by"] for p in parts])
 
 
-def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
+def compute_anchors(cfg: C.OALConfig, fp: str) -> StageResult:
     """Class anchors from the diffusion model's text encoder, and the teacher -> conditioning projection."""
     from oal.diffusion import class_anchors, fit_projection, load_model, token_embedding_norms
 
-    d, fp = stage_dir(cfg, "anchors"), anchors_fp(cfg)
-    if not force and is_done(d, fp):
-        return skipped("anchors", d, fp)
-    emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")
+    d = stage_dir(cfg, "anchors")
+    emb = load_torch(output_of(cfg, "embeddings", "embeddings"), "ID embeddings")
     model = load_model(diffusion_config(cfg), resolve_device(cfg.device), cfg.seed)
     anchors = class_anchors(model, emb["class_names"], cfg.diffusion.prompt)  # (C, E)
     scales = (token_embedding_norms(model, emb["class_names"]) if cfg.diffusion.anchor_norm == "token_embedding"
@@ -568,26 +557,19 @@ def run_anchors(cfg: C.OALConfig, force: bool = False) -> StageResult:
              proj.out_dim, acc)
     save_torch({"anchors": anchors, "scales": scales, "class_names": emb["class_names"], "projection": proj.state_dict(),
                 "in_dim": proj.in_dim, "out_dim": proj.out_dim, "model_id": model.model_id}, d / "anchors.pt")
-    return _finish("anchors", d, fp, cfg, {"anchors": d / "anchors.pt"}, model_id=model.model_id,
+    return finish_stage("anchors", d, fp, cfg, {"anchors": d / "anchors.pt"}, model_id=model.model_id,
                    projection_accuracy=acc, anchor_norm=cfg.diffusion.anchor_norm, outlier_norms=scales.tolist())
 
 
-def run_knn(cfg: C.OALConfig, force: bool = False) -> StageResult:
-    """k-NN boundary outlier embeddings [C, M, E], in the conditioning space, at the anchors' scale."""
-    d, fp = stage_dir(cfg, "knn"), knn_fp(cfg)
-    if not force and is_done(d, fp):
-        return skipped("knn", d, fp)
-    return finish_knn(cfg, fp, [knn_shard(cfg)])
-
-
 def knn_shard(cfg: C.OALConfig, shard: Shard = (0, 1)) -> dict[str, Any]:
-    """Outliers of one contiguous block of classes, at their anchors' scale (a Ray job spreads the blocks over
-    workers; each class has its own seeded stream, so the blocks equal one process's)."""
+    """k-NN boundary outlier embeddings [C, M, E], in the conditioning space, at the anchors' scale: those of one
+    contiguous block of classes (a Ray job spreads the blocks over workers; each class has its own seeded stream,
+    so the blocks equal one process's)."""
     from oal.diffusion import AnchorProjection
     from oal.knn import sample_classes, scale_to_anchors
 
-    emb = load_torch(stage_dir(cfg, "embeddings") / "id_embeddings.pt", "ID embeddings")["embeddings"]
-    a = load_torch(stage_dir(cfg, "anchors") / "anchors.pt", "anchors")
+    emb = load_torch(output_of(cfg, "embeddings", "embeddings"), "ID embeddings")["embeddings"]
+    a = load_torch(output_of(cfg, "anchors", "anchors"), "anchors")
     i, n = shard
     classes = range(i * emb.shape[0] // n, (i + 1) * emb.shape[0] // n)
     proj = AnchorProjection(a["in_dim"], a["out_dim"])
@@ -603,19 +585,17 @@ def finish_knn(cfg: C.OALConfig, fp: str, parts: list[dict[str, Any]]) -> StageR
     d = stage_dir(cfg, "knn")
     out = torch.cat([p["outliers"] for p in parts])
     save_torch({"outliers": out, "class_names": parts[0]["class_names"]}, d / "knn_outliers.pt")
-    return _finish("knn", d, fp, cfg, {"outliers": d / "knn_outliers.pt"}, shape=list(out.shape),
+    return finish_stage("knn", d, fp, cfg, {"outliers": d / "knn_outliers.pt"}, shape=list(out.shape),
                    shards=[p["by"] for p in parts])
 
 
-def run_latents(cfg: C.OALConfig, force: bool = False, progress: bool = True) -> StageResult:
+def compute_latents(cfg: C.OALConfig, fp: str, force: bool = False, progress: bool = True) -> StageResult:
     """Latent outliers from the diffusion model conditioned on the k-NN outlier embeddings (never decoded
     for training); a small decoded grid is written for looking only."""
     from oal.synthesize import synthesize
 
-    d, fp = stage_dir(cfg, "latents"), latents_fp(cfg)
-    if not force and is_done(d, fp):
-        return skipped("latents", d, fp)
-    knn = load_torch(stage_dir(cfg, "knn") / "knn_outliers.pt", "k-NN outliers")
+    d = stage_dir(cfg, "latents")
+    knn = load_torch(output_of(cfg, "knn", "outliers"), "k-NN outliers")
     manifest = synthesize(diffusion_config(cfg), knn["class_names"], knn["outliers"], d, cfg.seed,
                           resolve_device(cfg.device), fp, progress=progress, redo=force)
     return finish_latents(cfg, manifest)
@@ -631,7 +611,7 @@ def finish_latents(cfg: C.OALConfig, manifest: dict[str, Any]) -> StageResult:
         outputs["images"] = d / manifest["images_file"]
     if cfg.diffusion.grid_samples > 0:
         outputs["grid"] = write_grid(cfg, d, d / "grid.png")
-    return _finish("latents", d, manifest["fingerprint"], cfg, outputs, count=manifest["count"],
+    return finish_stage("latents", d, manifest["fingerprint"], cfg, outputs, count=manifest["count"],
                    model_id=manifest["model_id"], vector_shape=manifest["vector_shape"])
 
 
@@ -649,12 +629,6 @@ def write_grid(cfg: C.OALConfig, shard_dir: Path, path: Path) -> Path:
     return save_grid(images.float().cpu(), path, nrow=8)
 
 
-def run_student(cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: EpochHook | None = None,
-                accelerator: Any = None, progress: bool = True, force: bool = False) -> StageResult:
-    """Train the OAL student: CE + KD from the frozen teacher + MICL against the outlier files."""
-    return _run_trained(cfg, "student", bench, on_epoch_end, accelerator, progress, force)
-
-
 EVAL_DIRS = {"student": "eval", "base": "eval_base"}  # the stage folder of each trained network's evaluation
 
 
@@ -667,17 +641,6 @@ def eval_target(cfg: C.OALConfig, checkpoint: str | None = None, out_dir: Path |
     ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, of) / CHECKPOINT
     name = EVAL_DIRS[of]
     return ckpt, name, out_dir or stage_dir(cfg, name), C.fingerprint("eval", _file_id(str(ckpt)), cfg.eval, *data_parts(cfg))
-
-
-def run_evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchmark | None = None,
-                 out_dir: Path | None = None, force: bool = False,
-                 of: str = "student") -> tuple[StageResult, EvalReport | None]:
-    """Score a checkpoint (default: the `of` stage's, student or base) on the ID test set and every near/far OOD
-    test set, with the weights `eval.checkpoint` selects (last epoch, or best ID validation accuracy)."""
-    target = ckpt, name, d, fp = eval_target(cfg, checkpoint, out_dir, of)
-    if not force and is_done(d, fp):
-        return skipped(name, d, fp), None
-    return finish_evaluate(cfg, target, [eval_shard(cfg, str(ckpt), bench, of)])
 
 
 def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None, of: str = "student",
@@ -695,8 +658,9 @@ def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None
             "epoch": loaded["epoch"], "by": process(), "data": bench.info}
 
 
-def finish_evaluate(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, Any]]) -> tuple[StageResult, EvalReport]:
-    """The report from the shards' outputs (merged in shard order); written, then the manifest."""
+def finish_evaluation(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, Any]]) -> StageResult:
+    """The report from the shards' outputs (merged in shard order); written, then the manifest. The result
+    carries the report (`report`)."""
     ckpt, name, d, fp = target
     first = parts[0]
     outs = {key: merge([p["outputs"][key] for p in parts]) for key in first["outputs"]}
@@ -706,16 +670,27 @@ def finish_evaluate(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, 
     log.info("%s: score %s (%s), near / far AUROC %.4f / %.4f", name, head,
              "chosen on validation" if report.chosen else "eval.primary: no validation OOD set",
              report.results[head].near["auroc"], report.results[head].far["auroc"])
-    return _finish(name, d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
+    result = finish_stage(name, d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
                    checkpoint=str(ckpt), epoch=first["epoch"], selected=cfg.eval.checkpoint,
                    plots=[str(f) for f in files if f.suffix == ".png"], postprocessor=head,
                    chosen_on_validation=report.chosen is not None, knn_k=report.knn_k,
                    id_accuracy=report.id_accuracy, near_auroc=report.results[head].near["auroc"],
                    far_auroc=report.results[head].far["auroc"], shards=[p["by"] for p in parts],
-                   **({"data": first["data"]} if first.get("data") else {})), report
+                     **({"data": first["data"]} if first.get("data") else {}))
+    result.report = report
+    return result
 
 
-def run_detector(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool = False) -> StageResult:
+def detector_target(cfg: C.OALConfig) -> tuple[Path, str]:
+    """The detector's folder and fingerprint: the evaluation's (whose student it packages) and cfg.detector."""
+    ev = read_manifest(stage_dir(cfg, "eval"))
+    if ev is None:
+        raise FileNotFoundError(f"the detector packages the evaluated student, and '{stage_dir(cfg, 'eval')}' holds "
+                                f"no finished evaluation: run the eval stage first (`oal evaluate`)")
+    return stage_dir(cfg, "detector"), C.fingerprint("detector", ev["fingerprint"], cfg.detector)
+
+
+def compute_detector(cfg: C.OALConfig, fp: str, bench: Benchmark | None = None) -> StageResult:
     """Package the evaluated OAL student as a deployable detector (oal/detector.py): the score its evaluation chose
     on validation (with KNN's bank of normalised training features), the threshold that accepts `detector.id_tpr`
     of the ID validation images, the preprocessing and the class names. Records the validation figures it was set
@@ -725,14 +700,8 @@ def run_detector(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool =
     from oal.detector import Detector, DetectorSpec, confidence, threshold_at
     from oal.evaluate import KNNScore
 
-    ev = read_manifest(stage_dir(cfg, "eval"))
-    if ev is None:
-        raise FileNotFoundError(f"the detector packages the evaluated student, and '{stage_dir(cfg, 'eval')}' holds "
-                                f"no finished evaluation: run the eval stage first (`oal evaluate`)")
-    d = stage_dir(cfg, "detector")
-    fp = C.fingerprint("detector", ev["fingerprint"], cfg.detector)
-    if not force and is_done(d, fp):
-        return skipped("detector", d, fp)
+    d, ev = stage_dir(cfg, "detector"), read_manifest(stage_dir(cfg, "eval"))
+    assert ev is not None, "detector_target checked that the evaluation is done"
     results = json.loads(storage.pull(storage.local(ev["outputs"]["results"])).read_text())
     score = results.get("chosen") or cfg.eval.primary
     bench = bench or build_benchmark(cfg.data)
@@ -773,7 +742,7 @@ def run_detector(cfg: C.OALConfig, bench: Benchmark | None = None, force: bool =
     log.info("detector: score %s, threshold %.4g (accepts %.1f%% of ID validation images); test: ID flagged %.1f%%, "
              "%s", score, spec.threshold, 100 * report["validation"]["id_accepted"], 100 * flagged["id"],
              ", ".join(f"{k[4:]} flagged {100 * v:.1f}%" for k, v in flagged.items() if k.startswith("ood:")))
-    return _finish("detector", d, fp, cfg, {"spec": files[1], "weights": files[0], "report": d / "detector_report.json"},
+    return finish_stage("detector", d, fp, cfg, {"spec": files[1], "weights": files[0], "report": d / "detector_report.json"},
                    **report, class_names=bench.class_names, checkpoint=str(ckpt))
 
 
@@ -803,33 +772,6 @@ def check_data(cfg: C.OALConfig) -> None:
     layout = scan(cfg.data)
     if any(outlier_stages(cfg)):
         check_knn(layout, cfg.knn)
-
-
-def run_pipeline(cfg: C.OALConfig, progress: bool = True) -> dict[str, StageResult]:
-    """All stages in order, single-process; each skipped when its outputs match its inputs."""
-    check_data(cfg)
-    bench = build_benchmark(cfg.data)
-    results: dict[str, StageResult] = {}
-    if needs_base(cfg):
-        results["base"] = run_base(cfg, bench, progress=progress)
-    results["teacher"] = run_teacher(cfg, bench, progress=progress)
-    if needs_diffusion(cfg):
-        results["diffusion"] = run_diffusion(cfg, bench, progress=progress)
-    need_knn, need_lat = outlier_stages(cfg)
-    if need_knn or need_lat:
-        results["embeddings"] = run_embeddings(cfg, bench)
-        results["anchors"] = run_anchors(cfg)
-        results["knn"] = run_knn(cfg)
-    if need_lat:
-        results["latents"] = run_latents(cfg, progress=progress)
-    cfg = with_outlier_files(cfg, results)
-    results["student"] = run_student(cfg, bench, progress=progress)
-    if cfg.eval.baseline:
-        results["eval_base"] = run_evaluate(cfg, str(base_checkpoint(cfg)), bench=bench, of="base")[0]
-    results["eval"] = run_evaluate(cfg, bench=bench)[0]
-    write_comparison(cfg)
-    results["detector"] = run_detector(cfg, bench)
-    return results
 
 
 def needs_base(cfg: C.OALConfig) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from oal import stages
+from oal import registry, stages
 from oal.config import TrainConfig, load_config
 from oal.data import build_benchmark, grey_images
 from oal.detector import Detector, DetectorSpec, ImageError, threshold_at
@@ -105,8 +105,8 @@ def test_detector_stage_records_its_choice_and_the_flagged_shares(tmp_path):
     net = build_student(cfg.model.student, bench.num_classes)
     ckpt = fit(net, bench.train, TrainConfig(epochs=2, lr=0.05), tmp_path / "student", batch_size=64, seed=0,
                device="cpu", progress=False, meta={"arch": cfg.model.student, "num_classes": bench.num_classes}).checkpoint
-    ev, report = stages.run_evaluate(cfg, checkpoint=str(ckpt), bench=bench)
-    res = stages.run_detector(cfg, bench)
+    ev, report = registry.evaluate(cfg, checkpoint=str(ckpt), bench=bench)
+    res = registry.run_stage("detector", cfg, bench)
     m = json.loads((res.dir / stages.MANIFEST).read_text())
     assert m["score"] == report.chosen and m["chosen_on_validation"] is True  # digits has a validation OOD set
     assert m["knn_k"] == (report.knn_k if report.chosen == "knn" else None)
@@ -120,7 +120,7 @@ def test_detector_stage_records_its_choice_and_the_flagged_shares(tmp_path):
     assert flagged == pytest.approx(m["test"]["id_flagged"], abs=2 / len(raw))
     near = (bench.near["digits678"].tensors[0][:, 0] * 0.5 + 0.5).clamp(0, 1).numpy()
     assert np.mean(det.predict(list(near))["is_ood"]) == pytest.approx(m["test"]["flagged:digits678"], abs=2 / len(near))
-    assert stages.run_detector(cfg, bench).skipped
+    assert registry.run_stage("detector", cfg, bench).skipped
 
 
 def test_oal_score_answers_one_json_line_per_file(net, tmp_path):

@@ -123,12 +123,12 @@ def test_lr_schedule_cosine_decays_constant_holds(tmp_path):
 
 
 def test_diffusion_stage_without_its_judge_fails_before_training(tmp_path):
-    from oal import stages
+    from oal import registry, stages
     from oal.config import load_config
 
     cfg = load_config("digits", [f"output_dir={tmp_path}", f"diffusion.model={TRAINED}", "ldm.epochs=1"])
     with pytest.raises(FileNotFoundError, match="judged by the fine-tuned teacher.*oal teacher"):
-        stages.run_diffusion(cfg, progress=False)
+        registry.run_stage("diffusion", cfg, progress=False)
     assert not (stages.stage_dir(cfg, "diffusion") / "checkpoint.pt").exists()
 
 

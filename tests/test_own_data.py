@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from oal import stages, storage
+from oal import registry, stages, storage
 from oal.config import DataConfig, KNNConfig, load_config
 from oal.data import DataError, build_benchmark
 from oal.data.folder import check_knn, content_id, export, scan, upload_tree
@@ -149,7 +149,7 @@ def test_a_class_too_small_for_knn_is_named_before_any_stage_runs(digits_dir, tm
         check_knn(lay, KNNConfig(k=5, select=5))
     cfg = load_config("digits", [*QUICK, "data.benchmark=folder", f"data.root={d}", f"output_dir={tmp_path / 'out'}"])
     with pytest.raises(DataError, match="class 'two' has 3 training images"):
-        stages.run_pipeline(cfg, progress=False)
+        registry.run_pipeline(cfg, progress=False)
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
 
 

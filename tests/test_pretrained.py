@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from oal import ldm, pretrained, stages
+from oal import ldm, pretrained, registry, stages
 from oal.config import load_config, to_yaml
 from oal.data import build_benchmark
 from tests.conftest import QUICK
@@ -120,14 +120,14 @@ def test_shipped_model_fits_the_fashion_preset():
 def _teacher(cfg) -> None:
     from dataclasses import replace
 
-    stages.run_teacher(replace(cfg, teacher=replace(cfg.teacher, epochs=1)), progress=False)
+    registry.run_stage("teacher", replace(cfg, teacher=replace(cfg.teacher, epochs=1)), progress=False)
 
 
 @pytest.mark.slow
 def test_diffusion_stage_uses_a_fitting_model_and_trains_on_a_mismatch(folder, tmp_path, caplog):
     cfg = _cfg(tmp_path, f"ldm.pretrained={folder}", "ldm.vae_epochs=1", "ldm.epochs=1")
     _teacher(cfg)
-    res = stages.run_diffusion(cfg, progress=False)
+    res = registry.run_stage("diffusion", cfg, progress=False)
     manifest = json.loads((res.dir / "stage.json").read_text())
     assert manifest["pretrained"]["sha256"] == pretrained.read_card(folder / "README.md")["sha256"]
     assert 0 <= manifest["class_accuracy"] <= 1 and (res.dir / "quality.json").exists()
@@ -139,7 +139,7 @@ def test_diffusion_stage_uses_a_fitting_model_and_trains_on_a_mismatch(folder, t
     flat = load_file(str(folder / "model.safetensors"))
     assert torch.equal(state["modules"]["unet"]["conv_in.weight"], flat["unet.conv_in.weight"].float())
     ldm.load_trained(res.dir / "checkpoint.pt")
-    assert stages.run_diffusion(cfg, progress=False).skipped
+    assert registry.run_stage("diffusion", cfg, progress=False).skipped
 
     # the same run with its copy of the weights changed: another fingerprint, a warning, and the model is trained
     tampered = tmp_path / "tampered"
@@ -148,7 +148,7 @@ def test_diffusion_stage_uses_a_fitting_model_and_trains_on_a_mismatch(folder, t
     blob[100] ^= 1
     (tampered / "model.safetensors").write_bytes(bytes(blob))
     caplog.set_level(logging.WARNING, logger="oal.pretrained")
-    trained = stages.run_diffusion(_cfg(tmp_path, f"ldm.pretrained={tampered}", "ldm.vae_epochs=1", "ldm.epochs=1"),
+    trained = registry.run_stage("diffusion", _cfg(tmp_path, f"ldm.pretrained={tampered}", "ldm.vae_epochs=1", "ldm.epochs=1"),
                                    progress=False)
     assert not trained.skipped and trained.fingerprint != res.fingerprint
     assert any("is not used" in r.getMessage() for r in caplog.records)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from oal import stages
+from oal import registry, stages
 from oal.config import LossConfig, ModelConfig, TrainConfig, load_config
 from oal.losses import EnergyRegularizer, OALLoss
 from oal.models import build_student, build_teacher
@@ -58,7 +58,7 @@ def test_reference_teacher_gets_224_in_the_student_loop(monkeypatch, tmp_path):
 def base_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     cfg = load_config("digits", [*QUICK, f"output_dir={out}", "base.epochs=2", "base.precise_bn=0"])
-    res = stages.run_base(cfg, progress=False)
+    res = registry.run_stage("base", cfg, progress=False)
     return cfg, res
 
 

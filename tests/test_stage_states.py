@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from oal import stages, storage
+from oal import registry, stages, storage
 from oal.config import load_config
 from oal.train import CHECKPOINT
 from tests.conftest import QUICK
@@ -39,7 +39,7 @@ def _base(cfg, force=False, stop_at=None):
         if epoch == stop_at:
             raise Stop
 
-    return stages.run_base(cfg, on_epoch_end=hook, progress=False, force=force), epochs
+    return registry.run_stage("base", cfg, on_epoch_end=hook, progress=False, force=force), epochs
 
 
 def test_manifest_records_sizes_and_digests_of_its_outputs(cfg):

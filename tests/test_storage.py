@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from oal import stages, storage
+from oal import registry, stages, storage
 from oal.config import load_config
 from tests.conftest import QUICK
 from tests.stack_fixtures import free_ports
@@ -81,7 +81,7 @@ def test_pipeline_on_s3_is_found_complete_by_a_node_with_an_empty_mirror(s3, tmp
     cfg = load_config("digits", [*QUICK, "eval.baseline=true", "output_dir=s3://runs/team/exp"])
     assert cfg.run_dir == tmp_path / "mirror-a" / "s3" / "runs" / "team" / "exp" / "digits"
     assert cfg.ray_storage == "s3://runs/team/exp/digits/ray"
-    stages.run_pipeline(cfg, progress=False)
+    registry.run_pipeline(cfg, progress=False)
 
     keys = _keys("team/exp/digits/")
     for stage in ("base", "teacher", "embeddings", "anchors", "knn", "latents", "student", "eval_base", "eval",
@@ -98,14 +98,14 @@ def test_pipeline_on_s3_is_found_complete_by_a_node_with_an_empty_mirror(s3, tmp
     shutil.rmtree(tmp_path / "mirror-a")
     monkeypatch.setenv(storage.OBJECT_CACHE_ENV, str(tmp_path / "mirror-b"))
     caplog.set_level(logging.INFO, logger="oal")
-    results = stages.run_pipeline(cfg, progress=False)
+    results = registry.run_pipeline(cfg, progress=False)
     assert all(r.skipped for r in results.values()) and len(results) == 10, {k: r.skipped for k, r in results.items()}
     assert caplog.text.count("up to date") == 10
     fetched = sorted(p.name for p in (tmp_path / "mirror-b").rglob("*") if p.is_file())
     assert not [f for f in fetched if f.endswith(".pt")], fetched
     assert Path(results["student"].outputs["checkpoint"]).parent == tmp_path / "mirror-b" / "s3/runs/team/exp/digits/student"
     # and a stage that needs an input the node lacks fetches it from the store
-    report = stages.run_evaluate(cfg, force=True)[1]
+    report = registry.evaluate(cfg, force=True)[1]
     assert (tmp_path / "mirror-b/s3/runs/team/exp/digits/student/checkpoint.pt").is_file()
     assert report is not None and report.id_accuracy == json.loads(
         storage.client().get_object(Bucket="runs", Key="team/exp/digits/eval/results.json")["Body"].read())["id_accuracy"]
@@ -130,7 +130,7 @@ def test_a_stage_whose_s3_server_stops_mid_write_is_not_complete_and_resumes(s3,
     event = "before-parameter-build.s3.PutObject"
     storage.client().meta.events.register(event, pause_before_second_checkpoint)
     with pytest.raises(Exception) as failed:
-        stages.run_teacher(cfg, progress=False)
+        registry.run_stage("teacher", cfg, progress=False)
     s3.proc.send_signal(signal.SIGCONT)
     storage.client().meta.events.unregister(event, pause_before_second_checkpoint)
     assert len(puts) == 2, f"the second checkpoint was never written: {puts}"
@@ -149,7 +149,7 @@ def test_a_stage_whose_s3_server_stops_mid_write_is_not_complete_and_resumes(s3,
 
     # Run again on this node: the store's version wins over the mirror's; resumes from epoch 1 and completes.
     caplog.set_level(logging.INFO, logger="oal")
-    res = stages.run_teacher(cfg, progress=False)
+    res = registry.run_stage("teacher", cfg, progress=False)
     assert "(epoch 1)" in caplog.text and "resuming from" in caplog.text
     m = _manifest("stop/digits/teacher/stage.json")
     assert m["resumed_from_epoch"] == 1 and [int(h["epoch"]) for h in m["history"]] == [1, 2, 3]

@@ -140,7 +140,7 @@ def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process
     single-process commands' (same inputs, same seed)."""
     import torch
 
-    from oal import stages
+    from oal import registry, stages
     from oal.config import load_config
     from oal.storage import load_torch
 
@@ -159,15 +159,14 @@ def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process
     cfg = load_config("digits", [*QUICK, *ONE_EPOCH, f"output_dir={tmp_path}", "name=local", "eval.plots=false",
                                  "eval.baseline=true", *LDM, f"model.teacher_checkpoint={run / 'teacher/checkpoint.pt'}",
                                  f"diffusion.checkpoint={run / 'diffusion/checkpoint.pt'}"])
-    for stage, fn, file, key in (("embeddings", stages.run_embeddings, "id_embeddings.pt", "embeddings"),
-                                 ("anchors", stages.run_anchors, "anchors.pt", "anchors"),
-                                 ("knn", stages.run_knn, "knn_outliers.pt", "outliers")):
-        res = fn(cfg)
+    for stage, file, key in (("embeddings", "id_embeddings.pt", "embeddings"), ("anchors", "anchors.pt", "anchors"),
+                             ("knn", "knn_outliers.pt", "outliers")):
+        res = registry.run_stage(stage, cfg)
         assert json.loads((res.dir / "stage.json").read_text())["written_by"]["pid"] == os.getpid()
         mine, ray_ = (load_torch(d / stage / file, stage)[key] for d in (tmp_path / "local", run))
         assert torch.allclose(mine, ray_, rtol=1e-5, atol=1e-6), stage
     for of, ckpt in (("student", run / "student/checkpoint.pt"), ("base", run / "base/checkpoint.pt")):
-        res, _ = stages.run_evaluate(cfg, str(ckpt), of=of)
+        res, _ = registry.evaluate(cfg, str(ckpt), of=of)
         mine = json.loads((res.dir / "results.json").read_text())
         ray_ = json.loads((run / stages.EVAL_DIRS[of] / "results.json").read_text())
         assert mine["id_accuracy"] == ray_["id_accuracy"]

@@ -86,7 +86,7 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
     import ray
 
     from jobs import tune as jtune
-    from oal import stages
+    from oal import registry, stages
     from oal.data import build_benchmark
 
     overrides = [*QUICK, f"output_dir={tmp_path}", "name=tq", "search.num_samples=3", "search.max_concurrent=2",
@@ -99,14 +99,14 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
     shared = jtune.every_term(load_config("digits", overrides))
     bench = build_benchmark(shared.data)
     prebuilt = {
-        "teacher": stages.run_teacher(shared, bench, progress=False),
-        "embeddings": stages.run_embeddings(shared, bench),
-        "anchors": stages.run_anchors(shared),
-        "knn": stages.run_knn(shared),
-        "latents": stages.run_latents(shared, progress=False),
+        "teacher": registry.run_stage("teacher", shared, bench, progress=False),
+        "embeddings": registry.run_stage("embeddings", shared, bench),
+        "anchors": registry.run_stage("anchors", shared),
+        "knn": registry.run_stage("knn", shared),
+        "latents": registry.run_stage("latents", shared, progress=False),
     }
     baseline = jtune.baseline_config(stages.with_outlier_files(shared, prebuilt))
-    prebuilt["baseline"] = stages.run_student(baseline, bench, progress=False)
+    prebuilt["baseline"] = registry.run_stage("student", baseline, bench, progress=False)
     # 1. The search as a user runs it, stopped with Ctrl-C once two of its three trials have finished.
     ray_tmp = stack.stack.ray_temp_dir
     with (tmp_path / "first.log").open("w") as log:
@@ -178,7 +178,7 @@ def test_search_interrupted_resumes_without_redoing_trials_and_best_config_train
 
     best = load_config(summary["best_yaml"])
     assert best.name == "tq-best" and best.loss.w_logit_kd == summary["best"]["w_logit_kd"]
-    res = stages.run_student(best, progress=False)
+    res = registry.run_stage("student", best, progress=False)
     assert json.loads((res.dir / "stage.json").read_text())["history"][-1]["epoch"] == 2
     assert (tmp_path / "tq" / "tune" / "weights_vs_objective.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "tq" / "tune" / "trials.md").read_text()

@@ -255,7 +255,7 @@ def test_pipeline_loses_its_node_while_the_teacher_trains_and_ends_as_without_th
     import torch
 
     from jobs import pipeline
-    from oal import stages, storage
+    from oal import registry, stages, storage
     from oal.config import load_config
     from oal.tracking import Tracker
 
@@ -281,7 +281,7 @@ def test_pipeline_loses_its_node_while_the_teacher_trains_and_ends_as_without_th
     assert len(where) >= 8 and all(n not in (None, node.node_id) for n in where.values()), where
 
     # The same pipeline in this process, nothing lost.
-    alone = stages.run_pipeline(load_config("digits", [*overrides, f"output_dir={tmp_path / 'alone'}"]),
+    alone = registry.run_pipeline(load_config("digits", [*overrides, f"output_dir={tmp_path / 'alone'}"]),
                                 progress=False)
     lost_run, whole = (torch.load(p, map_location="cpu", weights_only=True)
                        for p in (storage.pull(results["teacher"].outputs["checkpoint"]),

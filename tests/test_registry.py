@@ -1,0 +1,106 @@
+"""The stage contract (oal.registry): one order, one skip check, and a stage added as one value."""
+
+import functools
+import json
+
+import pytest
+import torch
+
+from oal import config as C
+from oal import registry
+from oal import stages as S
+from oal.config import load_config
+from oal.storage import load_torch, save_torch
+from tests.conftest import QUICK
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """The quick digits pipeline, run once in this process: every stage's manifest written."""
+    out = tmp_path_factory.mktemp("registry")
+    cfg = load_config("digits", [*QUICK, f"output_dir={out}", "eval.plots=false"])
+    results = registry.run_pipeline(cfg, progress=False)
+    assert not any(r.skipped for r in results.values())
+    return out
+
+
+ALL = ["teacher", "embeddings", "anchors", "knn", "latents", "student", "eval", "detector"]
+
+
+@pytest.mark.parametrize("override, redone", [
+    ("cluster.shards=3", []),  # how Ray would split the work: read by no stage's outputs
+    ("diffusion.grid_samples=3", []),  # the latents' look-only grid: not what is sampled
+    ("detector.id_tpr=0.9", ["detector"]),
+    ("eval.ebo_temperature=2", ["eval", "detector"]),
+    ("knn.select=4", ["knn", "latents", "student", "eval", "detector"]),
+    ("teacher.lr=0.02", ["teacher", "embeddings", "anchors", "knn", "latents", "student", "eval", "detector"]),
+])
+def test_a_key_a_stage_does_not_read_leaves_it_skipped_one_it_reads_redoes_it_and_what_follows(done, override, redone):
+    # each case in a copy of the finished run, so that no case sees another's redone stages
+    import shutil
+
+    case = done.parent / f"case-{override.replace('=', '-')}"
+    shutil.copytree(done, case)
+    cfg = load_config("digits", [*QUICK, f"output_dir={case}", "eval.plots=false", override])
+    results = registry.run_pipeline(cfg, progress=False)
+    assert list(results) == ALL  # the order, written once (registry.STAGES), with the stages this config needs
+    assert [name for name, r in results.items() if not r.skipped] == redone
+
+
+def _stats_work(cfg: C.OALConfig, fp: str, bench) -> functools.partial:
+    return functools.partial(_stats, cfg, fp)
+
+
+def _stats(cfg: C.OALConfig, fp: str) -> S.StageResult:
+    """A small stage: per-class mean norm of the teacher's ID features, read through the embeddings stage's
+    manifest (its output named `embeddings`)."""
+    emb = load_torch(S.output_of(cfg, "embeddings", "embeddings"), "ID embeddings")["embeddings"]  # (C, N, D)
+    d = S.stage_dir(cfg, "feature_stats")
+    save_torch({"mean_norm": emb.float().norm(dim=-1).mean(dim=1)}, d / "stats.pt")
+    return S.finish_stage("feature_stats", d, fp, cfg, {"stats": d / "stats.pt"})
+
+
+def test_a_new_stage_is_one_value_in_the_registry(done, monkeypatch, tmp_path):
+    import shutil
+
+    stats = registry.Stage("feature_stats", "whole",
+                           target=lambda cfg: (S.stage_dir(cfg, "feature_stats"),
+                                               C.fingerprint("feature_stats", S.embeddings_fp(cfg))),
+                           needed=lambda cfg: any(S.outlier_stages(cfg)), work=_stats_work)
+    names = [s.name for s in registry.STAGES]
+    at = names.index("embeddings") + 1
+    monkeypatch.setattr(registry, "STAGES", (*registry.STAGES[:at], stats, *registry.STAGES[at:]))  # the one entry
+    shutil.copytree(done, tmp_path / "run")
+    cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path / 'run'}", "eval.plots=false"])
+    results = registry.run_pipeline(cfg, progress=False)
+    assert list(results) == ["teacher", "embeddings", "feature_stats", *ALL[2:]]
+    assert [n for n, r in results.items() if not r.skipped] == ["feature_stats"]  # the others were done already
+    manifest = json.loads((tmp_path / "run" / cfg.name / "feature_stats" / "stage.json").read_text())
+    assert manifest["fingerprint"] == results["feature_stats"].fingerprint
+    emb = load_torch(tmp_path / "run" / cfg.name / "embeddings" / "id_embeddings.pt", "emb")["embeddings"]
+    got = load_torch(results["feature_stats"].outputs["stats"], "stats")["mean_norm"]
+    assert torch.allclose(got, emb.float().norm(dim=-1).mean(dim=1)) and got.shape == (emb.shape[0],)
+    # alone by name, skipped when up to date; with a new teacher it is redone with the embeddings it reads
+    assert registry.run_stage("feature_stats", cfg).skipped
+    again = load_config("digits", [*QUICK, f"output_dir={tmp_path / 'run'}", "eval.plots=false", "teacher.lr=0.02"])
+    redone = registry.run_pipeline(again, progress=False)
+    assert not redone["feature_stats"].skipped and redone["feature_stats"].fingerprint != manifest["fingerprint"]
+
+
+def test_a_stage_reads_another_through_its_manifest_and_names_it_when_missing(tmp_path):
+    cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=r"the embeddings stage has not finished: no manifest in .* naming "
+                                                r"its output 'embeddings'; run it first"):
+        registry.run_stage("anchors", cfg)
+    with pytest.raises(ValueError, match="no stage named 'embed'; the stages: base, teacher, diffusion, embeddings"):
+        registry.run_stage("embed", cfg)
+
+
+def test_plan_runs_what_the_config_needs_in_order():
+    cfg = load_config("digits", QUICK)
+    assert [s.name for s in registry.plan(cfg)] == ALL
+    plain = load_config("digits", [*QUICK, "loss.w_micl_knn=0", "loss.w_micl_lat=0", "eval.baseline=true",
+                                   "model.student_init=base"])
+    assert [s.name for s in registry.plan(plain)] == ["base", "teacher", "student", "eval_base", "eval", "detector"]
+    assert [s.name for s in registry.plan(cfg, first="student")] == ["student", "eval", "detector"]
+    assert [s.name for s in registry.plan(cfg, last="latents")] == ALL[:5]
