@@ -1,16 +1,13 @@
 """The stage contract (oal.registry): one order, one skip check, and a stage added as one value."""
 
-import functools
 import json
 
 import pytest
 import torch
 
-from oal import config as C
 from oal import registry
-from oal import stages as S
 from oal.config import load_config
-from oal.storage import load_torch, save_torch
+from oal.storage import load_torch
 from tests.conftest import QUICK
 
 
@@ -47,36 +44,21 @@ def test_a_key_a_stage_does_not_read_leaves_it_skipped_one_it_reads_redoes_it_an
     assert [name for name, r in results.items() if not r.skipped] == redone
 
 
-def _stats_work(cfg: C.OALConfig, fp: str, bench) -> functools.partial:
-    return functools.partial(_stats, cfg, fp)
-
-
-def _stats(cfg: C.OALConfig, fp: str) -> S.StageResult:
-    """A small stage: per-class mean norm of the teacher's ID features, read through the embeddings stage's
-    manifest (its output named `embeddings`)."""
-    emb = load_torch(S.output_of(cfg, "embeddings", "embeddings"), "ID embeddings")["embeddings"]  # (C, N, D)
-    d = S.stage_dir(cfg, "feature_stats")
-    save_torch({"mean_norm": emb.float().norm(dim=-1).mean(dim=1)}, d / "stats.pt")
-    return S.finish_stage("feature_stats", d, fp, cfg, {"stats": d / "stats.pt"})
-
-
 def test_a_new_stage_is_one_value_in_the_registry(done, monkeypatch, tmp_path):
+    """tests/stage_job.py's stage (after the embeddings stage), in this process; on Ray through `ray job submit`,
+    tracked: test_tracking."""
     import shutil
 
-    stats = registry.Stage("feature_stats", "whole",
-                           target=lambda cfg: (S.stage_dir(cfg, "feature_stats"),
-                                               C.fingerprint("feature_stats", S.embeddings_fp(cfg))),
-                           needed=lambda cfg: any(S.outlier_stages(cfg)), work=_stats_work)
-    names = [s.name for s in registry.STAGES]
-    at = names.index("embeddings") + 1
-    monkeypatch.setattr(registry, "STAGES", (*registry.STAGES[:at], stats, *registry.STAGES[at:]))  # the one entry
+    from tests import stage_job
+
+    monkeypatch.setattr(registry, "STAGES", stage_job.with_stage(registry.STAGES))  # the one entry
     shutil.copytree(done, tmp_path / "run")
     cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path / 'run'}", "eval.plots=false"])
     results = registry.run_pipeline(cfg, progress=False)
     assert list(results) == ["teacher", "embeddings", "feature_stats", *ALL[2:]]
     assert [n for n, r in results.items() if not r.skipped] == ["feature_stats"]  # the others were done already
     manifest = json.loads((tmp_path / "run" / cfg.name / "feature_stats" / "stage.json").read_text())
-    assert manifest["fingerprint"] == results["feature_stats"].fingerprint
+    assert manifest["fingerprint"] == results["feature_stats"].fingerprint and manifest["classes"] == 6
     emb = load_torch(tmp_path / "run" / cfg.name / "embeddings" / "id_embeddings.pt", "emb")["embeddings"]
     got = load_torch(results["feature_stats"].outputs["stats"], "stats")["mean_norm"]
     assert torch.allclose(got, emb.float().norm(dim=-1).mean(dim=1)) and got.shape == (emb.shape[0],)

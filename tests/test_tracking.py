@@ -555,3 +555,40 @@ def test_batch_scoring_job_on_ray_data(tracked_run, stack, tmp_path):
     assert (m["images"], m["errors"], m["other_files"]) == (601, 1, 1)
     assert m["flagged"] == int(good["is_ood"].astype(bool).sum()) and m["images_per_second"] > 0
     assert run.data.tags["oal.model"] == "models:/oal-tracked@candidate"
+
+
+def test_a_stage_added_by_one_registry_entry_runs_through_ray_job_submit_tracked(tracked_run, stack, tmp_path):
+    """tests/stage_job.py (one `Stage` placed after the embeddings stage; no other code changed) submitted with
+    the tracked run's config onto a copy of its folder: every stage of the run is skipped as up to date, the new
+    one computed in a Ray worker, and tracked as a child run of its own with its manifest and config."""
+    import shlex
+
+    import mlflow
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tests.stack_fixtures import wait_job
+
+    shutil.copytree(tracked_run["out"] / "tracked", tmp_path / "tracked")
+    overrides = [*QUICK, *ONE_EPOCH, f"output_dir={tmp_path}", "name=tracked", "tracking.experiment=oal-test-stage",
+                 "eval.plots=true", "eval.baseline=true", "cluster.shards=2", *LDM]  # tracked_run's, less the experiment
+    client = JobSubmissionClient(stack.env["RAY_API_SERVER_ADDRESS"])
+    job = client.submit_job(
+        entrypoint="python -m tests.stage_job --no-progress --config digits " + shlex.join(overrides),
+        runtime_env={"working_dir": str(Path(__file__).parents[1]), "excludes": [".venv", ".git", "runs", ".stack"],
+                     "env_vars": {"OAL_OBJECT_CACHE": str(tmp_path / "mirror")}})
+    status = wait_job(client, job, timeout=300)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    said = dict(re.findall(r"^\[(\w+)\] (done|skipped)", logs, re.M))
+    assert said == {**{s: "skipped" for s in ("base", "teacher", "diffusion", "embeddings", "anchors", "knn", "latents",
+                                              "student", "eval_base", "eval", "detector")}, "feature_stats": "done"}
+    manifest = json.loads((tmp_path / "tracked" / "feature_stats" / "stage.json").read_text())
+    assert manifest["classes"] == 6 and manifest["written_by"]["pid"] != os.getpid() and manifest["written_by"]["node"]
+    exp = mlflow.get_experiment_by_name("oal-test-stage")
+    parent = mlflow.search_runs([exp.experiment_id], filter_string="tags.`oal.kind` = 'pipeline'", output_format="list")
+    kids = _children({"exp": exp, "parent": parent[0]})
+    assert len(parent) == 1 and kids["feature_stats"].info.status == "FINISHED"
+    assert kids["feature_stats"].data.tags["oal.skipped"] == "false" and kids["teacher"].data.tags["oal.skipped"] == "true"
+    assert kids["feature_stats"].data.params["fingerprint"] == manifest["fingerprint"]
+    names = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(kids["feature_stats"].info.run_id)}
+    assert {"stage.json", "config.yaml"} <= names
