@@ -1,7 +1,7 @@
 """Teacher fine-tune, base (CE) student and OAL student training on Ray Train (v2), with Accelerate inside
 each worker.
 
-Each worker runs `oal.stages.train_stage` (the same loop as `oal train`) into a worker-local folder.
+Each worker runs `oal.stages.train_stage` (the same loop as `oal student`) into a worker-local folder.
 Every epoch, all ranks call `ray.train.report` (a barrier) and rank 0 attaches the checkpoint; a worker
 that dies restarts the group (`cluster.max_failures`), and each rank resumes from the last reported
 checkpoint. When the run ends, the driver copies the final checkpoint into the stage folder and
@@ -75,7 +75,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     train_cfg = stages.training_config(cfg, stage)
     if ctx.get_world_size() == 1:
         # One worker: Ray sets LOCAL_RANK, which makes Accelerate wrap the model in DDP over a group of one
-        # (an all-reduce and bucket copies per step for nothing). Without it the loop runs as `oal train` does.
+        # (an all-reduce and bucket copies per step for nothing). Without it the loop runs as `oal student` does.
         os.environ.pop("LOCAL_RANK", None)
     acc = make_accelerator(cfg.device if not config["use_gpu"] else "cuda", train_cfg)
 

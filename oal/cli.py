@@ -11,28 +11,31 @@ from pathlib import Path
 from oal import config as C
 
 _PACKAGE = Path(__file__).resolve().parent
-# the subcommand of each stage that runs alone (`oal.registry.named`)
-STAGE_OF = {"base": "base", "teacher": "teacher", "diffusion": "diffusion", "embed": "embeddings", "anchors": "anchors",
-            "knn": "knn", "synthesize": "latents", "train": "student", "detector": "detector"}
+# Each stage's subcommand is its name (its folder, its MLflow run), in pipeline order (`oal.registry.STAGES`; its
+# help here, so that `oal --help` and a config error need no torch). A stage of the registry not listed here runs
+# as `oal <name>` too. The names these subcommands had before, each one clear error naming the new one.
+STAGE_HELP = {
+    "base": "train the student with cross-entropy alone (the CE baseline; the OAL student's start)",
+    "teacher": "fine-tune the teacher on the ID training set",
+    "diffusion": "train the built-in latent diffusion model on the ID images (diffusion.model=builtin-ldm)",
+    "embeddings": "teacher features of the ID training set, by class [C, N, D]",
+    "anchors": "class anchors from the diffusion text encoder, and the teacher->conditioning projection",
+    "knn": "k-NN boundary outlier embeddings [C, M, E]",
+    "latents": "latent outliers from the diffusion model (never decoded for training)",
+    "student": "train the OAL student (needs a teacher checkpoint for KD and outlier files for MICL)",
+    "eval": "score a student checkpoint on the ID and OOD test sets (--of base: the base stage's, into eval_base)",
+    "detector": "package the evaluated student as a deployable OOD detector (score chosen on validation, threshold)",
+}
+RENAMED = {"embed": "embeddings", "synthesize": "latents", "train": "student", "evaluate": "eval"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(extra_stage: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oal", description="Outlier-aware learning for OOD detection (single process).")
     sub = p.add_subparsers(dest="command", required=True)
-    helps = {
-        "base": "train the student with cross-entropy alone (the CE baseline; the OAL student's start)",
-        "teacher": "fine-tune the teacher on the ID training set",
-        "diffusion": "train the built-in latent diffusion model on the ID images (diffusion.model=builtin-ldm)",
-        "embed": "teacher features of the ID training set, by class [C, N, D]",
-        "anchors": "class anchors from the diffusion text encoder, and the teacher->conditioning projection",
-        "knn": "k-NN boundary outlier embeddings [C, M, E]",
-        "synthesize": "latent outliers from the diffusion model (never decoded for training)",
-        "train": "train the OAL student (needs a teacher checkpoint for KD and outlier files for MICL)",
-        "evaluate": "score a student checkpoint on the ID and OOD test sets",
-        "detector": "package the evaluated student as a deployable OOD detector (score chosen on validation, threshold)",
-        "pipeline": "all stages in order, skipping those already done",
-        "config": "print the resolved config",
-    }
+    helps = {**STAGE_HELP, "pipeline": "all stages in order, skipping those already done",
+             "config": "print the resolved config"}
+    if extra_stage:
+        helps[extra_stage] = f"the {extra_stage} stage (oal.registry)"
     for name, text in helps.items():
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--config", "-c", default="digits", help="preset name or YAML path (default: digits)")
@@ -41,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "config":
             s.add_argument("--help-keys", action="store_true",
                            help="list every config key with its type, default, accepted values and meaning")
-        if name == "evaluate":
+        if name == "eval":
             s.add_argument("--checkpoint", help="checkpoint to score (default: <run>/<--of>/checkpoint.pt)")
             s.add_argument("--of", choices=("student", "base"), default="student",
                            help="whose checkpoint: the OAL student's or the base (CE) student's")
@@ -55,7 +58,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argv[0] if argv else ""
+    if first in RENAMED:
+        print(f"oal: `oal {first}` is now `oal {RENAMED[first]}`: a stage's subcommand is its name (the folder it "
+              f"writes, its MLflow run)", file=sys.stderr)
+        return 2
+    extra = None
+    if first and not first.startswith("-") and first not in (*STAGE_HELP, "pipeline", "config", "score"):
+        from oal import registry  # a stage of the registry without a line above: its name is its subcommand
+
+        try:
+            extra = registry.named(first).name
+        except ValueError as e:
+            print(f"oal: {e}, and the commands pipeline, config, score", file=sys.stderr)
+            return 2
+    args = _parser(extra).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "score":
         return score(args.model, args.files)
@@ -87,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             print(C.to_yaml(cfg), end="")
-        elif args.command in STAGE_OF:
-            _show(registry.run_stage(STAGE_OF[args.command], cfg, progress=progress, force=args.force))
-        elif args.command == "evaluate":
+        elif args.command == "eval":
             res, _ = registry.evaluate(cfg, checkpoint=args.checkpoint, force=args.force, of=args.of)
             _show(res)
             print(storage.pull(res.outputs["table"]).read_text())
-        elif args.command == "pipeline":
+        elif args.command != "pipeline":
+            _show(registry.run_stage(args.command, cfg, progress=progress, force=args.force))
+        else:
             results = registry.run_pipeline(cfg, progress=progress)
             for r in results.values():
                 _show(r)

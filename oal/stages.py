@@ -312,12 +312,12 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
     starting from the base student's weights with `model.student_init=base`), or the built-in latent diffusion
     model (diffusion: autoencoder, then UNet, on the ID images; `oal.ldm`) into `out_dir` (default: the
     stage's folder), resuming from a checkpoint there that was written for the same inputs (`force`: from
-    scratch, the old checkpoint moved aside). Used as is by `oal train` and inside each Ray Train worker."""
+    scratch, the old checkpoint moved aside). Used as is by `oal student` and inside each Ray Train worker."""
     if stage not in TRAINED:
         raise ValueError(f"stage must be one of {TRAINED}; got {stage!r}")
     d, fp = out_dir or stage_dir(cfg, stage), training_fp(cfg, stage)
     # The network and the loss's own nets (projectors, CLUB) are built here, before `fit` seeds its loop: seed
-    # them too, or a Ray worker (random seed at start) trains another network than `oal train` does.
+    # them too, or a Ray worker (random seed at start) trains another network than `oal student` does.
     torch.manual_seed(cfg.seed)
     bench = bench or build_benchmark(cfg.data)
     if stage == "diffusion":
@@ -686,7 +686,7 @@ def detector_target(cfg: C.OALConfig) -> tuple[Path, str]:
     ev = read_manifest(stage_dir(cfg, "eval"))
     if ev is None:
         raise FileNotFoundError(f"the detector packages the evaluated student, and '{stage_dir(cfg, 'eval')}' holds "
-                                f"no finished evaluation: run the eval stage first (`oal evaluate`)")
+                                f"no finished evaluation: run the eval stage first (`oal eval`)")
     return stage_dir(cfg, "detector"), C.fingerprint("detector", ev["fingerprint"], cfg.detector)
 
 

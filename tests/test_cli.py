@@ -46,12 +46,12 @@ def test_teacher_train_evaluate_then_skip(tmp_path, oal_again):
     assert (run / "teacher" / "config.yaml").read_text().count("epochs: 3") == 1
 
     # without k-NN outliers yet, the MICL terms are switched off on the command line
-    r = oal_again("train", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    r = oal_again("student", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     student = json.loads((run / "student" / "stage.json").read_text())
     assert {"loss/ce", "loss/logit_kd", "loss/feat_kd", "val/id_accuracy", "val/ood_auroc"} <= set(student["history"][0])
 
-    r = oal_again("evaluate", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    r = oal_again("eval", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| ebo |" in r.stdout
     res = json.loads((run / "eval" / "results.json").read_text())
@@ -61,7 +61,7 @@ def test_teacher_train_evaluate_then_skip(tmp_path, oal_again):
     assert not list(run.rglob("*.tmp"))
 
     # a second train is skipped: its inputs have not changed
-    r = oal_again("train", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
+    r = oal_again("student", *common, "loss.w_micl_knn=0", "loss.w_micl_lat=0", cwd=tmp_path)
     assert r.returncode == 0 and "skipped (up to date)" in r.stdout
 
 
@@ -102,10 +102,13 @@ def test_pipeline_runs_knn_stage_and_resumes(tmp_path, oal_again):
 
 
 @pytest.mark.parametrize("args,code,needle", [
-    (["train", "student.epoks=2"], 2, "unknown config key 'student.epoks'"),
-    (["train", "--config", "nope"], 2, "unknown preset 'nope'"),
-    (["train", "loss.w_micl_lat=0"], 1, "teacher checkpoint"),
-    (["evaluate"], 1, "student checkpoint"),
+    (["student", "student.epoks=2"], 2, "unknown config key 'student.epoks'"),
+    (["student", "--config", "nope"], 2, "unknown preset 'nope'"),
+    (["student", "loss.w_micl_lat=0"], 1, "teacher checkpoint"),
+    (["eval"], 1, "student checkpoint"),
+    (["train"], 2, "`oal train` is now `oal student`: a stage's subcommand is its name"),
+    (["evaluate"], 2, "`oal evaluate` is now `oal eval`"),
+    (["nope"], 2, "no stage named 'nope'; the stages: base, teacher, diffusion, embeddings"),
 ])
 def test_clear_errors(tmp_path, args, code, needle):
     r = oal(*args, f"output_dir={tmp_path}", cwd=tmp_path)
@@ -113,9 +116,9 @@ def test_clear_errors(tmp_path, args, code, needle):
     assert "Traceback" not in r.stderr
 
 
-# every stage of `run_pipeline` by its command name (embeddings: embed, latents: synthesize, student: train), then
-# the pipeline itself and the config printer
-COMMANDS = ("base", "teacher", "diffusion", "embed", "anchors", "knn", "synthesize", "train", "evaluate", "detector",
+# every stage of the pipeline by its name, in order (eval_base: `eval --of base`), then the pipeline itself, the config
+# printer and the scorer
+COMMANDS = ("base", "teacher", "diffusion", "embeddings", "anchors", "knn", "latents", "student", "eval", "detector",
             "pipeline", "config", "score")
 
 
@@ -140,7 +143,7 @@ def test_python_dash_m_oal_help_lists_every_stage(tmp_path):
             assert {"--model"} <= options and "--config" not in options
             continue
         assert {"--config", "--force", "--no-progress"} <= options, name
-        assert ("--checkpoint" in options) == (name == "evaluate"), name
+        assert ("--checkpoint" in options) == (name == "eval"), name
         assert p.description and p.description == next(a.help for a in sub._choices_actions if a.dest == name)
 
 
