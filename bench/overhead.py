@@ -34,7 +34,7 @@ from oal import config as C
 from oal.data import build_benchmark
 from oal.losses import OALLoss
 from oal.models import build_student, build_teacher
-from oal.train import fit, resolve_device
+from oal.train import Loop, OALTerms, fit, resolve_device
 
 GOAL = 0.05  # the target: the Accelerate loop at most 5% slower than a plain loop
 
@@ -137,9 +137,9 @@ def accelerate_loop(s: Setup) -> tuple[list[float], nn.Module]:
     loss = copy.deepcopy(s.loss) if s.loss is not None else None
     steps = math.ceil(len(s.train_set) / s.cfg.data.batch_size)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as d:
-        res = fit(net, s.train_set, s.cfg.student, d, batch_size=s.cfg.data.batch_size, seed=s.cfg.seed,
-                  device=s.device, loss=loss, teacher=s.teacher, knn_outliers=s.knn, latent_outliers=s.latent,
-                  outlier_batch_size=s.cfg.loss.outlier_batch_size, resume=False, progress=False)
+        res = fit(net, s.train_set, s.cfg.student, d,
+                  Loop(batch_size=s.cfg.data.batch_size, seed=s.cfg.seed, device=s.device, resume=False, progress=False),
+                  OALTerms(loss=loss, teacher=s.teacher, knn=s.knn, latent=s.latent, batch_size=s.cfg.loss.outlier_batch_size))
     return [h["epoch_seconds"] / steps for h in res.history], net
 
 

@@ -38,6 +38,8 @@ from oal.storage import load_torch, save_torch, write_json, write_text
 from oal.train import (
     CHECKPOINT,
     FitResult,
+    Loop,
+    OALTerms,
     fit,
     load_checkpoint_net,
     load_outliers,
@@ -327,17 +329,17 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
                            d, seed=cfg.seed, device=cfg.device, on_epoch_end=on_epoch_end, meta={"fingerprint": fp},
                            resume=_resume_ok(d / CHECKPOINT, fp, force), progress=progress, accelerator=accelerator)
     device = resolve_device(cfg.device)
-    common = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, device=cfg.device, eval_fn=_val_fn(cfg, bench, device),
-                  on_epoch_end=on_epoch_end, progress=progress, num_workers=cfg.data.num_workers,
-                  resume=_resume_ok(d / CHECKPOINT, fp, force), accelerator=accelerator)
+    loop = Loop(batch_size=cfg.data.batch_size, seed=cfg.seed, device=cfg.device, num_workers=cfg.data.num_workers,
+                resume=_resume_ok(d / CHECKPOINT, fp, force), progress=progress, accelerator=accelerator)
+    hooks: dict[str, Any] = dict(eval_fn=_val_fn(cfg, bench, device), on_epoch_end=on_epoch_end)
     if stage == "teacher":
         net = build_teacher(cfg.model, bench.num_classes, cfg.data.image_size)
-        return fit(net, bench.train, cfg.teacher, d, **common,  # type: ignore[arg-type]
+        return fit(net, bench.train, cfg.teacher, d, loop, **hooks,
                    meta={"arch": cfg.model.teacher, "num_classes": bench.num_classes, "fingerprint": fp,
                          "input_size": teacher_input_size(cfg)})
     if stage == "base":
         net = build_student(cfg.model.student, bench.num_classes)
-        return fit(net, bench.train, cfg.base, d, **common,  # type: ignore[arg-type]
+        return fit(net, bench.train, cfg.base, d, loop, **hooks,
                    meta={"arch": cfg.model.student, "num_classes": bench.num_classes, "fingerprint": fp})
     L = cfg.loss
     teacher = load_teacher(cfg, bench.num_classes) if L.uses_teacher else None
@@ -350,13 +352,12 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
                              "decodes them) or give outliers.pixel_path")
         pix = load_pixel_outliers(cfg.outliers.pixel_path, cfg.data.image_size)
     net = build_student(cfg.model.student, bench.num_classes)
-    if cfg.model.student_init == "base" and not common["resume"]:  # a resumed run loads its own checkpoint
+    if cfg.model.student_init == "base" and not loop.resume:  # a resumed run loads its own checkpoint
         load_base(cfg, net, bench.num_classes)
     loss = OALLoss(L, net.feature_dim, teacher.feature_dim if teacher is not None else None,
                    knn.shape[1] if knn is not None else None, lat.shape[1] if lat is not None else None)
-    return fit(net, bench.train, cfg.student, d, **common, loss=loss, teacher=teacher,  # type: ignore[arg-type]
-               knn_outliers=knn, latent_outliers=lat, pixel_outliers=pix, pixel_norm=bench.norm,
-               outlier_batch_size=L.outlier_batch_size,
+    terms = OALTerms(loss, teacher, knn, lat, pix, bench.norm, L.outlier_batch_size)
+    return fit(net, bench.train, cfg.student, d, loop, terms, **hooks,
                meta={"arch": cfg.model.student, "num_classes": bench.num_classes, "fingerprint": fp})
 
 

@@ -317,40 +317,63 @@ def make_optimizer(net: nn.Module, loss: OALLoss | None, cfg: TrainConfig) -> to
                            weight_decay=cfg.weight_decay)
 
 
+@dataclass
+class Loop:
+    """How the training loop runs, not what it learns: the batch size, the seed of its shuffling and
+    initialisation, where (`device`; or the `accelerator` a Ray Train worker prepared), DataLoader worker processes,
+    whether an existing checkpoint is continued from, and a progress bar."""
+
+    batch_size: int
+    seed: int
+    device: str = "auto"
+    num_workers: int = 0
+    resume: bool = True
+    progress: bool = True
+    accelerator: Accelerator | None = None
+
+
+@dataclass
+class OALTerms:
+    """What the OAL student trains against beside its ID images: the loss (its KD and MICL terms), the frozen
+    teacher it distils from, and the outlier sets its MICL terms read (k-NN embeddings, latent vectors, decoded
+    pixel outliers normalised with `pixel_norm`, the benchmark's mean and std), `batch_size` of them per step."""
+
+    loss: OALLoss
+    teacher: nn.Module | None = None
+    knn: torch.Tensor | None = None
+    latent: torch.Tensor | None = None
+    pixel: torch.Tensor | None = None
+    pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] = ((0.5,) * 3, (0.5,) * 3)
+    batch_size: int = 128
+
+
 def fit(
     net: nn.Module,
     train_set: Dataset,
     cfg: TrainConfig,
     out_dir: str | Path,
-    *,
-    batch_size: int,
-    seed: int,
-    device: str = "auto",
-    loss: OALLoss | None = None,
-    teacher: nn.Module | None = None,
-    knn_outliers: torch.Tensor | None = None,
-    latent_outliers: torch.Tensor | None = None,
-    pixel_outliers: torch.Tensor | None = None,
-    pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] = ((0.5,) * 3, (0.5,) * 3),
-    outlier_batch_size: int = 128,
+    loop: Loop,
+    terms: OALTerms | None = None,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     on_epoch_end: Callable[[int, dict[str, float], Path], None] | None = None,
     meta: dict[str, Any] | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    num_workers: int = 0,
-    accelerator: Accelerator | None = None,
 ) -> FitResult:
-    """Train `net` on `train_set`; with `loss=None` this is plain cross-entropy (the teacher fine-tune).
+    """Train `net` on `train_set` as `loop` says; without `terms` this is plain cross-entropy (the teacher
+    fine-tune, the base student), with them the OAL student's loss against its teacher and outliers.
 
     `on_epoch_end(epoch, metrics, checkpoint_path)` is called on every rank after each epoch (Ray Train
     uses it to report); `eval_fn(net)` adds validation metrics, after BatchNorm statistics are recomputed
     (`cfg.precise_bn`, see `recompute_bn_stats`). A checkpoint `out_dir/checkpoint.pt`
-    is written atomically every `cfg.checkpoint_every` epochs and at the end; with `resume=True` an
-    existing one is continued from. `pixel_outliers` (uint8 [N, C, S, S], see `load_pixel_outliers`) are
-    normalised with `pixel_norm` (the benchmark's mean and std) batch by batch, like the ID images.
+    is written atomically every `cfg.checkpoint_every` epochs and at the end; with `loop.resume` an
+    existing one is continued from; `meta` is stored in it. `terms.pixel` (uint8 [N, C, S, S], see
+    `load_pixel_outliers`) is normalised with `terms.pixel_norm` batch by batch, like the ID images.
     """
-    acc = accelerator or make_accelerator(device, cfg)
+    batch_size, seed, num_workers, resume, progress = (loop.batch_size, loop.seed, loop.num_workers, loop.resume,
+                                                       loop.progress)
+    t = terms or OALTerms(None)  # type: ignore[arg-type]
+    loss, teacher, knn_outliers, latent_outliers, pixel_outliers = t.loss, t.teacher, t.knn, t.latent, t.pixel
+    pixel_norm, outlier_batch_size = t.pixel_norm, t.batch_size
+    acc = loop.accelerator or make_accelerator(loop.device, cfg)
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     torch.manual_seed(seed)
@@ -405,10 +428,10 @@ def fit(
             if pix is not None:
                 raw_px = pix[torch.randperm(len(pix), generator=gen)[:n_out].to(acc.device)]  # (n_out, C, S, S)
                 pb = to_device((raw_px.float() - pix_mean) / pix_std, acc, last)
-            total, terms = train_step(acc, model, optimizer, scheduler, teacher, x, y, kb, lb,
+            total, parts = train_step(acc, model, optimizer, scheduler, teacher, x, y, kb, lb,
                                       check=functools.partial(_check_finite, acc, epoch=epoch, step=step,
                                                               ckpt=ckpt_path), pixel=pb)
-            for k, v in terms.items():
+            for k, v in parts.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
             sums["total"] = sums["total"] + total.detach().float() if "total" in sums else total.detach().float()
             n_batches += 1

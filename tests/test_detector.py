@@ -17,7 +17,7 @@ from oal.data import build_benchmark, grey_images
 from oal.detector import Detector, DetectorSpec, ImageError, threshold_at
 from oal.evaluate import KNNScore, energy_score
 from oal.models import build_student
-from oal.train import fit
+from oal.train import Loop, fit
 from tests.conftest import QUICK
 
 
@@ -103,8 +103,9 @@ def test_detector_stage_records_its_choice_and_the_flagged_shares(tmp_path):
     bench = build_benchmark(cfg.data)
     torch.manual_seed(0)
     net = build_student(cfg.model.student, bench.num_classes)
-    ckpt = fit(net, bench.train, TrainConfig(epochs=2, lr=0.05), tmp_path / "student", batch_size=64, seed=0,
-               device="cpu", progress=False, meta={"arch": cfg.model.student, "num_classes": bench.num_classes}).checkpoint
+    ckpt = fit(net, bench.train, TrainConfig(epochs=2, lr=0.05), tmp_path / "student",
+               Loop(batch_size=64, seed=0, device="cpu", progress=False),
+               meta={"arch": cfg.model.student, "num_classes": bench.num_classes}).checkpoint
     ev, report = registry.evaluate(cfg, checkpoint=str(ckpt), bench=bench)
     res = registry.run_stage("detector", cfg, bench)
     m = json.loads((res.dir / stages.MANIFEST).read_text())

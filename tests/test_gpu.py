@@ -96,15 +96,16 @@ def test_place_and_the_bf16_frozen_teacher():
 
 
 def test_fit_on_the_gpu_with_kd_in_bf16(tmp_path):
-    from oal.train import fit, load_checkpoint_net
+    from oal.train import Loop, OALTerms, fit, load_checkpoint_net
 
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     torch.manual_seed(0)
     net, teacher = build_student("resnet_tiny", 3), build_student("resnet_tiny", 3)
     loss = OALLoss(LossConfig(w_micl_knn=0, w_micl_lat=0), net.feature_dim, teacher.feature_dim)
-    res = fit(net, _data(), TrainConfig(epochs=2, precise_bn=16), tmp_path, batch_size=8, seed=0, device="cuda",
-              loss=loss, teacher=teacher, progress=False)
+    res = fit(net, _data(), TrainConfig(epochs=2, precise_bn=16), tmp_path,
+              Loop(batch_size=8, seed=0, device="cuda", progress=False),
+              OALTerms(loss=loss, teacher=teacher))
     assert [h["epoch"] for h in res.history] == [1, 2]
     last = res.history[-1]
     assert {"loss/ce", "loss/logit_kd", "loss/feat_kd"} <= set(last)

@@ -77,7 +77,7 @@ def _two_rank_loop(config):
     from oal.config import LossConfig, TrainConfig
     from oal.losses import OALLoss
     from oal.models import build_student
-    from oal.train import fit, make_accelerator
+    from oal.train import Loop, OALTerms, fit, make_accelerator
 
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(0)
@@ -90,8 +90,9 @@ def _two_rank_loop(config):
     data = TensorDataset(torch.randn(66, 3, 8, 8, generator=g), torch.arange(66) % 3)
     cfg = TrainConfig(epochs=1, lr=0.1)
     acc = make_accelerator("cpu", cfg)
-    fit(net, data, cfg, Path(config["out"]) / f"rank{rank}", batch_size=8, seed=0, accelerator=acc, progress=False,
-        loss=loss, teacher=teacher)
+    fit(net, data, cfg, Path(config["out"]) / f"rank{rank}",
+        Loop(batch_size=8, seed=0, accelerator=acc, progress=False),
+        OALTerms(loss=loss, teacher=teacher))
     params = {k: v.detach() for k, v in net.named_parameters()}
     # BatchNorm statistics: recomputed after the epoch on each rank's share of the images, then averaged.
     stats = {k: v for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}

@@ -14,7 +14,7 @@ from oal import registry, stages
 from oal.config import LossConfig, ModelConfig, TrainConfig, load_config
 from oal.losses import EnergyRegularizer, OALLoss
 from oal.models import build_student, build_teacher
-from oal.train import CHECKPOINT, _param_groups, fit, load_checkpoint_net
+from oal.train import CHECKPOINT, Loop, OALTerms, _param_groups, fit, load_checkpoint_net
 from tests.conftest import QUICK
 
 
@@ -47,7 +47,8 @@ def test_reference_teacher_gets_224_in_the_student_loop(monkeypatch, tmp_path):
     loss = OALLoss(LossConfig(w_micl_knn=0, w_micl_lat=0), net.feature_dim, teacher.feature_dim)
     x = torch.randn(4, 3, 32, 32)
     fit(net, TensorDataset(x, torch.arange(4)), TrainConfig(epochs=1, precise_bn=0), tmp_path / "run",
-        batch_size=4, seed=0, device="cpu", loss=loss, teacher=teacher, progress=False, resume=False)
+        Loop(batch_size=4, seed=0, device="cpu", progress=False, resume=False),
+        OALTerms(loss=loss, teacher=teacher))
     assert seen == [(224, 224)]
     assert (tmp_path / "run" / CHECKPOINT).is_file()  # the run's files in the test's own folder, removed with it
 
@@ -119,8 +120,9 @@ def test_best_epoch_weights_are_kept_and_selectable(tmp_path):
 
     torch.manual_seed(0)
     net = build_student("resnet_tiny", 3)
-    fit(net, _data(), TrainConfig(epochs=3, lr=0.05, precise_bn=0), tmp_path, batch_size=16, seed=0, device="cpu",
-        eval_fn=eval_fn, on_epoch_end=keep, progress=False)
+    fit(net, _data(), TrainConfig(epochs=3, lr=0.05, precise_bn=0), tmp_path,
+        Loop(batch_size=16, seed=0, device="cpu", progress=False),
+        eval_fn=eval_fn, on_epoch_end=keep)
     best, last = build_student("resnet_tiny", 3), build_student("resnet_tiny", 3)
     assert load_checkpoint_net(tmp_path / CHECKPOINT, best, "best")["epoch"] == 2
     assert load_checkpoint_net(tmp_path / CHECKPOINT, last, "last")["epoch"] == 3

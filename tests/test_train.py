@@ -5,7 +5,7 @@ from torch.utils.data import TensorDataset
 from oal.config import LossConfig, TrainConfig
 from oal.losses import OALLoss
 from oal.models import build_student
-from oal.train import CHECKPOINT, NonFiniteLossError, fit, load_checkpoint_net, load_outliers
+from oal.train import CHECKPOINT, Loop, NonFiniteLossError, OALTerms, fit, load_checkpoint_net, load_outliers
 
 
 def _data(n=48, k=3, size=8):
@@ -22,8 +22,9 @@ def _run(out, epochs, resume=True, outliers=True, **kw):
                    knn_dim=5) if outliers else None
     knn = torch.randn(40, 5, generator=torch.Generator().manual_seed(9)) if outliers else None
     cfg = TrainConfig(epochs=epochs, lr=0.05, **kw)
-    res = fit(net, _data(), cfg, out, batch_size=16, seed=7, device="cpu", loss=loss, knn_outliers=knn,
-              outlier_batch_size=8, resume=resume, progress=False)
+    res = fit(net, _data(), cfg, out,
+              Loop(batch_size=16, seed=7, device="cpu", resume=resume, progress=False),
+              OALTerms(loss=loss, knn=knn, batch_size=8))
     return net, loss, res
 
 
@@ -43,8 +44,10 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
                    knn_dim=5)
     knn = torch.randn(40, 5, generator=torch.Generator().manual_seed(9))
     with pytest.raises(Stop):
-        fit(net, _data(), TrainConfig(epochs=3, lr=0.05), tmp_path / "cut", batch_size=16, seed=7, device="cpu",
-            loss=loss, knn_outliers=knn, outlier_batch_size=8, progress=False, on_epoch_end=stop_after_2)
+        fit(net, _data(), TrainConfig(epochs=3, lr=0.05), tmp_path / "cut",
+            Loop(batch_size=16, seed=7, device="cpu", progress=False),
+            OALTerms(loss=loss, knn=knn, batch_size=8),
+            on_epoch_end=stop_after_2)
     ck = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
     assert ck["epoch"] == 2 and {"modules", "optimizer", "scheduler", "rng", "meta"} <= set(ck)
     # a fresh process would rebuild everything from scratch (other random init) and resume
@@ -77,8 +80,9 @@ def test_nonfinite_loss_names_term_and_keeps_checkpoint(tmp_path):
     with torch.no_grad():
         loss.club_knn.mu[0].weight.fill_(1e30)
     with pytest.raises(NonFiniteLossError, match="micl_knn.*Last good checkpoint"):
-        fit(net, _data(), TrainConfig(epochs=3), tmp_path, batch_size=16, seed=7, device="cpu", loss=loss,
-            knn_outliers=bad, resume=False, progress=False)
+        fit(net, _data(), TrainConfig(epochs=3), tmp_path,
+            Loop(batch_size=16, seed=7, device="cpu", resume=False, progress=False),
+            OALTerms(loss=loss, knn=bad))
     after = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert after["epoch"] == before["epoch"] == 1
     for a, b in zip(before["modules"].values(), after["modules"].values()):
@@ -112,8 +116,9 @@ def test_mismatched_checkpoint(tmp_path):
     net = build_student("resnet_tiny", 3)
     loss = OALLoss(LossConfig(w_logit_kd=0, w_feat_kd=0, w_micl_lat=0), net.feature_dim, knn_dim=5)
     with pytest.raises(ValueError, match="checkpoint.pt.*does not match"):
-        fit(net, _data(), TrainConfig(epochs=2), tmp_path, batch_size=16, seed=7, device="cpu", loss=loss,
-            knn_outliers=torch.randn(10, 5), progress=False)
+        fit(net, _data(), TrainConfig(epochs=2), tmp_path,
+            Loop(batch_size=16, seed=7, device="cpu", progress=False),
+            OALTerms(loss=loss, knn=torch.randn(10, 5)))
 
 
 def test_train_stage_does_not_depend_on_the_process_seed(tmp_path):
@@ -149,8 +154,8 @@ class _Augmented(torch.utils.data.Dataset):
 def _fit_plain(out, data, precise_bn):
     torch.manual_seed(123)
     net = build_student("resnet_tiny", 3)
-    fit(net, data, TrainConfig(epochs=3, lr=0.05, precise_bn=precise_bn), out, batch_size=16, seed=7, device="cpu",
-        resume=False, progress=False)
+    fit(net, data, TrainConfig(epochs=3, lr=0.05, precise_bn=precise_bn), out,
+        Loop(batch_size=16, seed=7, device="cpu", resume=False, progress=False))
     return net
 
 
@@ -195,8 +200,9 @@ def test_every_shape_of_last_batch_trains_with_batchnorm_everywhere(tmp_path, n)
     net, teacher = build_student("resnet_tiny", 3), build_student("resnet_tiny", 3)
     loss = OALLoss(LossConfig(w_micl_knn=0, w_micl_lat=0), net.feature_dim, teacher.feature_dim)
     assert loss.dt is not None and any(isinstance(m, torch.nn.BatchNorm1d) for m in loss.dt.modules())
-    res = fit(net, _data(n=n), TrainConfig(epochs=1, precise_bn=n), tmp_path, batch_size=16, seed=0, device="cpu",
-              loss=loss, teacher=teacher, progress=False)
+    res = fit(net, _data(n=n), TrainConfig(epochs=1, precise_bn=n), tmp_path,
+              Loop(batch_size=16, seed=0, device="cpu", progress=False),
+              OALTerms(loss=loss, teacher=teacher))
     assert res.history[-1]["epoch"] == 1 and torch.isfinite(torch.tensor(res.history[-1]["loss/total"]))
     assert single_last_batch(n, 16) == (n == 49)
     assert [single_last_batch(k, 8) for k in (1, 8, 9, 17, 18)] == [False, False, True, True, False]
