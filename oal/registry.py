@@ -54,6 +54,17 @@ class Stage:
     work: Callable[[C.OALConfig, str, Benchmark | None], Any] | None = None
     inputs: Callable[[C.OALConfig, dict[str, S.StageResult]], C.OALConfig] | None = None
 
+    def __post_init__(self) -> None:
+        if self.runs not in RUNS:
+            raise ValueError(f"stage {self.name}: runs={self.runs!r}; expected one of {', '.join(RUNS)}")
+        if self.runs in ("sharded", "whole") and self.work is None:
+            raise ValueError(f"stage {self.name} runs {self.runs} and declares no work: give work=(cfg, fingerprint, "
+                             f"benchmark) -> " + ("(shard function, finish function)" if self.runs == "sharded" else
+                                                  "the function that computes it"))
+
+
+RUNS = ("training", "sharded", "whole", "actors")  # how a stage computes (module docstring)
+
 
 class Executor(Protocol):
     def compute(self, stage: Stage, cfg: C.OALConfig, fp: str, force: bool) -> S.StageResult:
@@ -180,15 +191,12 @@ class Local:
                                       force)
         if stage.runs == "actors":
             return S.compute_latents(cfg, fp, force, self.progress)
-        if stage.work is None:
-            raise ValueError(f"stage {stage.name} runs {stage.runs} and declares no work")
+        assert stage.work is not None  # Stage checks it for sharded and whole stages
         work = stage.work(cfg, fp, self.bench)
         if stage.runs == "sharded":
             shard_fn, finish = work
             return finish([shard_fn(shard=(0, 1))])
-        if stage.runs == "whole":
-            return work()
-        raise ValueError(f"stage {stage.name}: runs={stage.runs!r}; expected training, sharded, whole or actors")
+        return work()  # whole
 
 
 def run_stage(name: str, cfg: C.OALConfig, bench: Benchmark | None = None, on_epoch_end: S.EpochHook | None = None,

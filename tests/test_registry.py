@@ -78,6 +78,13 @@ def test_a_stage_reads_another_through_its_manifest_and_names_it_when_missing(tm
         registry.run_stage("embed", cfg)
 
 
+def test_a_stage_declares_how_it_runs_and_its_work():
+    with pytest.raises(ValueError, match="stage x: runs='batch'; expected one of training, sharded, whole, actors"):
+        registry.Stage("x", "batch", lambda cfg: ("d", "fp"))
+    with pytest.raises(ValueError, match=r"stage x runs sharded and declares no work: give work=.*\(shard function"):
+        registry.Stage("x", "sharded", lambda cfg: ("d", "fp"))
+
+
 def test_plan_runs_what_the_config_needs_in_order():
     cfg = load_config("digits", QUICK)
     assert [s.name for s in registry.plan(cfg)] == ALL
