@@ -193,7 +193,7 @@ class Trainer:
         if stage == "diffusion" and pretrained.usable(cfg) is not None:
             # A pretrained model that fits: measured on a worker, no training group (None: it did not fit there)
             adopted = on_worker(cfg.cluster, "the diffusion stage (pretrained model)",
-                                stages.adopt_pretrained_diffusion, cfg, force)
+                                stages.adopt_pretrained_diffusion, cfg, fp, force)
             if adopted is not None:
                 return adopted
         if force and trainer_options.get("run_name") is None:

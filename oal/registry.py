@@ -84,8 +84,13 @@ def run(stage: Stage, cfg: C.OALConfig, executor: Executor, force: bool = False)
 # ---- the stages' targets and work ----------------------------------------------------------------------------
 
 
+def _at(name: str, fp_of: Callable[[C.OALConfig], str]) -> Callable[[C.OALConfig], tuple[Path, str]]:
+    """A stage's target: its folder under the run, and `fp_of(cfg)`."""
+    return lambda cfg: (S.stage_dir(cfg, name), fp_of(cfg))
+
+
 def _trained(name: str) -> Callable[[C.OALConfig], tuple[Path, str]]:
-    return lambda cfg: (S.stage_dir(cfg, name), S.training_fp(cfg, name))
+    return _at(name, functools.partial(S.training_fp, stage=name))
 
 
 def _needs_outliers(cfg: C.OALConfig) -> bool:
@@ -136,12 +141,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("base", "training", _trained("base"), S.needs_base),
     Stage("teacher", "training", _trained("teacher")),
     Stage("diffusion", "training", _trained("diffusion"), S.needs_diffusion),
-    Stage("embeddings", "sharded", lambda cfg: (S.stage_dir(cfg, "embeddings"), S.embeddings_fp(cfg)),
+    Stage("embeddings", "sharded", _at("embeddings", S.embeddings_fp),
           _needs_outliers, _embeddings),
-    Stage("anchors", "whole", lambda cfg: (S.stage_dir(cfg, "anchors"), S.anchors_fp(cfg)), _needs_outliers,
+    Stage("anchors", "whole", _at("anchors", S.anchors_fp), _needs_outliers,
           _anchors),
-    Stage("knn", "sharded", lambda cfg: (S.stage_dir(cfg, "knn"), S.knn_fp(cfg)), _needs_outliers, _knn),
-    Stage("latents", "actors", lambda cfg: (S.stage_dir(cfg, "latents"), S.latents_fp(cfg)),
+    Stage("knn", "sharded", _at("knn", S.knn_fp), _needs_outliers, _knn),
+    Stage("latents", "actors", _at("latents", S.latents_fp),
           lambda cfg: S.outlier_stages(cfg)[1]),
     Stage("student", "training", _trained("student"), inputs=S.with_outlier_files),
     evaluation("base"),
@@ -187,8 +192,8 @@ class Local:
 
     def compute(self, stage: Stage, cfg: C.OALConfig, fp: str, force: bool) -> S.StageResult:
         if stage.runs == "training":
-            return S.compute_training(cfg, stage.name, self.bench, self.on_epoch_end, self.accelerator, self.progress,
-                                      force)
+            return S.compute_training(cfg, stage.name, fp, self.bench, self.on_epoch_end, self.accelerator,
+                                      self.progress, force)
         if stage.runs == "actors":
             return S.compute_latents(cfg, fp, force, self.progress)
         assert stage.work is not None  # Stage checks it for sharded and whole stages

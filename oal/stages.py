@@ -427,19 +427,13 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, min_cell: int = 64) -
     return path
 
 
-def check_trained_diffusion(cfg: C.OALConfig) -> None:
-    if not trained_diffusion(cfg):
-        raise ValueError(f"the diffusion stage trains the built-in model: set diffusion.model=builtin-ldm (it is "
-                         f"{cfg.diffusion.model!r}, which is used as it is)")
-
-
-def adopt_pretrained_diffusion(cfg: C.OALConfig, force: bool = False) -> StageResult | None:
+def adopt_pretrained_diffusion(cfg: C.OALConfig, fp: str, force: bool = False) -> StageResult | None:
     """The diffusion stage from `ldm.pretrained` when its card fits this run: its weights become the stage's
     checkpoint, measured like a trained one (class-conditional accuracy, grid). None when it does not fit (the
-    stage then trains; `oal.pretrained.usable` has said why) or is not set."""
+    stage then trains; `oal.pretrained.usable` has said why) or is not set. `fp`: the stage's fingerprint."""
     from oal import pretrained
 
-    d, fp = stage_dir(cfg, "diffusion"), diffusion_fp(cfg)
+    d = stage_dir(cfg, "diffusion")
     if pretrained.usable(cfg) is None:
         return None
     bench = build_benchmark(cfg.data)
@@ -456,13 +450,13 @@ def adopt_pretrained_diffusion(cfg: C.OALConfig, force: bool = False) -> StageRe
     return finish_diffusion(cfg, target, [], 0, pretrained={"weights": str(weights), "sha256": card["sha256"]})
 
 
-def compute_training(cfg: C.OALConfig, stage: str, bench: Benchmark | None, on_epoch_end: EpochHook | None,
+def compute_training(cfg: C.OALConfig, stage: str, fp: str, bench: Benchmark | None, on_epoch_end: EpochHook | None,
                      accelerator: Any, progress: bool, force: bool) -> StageResult:
-    """A training stage in this process: trained (resumed when it can be), then recorded. The diffusion stage
-    adopts `ldm.pretrained` instead when its card fits."""
+    """A training stage (fingerprint `fp`) in this process: trained (resumed when it can be), then recorded. The
+    diffusion stage adopts `ldm.pretrained` instead when its card fits."""
     check_inputs(cfg, stage)
     if stage == "diffusion":
-        adopted = adopt_pretrained_diffusion(cfg, force)
+        adopted = adopt_pretrained_diffusion(cfg, fp, force)
         if adopted is not None:
             return adopted
     res = train_stage(cfg, stage, bench, None, on_epoch_end, accelerator, progress, force=force)
@@ -473,7 +467,9 @@ def check_inputs(cfg: C.OALConfig, stage: str) -> None:
     """Fail before training on what a stage reads only at its end: the diffusion stage is measured by the
     fine-tuned teacher (its class-conditional accuracy)."""
     if stage == "diffusion":
-        check_trained_diffusion(cfg)
+        if not trained_diffusion(cfg):
+            raise ValueError(f"the diffusion stage trains the built-in model: set diffusion.model=builtin-ldm (it is "
+                             f"{cfg.diffusion.model!r}, which is used as it is)")
         path = Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
         if not storage.exists(path):
             raise FileNotFoundError(f"the diffusion stage is judged by the fine-tuned teacher, and its checkpoint "
