@@ -56,7 +56,7 @@ def _timed(step: Any, warmup: int, iters: int, device: torch.device) -> tuple[fl
 
 def train_rate(fields: dict[str, Any], quick: bool) -> dict[str, float]:
     """Images/s of `oal.train.train_step` for the OAL student with its frozen teacher."""
-    from oal.config import LossConfig, ModelConfig, TrainConfig
+    from oal.config import LossConfig, TeacherConfig, TrainConfig
     from oal.losses import OALLoss
     from oal.models import build_student, build_teacher
     from oal.train import Step, make_accelerator, make_optimizer, place, to_device, train_step
@@ -66,7 +66,7 @@ def train_rate(fields: dict[str, Any], quick: bool) -> dict[str, float]:
     acc = make_accelerator("auto", cfg)
     torch.manual_seed(0)
     student = build_student("resnet18_224", NUM_CLASSES)
-    teacher = build_teacher(ModelConfig(teacher="vit_b16"), NUM_CLASSES, IMAGE_SIZE)
+    teacher = build_teacher(TeacherConfig(network="vit_b16"), NUM_CLASSES, IMAGE_SIZE)
     loss = OALLoss(LossConfig(), student.feature_dim, teacher.feature_dim, knn_dim=teacher.feature_dim,
                    latent_dim=64)
     optimizer = make_optimizer(student, loss, cfg)

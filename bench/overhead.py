@@ -62,7 +62,7 @@ def make_setup(loss_kind: str, epochs: int, device: str, seed: int = 0) -> Setup
     net = build_student(cfg.model.student, bench.num_classes)
     if loss_kind == "ce":
         return Setup(bench.train, net, None, None, None, None, cfg, resolve_device(device))
-    teacher = build_teacher(cfg.model, bench.num_classes, cfg.data.image_size).eval()
+    teacher = build_teacher(cfg.teacher, bench.num_classes, cfg.data.image_size).eval()
     gen = torch.Generator().manual_seed(seed)
     # The shapes the digits pipeline produces: k-NN outliers in the built-in model's 32-d conditioning
     # space (C x M of them), latent vectors 8-d (channel-row mean of 4x8x8 latents).

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.synthesis import Spec, build
-from oal.config import LossConfig, ModelConfig
+from oal.config import LossConfig, TeacherConfig
 from oal.diffusion import sample_latents
 from oal.losses import OALLoss
 from oal.models import build_student, build_teacher
@@ -293,7 +293,7 @@ def measure(plan: Plan, device: torch.device, quick: bool) -> tuple[list[Stage],
     net_prec = "bf16 autocast" if device.type == "cuda" and PRECISION["value"] == "bf16" else "fp32"
     notes: list[str] = []
     _log("measuring (teacher) ...")
-    teacher = build_teacher(ModelConfig(teacher="vit_b16"), NUM_CLASSES, IMAGE_SIZE).to(device)
+    teacher = build_teacher(TeacherConfig(network="vit_b16"), NUM_CLASSES, IMAGE_SIZE).to(device)
     fine_tune = measure_fine_tune(plan, device, teacher)
     _free(device)
     embed = measure_embeddings(plan, device, teacher)  # the teacher is frozen from here on

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from jobs import tune as jtune
 from oal import config as C
-from oal import stages
+from oal import registry
 from oal.data import build_benchmark
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             for n in order:
                 run = replace(cfg, student=replace(cfg.student, precise_bn=n))
                 t0 = time.perf_counter()
-                res = stages.train_stage(run, "student", bench=bench, out_dir=Path(tmp) / f"{rep}-{n}", progress=False)
+                res = registry.train_stage(run, "student", bench=bench, out_dir=Path(tmp) / f"{rep}-{n}", progress=False)
                 times[n].append(time.perf_counter() - t0)
                 acc[n] = [100 * h["val/id_accuracy"] for h in res.history]  # the same in every rep (seeded)
     ref = statistics.median(times[0])

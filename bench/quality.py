@@ -154,12 +154,12 @@ def shared_stages(shared: C.OALConfig, bench) -> tuple[list[str], str, dict]:
             registry.run_stage("diffusion", shared, bench, progress=False)
         q = Path(str(stages.diffusion_config(shared).checkpoint)).parent / "quality.json"
         info = json.loads(q.read_text()) if q.exists() else {}
-    return [f"model.teacher_checkpoint={teacher}"], str(stages.base_checkpoint(shared)), info
+    return [f"teacher.checkpoint={teacher}"], str(stages.base_checkpoint(shared)), info
 
 
 def from_base(shared: C.OALConfig, base_ckpt: str) -> list[str]:
     """The override that starts a variant's student from the shared base checkpoint (when the preset does)."""
-    return [f"model.base_checkpoint={base_ckpt}"] if shared.model.student_init == "base" else []
+    return [f"base.checkpoint={base_ckpt}"] if shared.student.init == "base" else []
 
 
 def run_seed(preset: str, base: list[str], seed: int, out: Path,

@@ -300,12 +300,12 @@ def train_cfg(out: Path, epochs: int) -> C.OALConfig:
 
 
 def train_single(out: Path, epochs: int) -> tuple[list[dict[str, float]], float]:
-    from oal import stages
+    from oal import registry, stages
 
     cfg = train_cfg(out, epochs)
     t0 = time.perf_counter()
-    res = stages.train_stage(cfg, "student", progress=False)
-    stages.finish_training(cfg, "student", res.checkpoint, res.history)  # what `oal train` does too
+    res = registry.train_stage(cfg, "student", progress=False)
+    stages.finish_training(cfg, "student", registry.fingerprint("student", cfg), res.checkpoint, res.history)  # as `oal student`
     wall = time.perf_counter() - t0
     return _manifest_history(cfg), wall
 
@@ -368,7 +368,7 @@ def shard_cfg(out: Path, shards: int, train_per_class: int, *more: str) -> C.OAL
     # The teacher at 64 px: 4x the pixels of fashion's 32, so that its pass over the data, not the fixed start of
     # each task (loading the dataset and the network, ~1-2 s), is most of what is measured, as with a real teacher.
     return C.load_config("fashion", [f"output_dir={out.resolve()}", "teacher.epochs=1", "base.epochs=1",
-                                     f"model.teacher_image_size={TEACHER_PX}",
+                                     f"teacher.image_size={TEACHER_PX}",
                                      f"data.train_per_class={train_per_class}", "eval.plots=false", "device=cpu",
                                      "cluster.cpus_per_worker=1", "cluster.use_gpu=false", f"cluster.shards={shards}",
                                      *more])
@@ -383,7 +383,7 @@ def sharded_once(stage: str, out: Path, shards: int, train_per_class: int) -> tu
     trained = out / "fashion"
     with tempfile.TemporaryDirectory(prefix=f"bench-ray-{stage}-", dir=out) as d:
         cfg = shard_cfg(out, shards, train_per_class, f"name={Path(d).name}",  # a fresh run: nothing to skip
-                        f"model.teacher_checkpoint={trained / 'teacher' / 'checkpoint.pt'}")
+                        f"teacher.checkpoint={trained / 'teacher' / 'checkpoint.pt'}")
         t0 = time.perf_counter()
         if stage == "evaluation":
             res, _ = common.evaluate_on_workers(cfg, "the evaluation", str(trained / "base" / "checkpoint.pt"),
@@ -428,7 +428,7 @@ def measure_sharded(reps: int, train_per_class: int, plain: PlainPool) -> dict[s
     slices merged: outputs equal), and the same shard functions on the same slices in 1 vs 2 plain processes (the
     ceiling). The checkpoints (a base student and a teacher, one epoch each on 200 fashion images per class) are
     trained once here; their weights do not change the work."""
-    from oal import stages
+    from oal import registry, stages
     from oal.data import build_benchmark
     from oal.evaluate import eval_sets
 
@@ -436,10 +436,10 @@ def measure_sharded(reps: int, train_per_class: int, plain: PlainPool) -> dict[s
     try:
         small = shard_cfg(out, 1, 200)  # the size of the training set does not change the networks' shapes
         for stage in ("base", "teacher"):
-            res = stages.train_stage(small, stage, progress=False)
-            stages.finish_training(small, stage, res.checkpoint, res.history)
+            res = registry.train_stage(small, stage, progress=False)
+            stages.finish_training(small, stage, registry.fingerprint(stage, small), res.checkpoint, res.history)
         trained = out / "fashion"
-        cfg = shard_cfg(out, 1, train_per_class, f"model.teacher_checkpoint={trained / 'teacher' / 'checkpoint.pt'}")
+        cfg = shard_cfg(out, 1, train_per_class, f"teacher.checkpoint={trained / 'teacher' / 'checkpoint.pt'}")
         bench = build_benchmark(cfg.data)
         images = {"evaluation": sum(len(ds) for ds in eval_sets(bench, cfg.eval).values()),  # type: ignore[arg-type,misc]
                   "embeddings": len(bench.train_plain)}  # type: ignore[arg-type]

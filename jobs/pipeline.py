@@ -5,7 +5,7 @@
 base student, CE only (Ray Train) -> teacher (Ray Train) -> built-in diffusion model on the ID images, with
 diffusion.model=builtin-ldm (Ray Train) -> embeddings -> anchors -> k-NN outliers (Ray tasks)
 -> latent outliers (actor pool) -> OAL student (Ray Train; starts from the base student with
-model.student_init=base) -> evaluation of both (Ray tasks) -> detector (the student, the score chosen on
+student.init=base) -> evaluation of both (Ray tasks) -> detector (the student, the score chosen on
 validation and a threshold; registered in MLflow as models:/oal-<name>@candidate); then results.md (CE baseline,
 OAL). The order and how each stage runs: `oal.registry.STAGES`, run here by `RayExecutor`.
 Every stage that computes runs in a Ray worker with a training worker's resources (a GPU with

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oal import config as C
-from oal import pretrained, stages, storage
+from oal import pretrained, registry, stages, storage
 from oal.storage import load_torch, save_torch
 from oal.train import CHECKPOINT
 
@@ -106,7 +106,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         else:
             ray.train.report(payload)
 
-    fitted = stages.train_stage(cfg, stage, out_dir=work, on_epoch_end=report, accelerator=acc,
+    fitted = stages.train_stage(cfg, stage, config["fp"], out_dir=work, on_epoch_end=report, accelerator=acc,
                                 progress=config["progress"] and rank == 0)
     if restored is not None and not reports and fitted.history:
         # Restored at its last epoch (the run was cut after that epoch's checkpoint was reported, before its end
@@ -138,10 +138,10 @@ def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run
     from jobs.common import placement
 
     k = cfg.cluster
-    fp = stages.training_fp(cfg, stage)
+    fp = registry.fingerprint(stage, cfg)
     return TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": C.to_dict(cfg), "stage": stage, "use_gpu": k.use_gpu, "progress": progress,
+        train_loop_config={"cfg": C.to_dict(cfg), "stage": stage, "fp": fp, "use_gpu": k.use_gpu, "progress": progress,
                            "mlflow_run_id": mlflow_run_id, "objective": objective,
                            "mlflow_uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"),
                            "object_cache": str(storage.cache_root())},  # the workers read the driver's mirror paths
@@ -240,7 +240,8 @@ def finish_from_checkpoint(cfg: C.OALConfig, stage: str, checkpoint: Any) -> sta
         # only the metrics of the checkpoints it kept).
         ckpt = Path(ckdir) / CHECKPOINT
         state = load_torch(ckpt, "checkpoint")
-        return stages.finish_training(cfg, stage, ckpt, state.get("history", []), state.get("resumed_from_epoch", 0))
+        return stages.finish_training(cfg, stage, registry.fingerprint(stage, cfg), ckpt, state.get("history", []),
+                                      state.get("resumed_from_epoch", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from oal import config as C
-from oal import stages, storage
+from oal import registry, stages, storage
 from oal.storage import write_json, write_text
 from oal.tracking import Tracker
 
@@ -70,14 +70,15 @@ def trial_config(base: C.OALConfig, params: dict[str, Any], trial_id: str) -> C.
     weights: dict[str, Any] = {w: (float(params[w]) if params.get(f"{w}_on", True) else 0.0)
                                for w in base.search.weights}
     student = replace(base.student, lr=float(params["lr"])) if "lr" in params else base.student
-    return replace(base, name=trial_name(base, trial_id), loss=replace(base.loss, **weights), student=student,
-                   model=shared_checkpoints(base))
+    return replace(shared_checkpoints(base), name=trial_name(base, trial_id), loss=replace(base.loss, **weights),
+                   student=student)
 
 
-def shared_checkpoints(base: C.OALConfig) -> C.ModelConfig:
-    """The search's own teacher and base student, for a run under another name (a trial, the baseline, the best)."""
-    teacher = base.model.teacher_checkpoint or str(stages.stage_dir(base, "teacher") / "checkpoint.pt")
-    return replace(base.model, teacher_checkpoint=teacher, base_checkpoint=str(stages.base_checkpoint(base)))
+def shared_checkpoints(base: C.OALConfig) -> C.OALConfig:
+    """`base` reading the search's own teacher and base student, for a run under another name (a trial, the
+    baseline, the best)."""
+    return replace(base, teacher=replace(base.teacher, checkpoint=str(stages.teacher_checkpoint(base))),
+                   base=replace(base.base, checkpoint=str(stages.base_checkpoint(base))))
 
 
 def _trial(params: dict[str, Any], base_dict: dict, mlflow_info: dict, objective: dict, object_cache: str) -> None:
@@ -177,7 +178,7 @@ def _scheduler(s: C.SearchConfig, epochs: int) -> Any:
 
 def baseline_config(cfg: C.OALConfig) -> C.OALConfig:
     """The teacher-free, outlier-free student of the ID-accuracy constraint, in its own run folder."""
-    return replace(cfg, name=f"{cfg.name}-baseline", model=shared_checkpoints(cfg),
+    return replace(shared_checkpoints(cfg), name=f"{cfg.name}-baseline",
                    loss=replace(cfg.loss, **{w: 0.0 for w in C.LOSS_WEIGHTS}))  # type: ignore[arg-type]
 
 
@@ -224,7 +225,8 @@ def run(cfg: C.OALConfig, progress: bool = True, tracker: Tracker | None = None)
                                  objective=objective_spec(s, base_acc), object_cache=str(storage.cache_root())),
             TRIAL_RESOURCES)
         # what the trials are: retraining the best afterwards is not (a search resumed with it is the same search)
-        name = f"{cfg.name}-tune-{C.fingerprint(replace(s, retrain_best=False), stages.student_fp(full))}"
+        trials = C.fingerprint(replace(s, retrain_best=False), registry.fingerprint("student", full))
+        name = f"{cfg.name}-tune-{trials}"
         path = f"{ray_storage.rstrip('/')}/{name}"
         if parent_id:
             write_json({"run_id": parent_id, "path": path}, parent_file)

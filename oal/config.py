@@ -60,13 +60,19 @@ class Range:
         return "any finite number"
 
 
+# A field no stage's outputs depend on (`fingerprint` leaves it out): how work is split, what is only looked at, or
+# a file given in place of a stage's output (that file's identity is the input then).
+NOT_AN_INPUT = {"input": False}
+
+
 def num(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-        lt: float | None = None, note: str = "") -> Any:
+        lt: float | None = None, note: str = "", inert: bool = False) -> Any:
     """A numeric dataclass field with its accepted range (checked by `validate` at load): `ge`/`gt` the lower bound
-    (inclusive / exclusive), `le`/`lt` the upper one. A field typed `X | None` also accepts None."""
+    (inclusive / exclusive), `le`/`lt` the upper one. A field typed `X | None` also accepts None. `inert`: no
+    stage's outputs depend on it (NOT_AN_INPUT)."""
     rng = Range(lo=gt if gt is not None else ge, hi=lt if lt is not None else le, lo_open=gt is not None,
                 hi_open=lt is not None, note=note)
-    return field(default=default, metadata={"range": rng})
+    return field(default=default, metadata={"range": rng, **(NOT_AN_INPUT if inert else {})})
 
 
 def choice(default: str, *others: str) -> Any:
@@ -111,17 +117,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    student: str = "resnet_tiny"  # registry name: resnet18_32 | resnet18_224 | resnet_tiny
-    teacher: str = "vit_tiny"  # registry name: vit_b16 | vit_tiny | resnet_tiny
-    teacher_pretrained: str | None = None  # local weights file for the teacher's backbone (e.g. ViT-B/16 IN-21k)
-    teacher_checkpoint: str | None = None  # the fine-tuned teacher; default <output_dir>/<name>/teacher/checkpoint.pt
-    # Side of the teacher's input; the student's batch is resized to it (reference: 224 whatever the student's
-    # size). None: the student's data.image_size
-    teacher_image_size: int | None = num(None, ge=1, note="null: the student's data.image_size")
-    # The OAL student's starting weights: scratch (random) | base (the base stage's CE-trained student, as the
-    # reference fine-tunes a CE-trained ResNet-18)
-    student_init: str = choice("scratch", "base")
-    base_checkpoint: str | None = None  # the CE-trained student; default <output_dir>/<name>/base/checkpoint.pt
+    # The student's network (the base stage trains the same): resnet18_32 | resnet18_224 | resnet_tiny
+    student: str = "resnet_tiny"
 
 
 @dataclass
@@ -145,6 +142,37 @@ class TrainConfig:
     channels_last: bool = True  # networks and image batches in channels-last layout on a GPU (a CPU run ignores it)
     checkpoint_every: int = num(1, ge=1)  # save a resumable checkpoint every N epochs
     precise_bn: int = num(2048, ge=0)  # training images that recompute BatchNorm statistics after each epoch (0: off)
+
+
+@dataclass
+class TeacherConfig(TrainConfig):
+    """The teacher: its network, then how the teacher stage fine-tunes it (the OAL student distils from it)."""
+
+    network: str = "vit_tiny"  # registry name: vit_b16 | vit_tiny | resnet_tiny
+    pretrained: str | None = None  # local weights file for the teacher's backbone (e.g. ViT-B/16 IN-21k)
+    # Side of the teacher's input; the student's batch is resized to it (reference: 224 whatever the student's
+    # size). None: the student's data.image_size
+    image_size: int | None = num(None, ge=1, note="null: the student's data.image_size")
+    # A fine-tuned teacher used instead of the teacher stage's (default <output_dir>/<name>/teacher/checkpoint.pt);
+    # the stages after it depend on that file, not on this key
+    checkpoint: str | None = field(default=None, metadata=NOT_AN_INPUT)
+
+
+@dataclass
+class BaseConfig(TrainConfig):
+    """The CE-only student (the CE baseline row, and the OAL student's starting point with student.init=base)."""
+
+    # A CE-trained student used instead of the base stage's (default <output_dir>/<name>/base/checkpoint.pt)
+    checkpoint: str | None = field(default=None, metadata=NOT_AN_INPUT)
+
+
+@dataclass
+class StudentConfig(TrainConfig):
+    """The OAL student (CE + KD + MICL)."""
+
+    # Its starting weights: scratch (random) | base (the base stage's CE-trained student, as the reference
+    # fine-tunes a CE-trained ResNet-18)
+    init: str = choice("scratch", "base")
 
 
 @dataclass
@@ -205,8 +233,26 @@ class KNNConfig:
     pic_nums: int = num(5, ge=1)  # boundary points perturbed per round
     candidates: int = num(1500, ge=1)  # Gaussian candidates per perturbed boundary point
     keep_per_point: int = num(2, ge=1)  # farthest candidates kept per perturbed boundary point
-    per_class_cap: int = num(500, ge=1)  # ID embeddings kept per class (reference 500 for CIFAR-100)
     use_gpu: bool = True  # put faiss indexes on a GPU when faiss-gpu and a GPU are present
+
+
+@dataclass
+class EmbeddingsConfig:
+    """The teacher's features of the ID training images, the k-NN stage's input."""
+
+    per_class_cap: int = num(500, ge=1)  # ID embeddings kept per class (reference 500 for CIFAR-100)
+
+
+@dataclass
+class AnchorsConfig:
+    """Where the k-NN outliers meet the diffusion model: the projection of teacher features into its conditioning."""
+
+    # The norm the k-NN outliers are scaled to, per class, before they are written into the text encoder's input
+    # token embedding: token_embedding (the class name's first sub-token's embedding row; what the reference's
+    # CIFAR-100 anchor file holds, norms 0.34-0.42) | encoder_mean (the mean over positions of the encoder output
+    # for the bare name; the reference's CIFAR-10 anchor file, norms about 27)
+    norm: str = choice("token_embedding", "encoder_mean")
+    projection_steps: int = num(300, ge=0)  # steps to learn the teacher->conditioning projection (widths differ)
 
 
 @dataclass
@@ -214,18 +260,15 @@ class DiffusionConfig:
     # builtin-tiny (untrained, random weights: exercises the machinery) | builtin-ldm (trained on the ID training
     # images by the diffusion stage, see ldm.*) | a local diffusers folder | a hub id
     model: str = "builtin-tiny"
-    checkpoint: str | None = None  # builtin-ldm's weights; default <output_dir>/<name>/diffusion/checkpoint.pt
+    # builtin-ldm's weights (default <output_dir>/<name>/diffusion/checkpoint.pt); the stages after it depend on
+    # that file, not on this key
+    checkpoint: str | None = field(default=None, metadata=NOT_AN_INPUT)
     prompt: str = "A high-quality image of the {}"  # {} is replaced by the class name
-    # The norm the k-NN outliers are scaled to, per class, before they are written into the text encoder's input
-    # token embedding: token_embedding (the class name's first sub-token's embedding row; what the reference's
-    # CIFAR-100 anchor file holds, norms 0.34-0.42) | encoder_mean (the mean over positions of the encoder output
-    # for the bare name; the reference's CIFAR-10 anchor file, norms about 27)
-    anchor_norm: str = choice("token_embedding", "encoder_mean")
     scheduler: str = choice("ddim", "pndm", "dpm")  # ddim | pndm (PLMS, the reference's) | dpm (DPM-Solver++)
     steps: int = num(50, ge=1)  # denoising steps (reference 50)
     guidance_scale: float = num(7.5, ge=0)  # classifier-free guidance (reference 7.5)
     num_outliers: int = num(300, ge=1)  # latent outliers to synthesise (reference 300 per run)
-    batch_size: int = num(3, ge=1)  # samples per sampler call (reference 3)
+    batch_size: int = num(3, ge=1, inert=True)  # samples per sampler call (reference 3; the samples do not depend on it)
     shard_size: int = num(30, ge=1)  # outliers per output shard (the unit of resume and of Ray work)
     resolution: int | None = num(None, ge=8)  # image side in pixels; default: the model's own (512 for SD v1)
     dtype: str = choice("auto", "fp32", "fp16", "bf16")  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
@@ -240,8 +283,7 @@ class DiffusionConfig:
     # plain class prompt, no outlier: an ablation, in-distribution-looking samples)
     conditioning: str = choice("outliers", "class")
     max_nonfinite_fraction: float = num(0.1, ge=0, le=1)  # fail if more than this fraction of latents is NaN/inf
-    projection_steps: int = num(300, ge=0)  # steps to learn the teacher->conditioning projection (widths differ)
-    grid_samples: int = num(16, ge=0)  # latent outliers decoded into a grid image, for looking only (0: none)
+    grid_samples: int = num(16, ge=0, inert=True)  # latent outliers decoded into a grid image, for looking only (0: none)
 
 
 @dataclass
@@ -287,7 +329,6 @@ class EvalConfig:
     # the score reported first when the benchmark has no validation OOD set (otherwise the one with the best
     # validation AUROC leads, and this one is a row like the others)
     primary: str = "ebo"
-    checkpoint: str = choice("last", "best")  # which epoch's weights are evaluated: last | best (by ID val accuracy, as OpenOOD)
     baseline: bool = True  # also train the base stage (CE only) and report it as the CE baseline row
     ebo_temperature: float = num(1.0, gt=0)  # T in T * logsumexp(logits / T)
     knn_k: int = num(10, ge=1)  # K of the KNN feature-space score when knn_k_search is empty or there is no validation OOD
@@ -358,12 +399,17 @@ class OALConfig:
     output_dir: str = "runs"  # root of all outputs: a local or mounted path, or s3://bucket/prefix
     seed: int = num(0, ge=0, le=SEED_MAX)  # seed of weights, data order and outlier draws
     device: str = choice("auto", "cpu", "cuda")  # auto | cpu | cuda
+    # Which epoch's weights a trained network passes on: last | best (by ID validation accuracy, as OpenOOD): the
+    # teacher's for the embeddings and the KD targets, the base student's for student.init=base, the evaluated ones
+    weights: str = choice("last", "best")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.05))
-    base: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.1))  # the CE-only student
-    student: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(epochs=5, lr=0.05))
+    base: BaseConfig = field(default_factory=lambda: BaseConfig(epochs=5, lr=0.1))
+    student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    anchors: AnchorsConfig = field(default_factory=AnchorsConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     ldm: LDMConfig = field(default_factory=LDMConfig)
@@ -405,13 +451,13 @@ QUICK_OVERRIDES = (
     "knn.rounds=2",
     "knn.pic_nums=2",
     "knn.candidates=20",
-    "knn.per_class_cap=30",
+    "embeddings.per_class_cap=30",
     "eval.plots=false",
     "diffusion.steps=2",
     "diffusion.num_outliers=12",
     "diffusion.shard_size=6",
     "diffusion.batch_size=6",
-    "diffusion.projection_steps=20",
+    "anchors.projection_steps=20",
     "diffusion.grid_samples=4",
 )
 
@@ -439,6 +485,9 @@ def _check_keys(base: DictConfig, other: Any, source: str, prefix: str = "") -> 
     for k, v in other.items():
         path = f"{prefix}{k}"
         if k not in base:
+            if path in RENAMED:
+                raise ConfigError(f"'{path}' (from {source}) is now '{RENAMED[path]}': give {RENAMED[path]}=... "
+                                  f"instead (docs/architecture.md lists the renamed keys)")
             siblings = ", ".join(_valid_keys(base, prefix)) if prefix else ", ".join(str(k) for k in base.keys())
             raise ConfigError(f"unknown config key '{path}' (from {source}); valid keys here: {siblings}")
         if not _is_section(base[k]):
@@ -563,7 +612,7 @@ PATH_HINTS = {
                  "local or s3://; the CIFAR presets: the folder holding torchvision's cifar-10-batches-py/ or "
                  "cifar-100-python/",
     "data.openood_root": "OpenOOD v1.5 data folder with benchmark_imglist/ and images_classic/ or images_largescale/",
-    "model.teacher_pretrained": "ViT-B/16 ImageNet-21k backbone weights file (.safetensors, .pth or .npz-converted .pt)",
+    "teacher.pretrained": "ViT-B/16 ImageNet-21k backbone weights file (.safetensors, .pth or .npz-converted .pt)",
     "diffusion.model": "Stable Diffusion v1.4 in diffusers format: a folder with unet/, vae/, text_encoder/, "
                        "tokenizer/, scheduler/",
 }
@@ -653,14 +702,15 @@ def validate(cfg: OALConfig) -> None:
         if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
             raise ConfigError(f"'{stage}.momentum' is 0 with {stage}.nesterov=true; Nesterov SGD needs a momentum "
                               f"> 0 (or set {stage}.nesterov=false)")
-    k = cfg.knn
-    for a, b, ok in (("k", "per_class_cap", k.k < k.per_class_cap),
-                     ("select", "per_class_cap", k.select <= k.per_class_cap),
-                     ("pic_nums", "select", k.pic_nums <= k.select),
-                     ("keep_per_point", "candidates", k.keep_per_point <= k.candidates)):
+    k, cap = cfg.knn, cfg.embeddings.per_class_cap
+    for a, b, ok in (("k", "embeddings.per_class_cap", k.k < cap),
+                     ("select", "embeddings.per_class_cap", k.select <= cap),
+                     ("pic_nums", "knn.select", k.pic_nums <= k.select),
+                     ("keep_per_point", "knn.candidates", k.keep_per_point <= k.candidates)):
         if not ok:
             rel = "smaller than" if a == "k" else "at most"
-            raise ConfigError(f"'knn.{a}' is {getattr(k, a)}; expected {rel} knn.{b} ({getattr(k, b)})")
+            other = cap if b.startswith("embeddings") else getattr(k, b.split(".")[1])
+            raise ConfigError(f"'knn.{a}' is {getattr(k, a)}; expected {rel} {b} ({other})")
     out = str(cfg.output_dir)
     if "://" in out and (not out.startswith("s3://") or not out[len("s3://"):].strip("/")):
         raise ConfigError(f"'output_dir' is '{out}'; expected a local or mounted path, or s3://bucket[/prefix]")
@@ -712,9 +762,8 @@ def validate(cfg: OALConfig) -> None:
 
 
 # Config keys that name files or folders given by the user (outputs are under output_dir).
-PATH_KEYS = ("output_dir", "data.root", "data.imglist", "data.openood_root", "model.teacher_pretrained",
-             "model.teacher_checkpoint",
-             "model.base_checkpoint", "diffusion.model", "diffusion.checkpoint", "outliers.knn_path",
+PATH_KEYS = ("output_dir", "data.root", "data.imglist", "data.openood_root", "teacher.pretrained",
+             "teacher.checkpoint", "base.checkpoint", "diffusion.model", "diffusion.checkpoint", "outliers.knn_path",
              "outliers.latent_path", "outliers.pixel_path")
 
 
@@ -794,7 +843,8 @@ def help_keys() -> str:
             doc = (cls.__doc__ or "").strip()
             doc = "" if doc.startswith(cls.__name__ + "(") else " ".join(doc.split())
             lines += ["", f"[{top or 'top level'}]" + (f" {doc}" if doc else "")]
-        rule, hint = allowed(f), hints.get(f"{_owner(f).__name__}.{f.name}", "")
+        rule = allowed(f)
+        hint = next((hints[f"{c.__name__}.{f.name}"] for c in _owner(f).__mro__ if f"{c.__name__}.{f.name}" in hints), "")
         lines.append(f"  {key} ({f.type}; default {json.dumps(default)}" + (f"; {rule}" if rule else "") + ")"
                      + (f": {hint}" if hint else ""))
     return "\n".join(lines)
@@ -817,31 +867,29 @@ def to_dict(cfg: Any) -> dict:
     return out
 
 
-# Keys added after runs were fingerprinted, left out of a fingerprint at the value that reproduces the earlier
-# behaviour, so that adding them did not invalidate finished stages. By section: data.on_bad_image, data.imglist,
-# data.mean, data.std, data.val_fraction, ldm.pretrained.
-_FINGERPRINT_NEUTRAL: dict[str, dict[str, Any]] = {
-    "data": {"on_bad_image": "error", "imglist": None, "mean": None, "std": None, "val_fraction": 0.1},
-    "ldm": {"pretrained": None}}
-
-
-def _fingerprint_dict(part: Any) -> dict:
-    d = to_dict(part)
-    sections = ({"data": d} if isinstance(part, DataConfig) else {"ldm": d} if isinstance(part, LDMConfig)
-                else {k: d.get(k) for k in _FINGERPRINT_NEUTRAL} if isinstance(part, OALConfig) else {})
-    for section, neutral in _FINGERPRINT_NEUTRAL.items():
-        sub = sections.get(section)
-        for k, v in neutral.items():
-            if sub is not None and k in sub and sub[k] == v:
-                del sub[k]
-    return d
+def inputs_of(cfg: OALConfig, key: str) -> Any:
+    """What a stage that reads `key` (a section, a top-level key, or one `section.key`) depends on: the values, less
+    the fields declared NOT_AN_INPUT."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    if not dataclasses.is_dataclass(node):
+        return node
+    return {k: v for k, f, v in fields(node) if f.metadata.get("input", True)}
 
 
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of config pieces and other inputs (for skip-if-done)."""
-    blob = json.dumps([_fingerprint_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
-                      sort_keys=True, default=str)
+    blob = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Keys that were renamed: the old one is an error naming the new one.
+RENAMED = {"model.teacher": "teacher.network", "model.teacher_pretrained": "teacher.pretrained",
+           "model.teacher_image_size": "teacher.image_size", "model.teacher_checkpoint": "teacher.checkpoint",
+           "model.student_init": "student.init", "model.base_checkpoint": "base.checkpoint",
+           "eval.checkpoint": "weights", "knn.per_class_cap": "embeddings.per_class_cap",
+           "diffusion.anchor_norm": "anchors.norm", "diffusion.projection_steps": "anchors.projection_steps"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

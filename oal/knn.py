@@ -40,7 +40,7 @@ def kth_distance(index, queries: np.ndarray, k: int) -> np.ndarray:
 def check_config(cfg: KNNConfig, n_per_class: int) -> None:
     if cfg.k >= n_per_class:
         raise ValueError(f"knn.k={cfg.k} must be smaller than the ID points per class ({n_per_class}); "
-                         f"lower knn.k or raise knn.per_class_cap")
+                         f"lower knn.k or raise embeddings.per_class_cap")
     if cfg.select > n_per_class:
         raise ValueError(f"knn.select={cfg.select} exceeds the ID points per class ({n_per_class})")
     if cfg.pic_nums > cfg.select:

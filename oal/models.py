@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oal.config import ModelConfig
+from oal.config import TeacherConfig
 
 
 class BasicBlock(nn.Module):
@@ -97,7 +97,7 @@ def load_backbone(model: Any, path: str) -> None:
     """Load a local backbone file, skipping the classifier head (its class count differs)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"teacher weights '{p}' (model.teacher_pretrained) do not exist")
+        raise FileNotFoundError(f"teacher weights '{p}' (teacher.pretrained) do not exist")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(p))
@@ -151,18 +151,18 @@ def classifier_head(net: nn.Module) -> nn.Module:
     return net.fc  # type: ignore[return-value]
 
 
-def build_teacher(cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:
-    """The teacher, built for its own input side (`model.teacher_image_size`, else the student's `image_size`)."""
-    image_size = cfg.teacher_image_size or image_size
+def build_teacher(cfg: TeacherConfig, num_classes: int, image_size: int) -> Classifier:
+    """The teacher, built for its own input side (`teacher.image_size`, else the student's `image_size`)."""
+    image_size = cfg.image_size or image_size
     teachers: dict[str, Callable[[str | None], Classifier]] = {
-        # ViT-B/16 (768-d features); pretrained IN-21k weights come from model.teacher_pretrained.
+        # ViT-B/16 (768-d features); pretrained IN-21k weights come from teacher.pretrained.
         "vit_b16": _vit("vit_base_patch16_224", num_classes, image_size),
         # A 2-block, 64-wide ViT with 8x8 patches: trains in seconds on CPU for the embedded default.
         "vit_tiny": _vit("vit_tiny_patch16_224", num_classes, image_size, patch_size=8, embed_dim=64, depth=2,
                          num_heads=2),
     }
-    if cfg.teacher == "resnet_tiny":
+    if cfg.network == "resnet_tiny":
         return build_student("resnet_tiny", num_classes)
-    if cfg.teacher not in teachers:
-        raise ValueError(f"unknown teacher '{cfg.teacher}' (model.teacher); registered: {', '.join(TEACHERS)}")
-    return teachers[cfg.teacher](cfg.teacher_pretrained)
+    if cfg.network not in teachers:
+        raise ValueError(f"unknown teacher '{cfg.network}' (teacher.network); registered: {', '.join(TEACHERS)}")
+    return teachers[cfg.network](cfg.pretrained)

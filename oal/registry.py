@@ -18,6 +18,7 @@ functions in a module of `oal`, one `Stage` in `STAGES` at its place in the orde
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,27 +33,44 @@ from oal.data import Benchmark
 ShardedWork = tuple[Callable[..., Any], Callable[[list[Any]], S.StageResult]]
 
 
+Names = tuple[str, ...] | Callable[[C.OALConfig], tuple[str, ...]]  # stage names, fixed or by config
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline.
 
     name:    the stage, its output folder under the run, and its MLflow run name.
     runs:    how it computes: training | sharded | whole | actors (module docstring).
-    target:  cfg -> (folder, fingerprint): what `run` checks before any work.
+    reads:   the config sections it depends on (a section, a top-level key such as seed, or `section.key` for one
+             key that stages of several sections share: diffusion.prompt); every field of a section counts but
+             those declared NOT_AN_INPUT.
+    after:   the stages whose outputs it reads (fixed, or cfg -> names): their identities enter its fingerprint.
+    also:    cfg -> what else its outputs depend on that is no config value: the files it reads (`S.file_id`:
+             the fingerprint of the stage that wrote one, else its size and time), a pretrained model's sha256.
+    given:   cfg -> the identity of a file the config gives in place of this stage's output (teacher.checkpoint),
+             or None when the stage's own output is used.
+    version: raised when the stage's code changes what it computes, so that finished outputs are redone.
     needed:  cfg -> whether this config's pipeline runs it.
     work:    (cfg, fingerprint, benchmark or None) -> the functions that compute it (sharded: ShardedWork; whole: one
              function of no argument). Each is picklable (module-level functions, partials of them): a Ray task
              runs it. A benchmark given is the one this process built (in-process); None: each task builds its own.
     inputs:  (cfg, the results so far) -> the config with what earlier stages wrote filled in, for this stage and
              those after it (the student's outlier files).
+    folder:  cfg -> its output folder, when not `<run>/<name>` (an evaluation into a folder of its own).
     """
 
     name: str
     runs: str
-    target: Callable[[C.OALConfig], tuple[Path, str]]
+    reads: tuple[str, ...] = ()
+    after: Names = ()
+    also: Callable[[C.OALConfig], list[Any]] | None = None
+    given: Callable[[C.OALConfig], str | None] | None = None
+    version: int = 1
     needed: Callable[[C.OALConfig], bool] = lambda cfg: True
     work: Callable[[C.OALConfig, str, Benchmark | None], Any] | None = None
     inputs: Callable[[C.OALConfig, dict[str, S.StageResult]], C.OALConfig] | None = None
+    folder: Callable[[C.OALConfig], Path] | None = None
 
     def __post_init__(self) -> None:
         if self.runs not in RUNS:
@@ -61,6 +79,17 @@ class Stage:
             raise ValueError(f"stage {self.name} runs {self.runs} and declares no work: give work=(cfg, fingerprint, "
                              f"benchmark) -> " + ("(shard function, finish function)" if self.runs == "sharded" else
                                                   "the function that computes it"))
+        for key in self.reads:
+            try:
+                C.inputs_of(C.OALConfig(), key)
+            except AttributeError:
+                raise ValueError(f"stage {self.name} reads {key!r}, which is no config section or key; expected "
+                                 f"one of {', '.join(f.name for f in dataclasses.fields(C.OALConfig))} (or "
+                                 f"section.key)") from None
+
+    def target(self, cfg: C.OALConfig) -> tuple[Path, str]:
+        """Its folder and its fingerprint: what `run` checks before any work."""
+        return (self.folder(cfg) if self.folder else S.stage_dir(cfg, self.name)), fingerprint(self, cfg)
 
 
 RUNS = ("training", "sharded", "whole", "actors")  # how a stage computes (module docstring)
@@ -81,16 +110,31 @@ def run(stage: Stage, cfg: C.OALConfig, executor: Executor, force: bool = False)
     return executor.compute(stage, cfg, fp, force)
 
 
+def fingerprint(stage: Stage | str, cfg: C.OALConfig) -> str:
+    """What a stage's outputs depend on, hashed: its name and version, the sections it reads, the identities of
+    the stages it reads after, and what else it declares (`Stage.also`). Derived from the declaration alone."""
+    stage = named(stage) if isinstance(stage, str) else stage
+    after = stage.after(cfg) if callable(stage.after) else stage.after
+    reads = {key: S.data_id(cfg) if key == "data" else C.inputs_of(cfg, key) for key in stage.reads}
+    return C.fingerprint(stage.name, stage.version, reads, {name: identity(name, cfg) for name in after},
+                         stage.also(cfg) if stage.also else [])
+
+
+def identity(name: str, cfg: C.OALConfig) -> str:
+    """What stands for a stage's output in the fingerprints after it: the file the config gives in its place
+    (`Stage.given`), else its fingerprint."""
+    stage = named(name)
+    given = stage.given(cfg) if stage.given else None
+    return given if given is not None else fingerprint(stage, cfg)
+
+
+def train_stage(cfg: C.OALConfig, name: str, **kwargs: Any) -> Any:
+    """`oal.stages.train_stage` with the stage's fingerprint (the FitResult; nothing recorded in the stage folder
+    unless `out_dir` is it)."""
+    return S.train_stage(cfg, name, fingerprint(name, cfg), **kwargs)
+
+
 # ---- the stages' targets and work ----------------------------------------------------------------------------
-
-
-def _at(name: str, fp_of: Callable[[C.OALConfig], str]) -> Callable[[C.OALConfig], tuple[Path, str]]:
-    """A stage's target: its folder under the run, and `fp_of(cfg)`."""
-    return lambda cfg: (S.stage_dir(cfg, name), fp_of(cfg))
-
-
-def _trained(name: str) -> Callable[[C.OALConfig], tuple[Path, str]]:
-    return _at(name, functools.partial(S.training_fp, stage=name))
 
 
 def _needs_outliers(cfg: C.OALConfig) -> bool:
@@ -113,45 +157,71 @@ def _detector(cfg: C.OALConfig, fp: str, bench: Benchmark | None) -> Callable[[]
     return functools.partial(S.compute_detector, cfg, fp, bench)
 
 
-def _eval_checkpoint(cfg: C.OALConfig, of: str) -> str:
-    return str(S.base_checkpoint(cfg) if of == "base" else S.stage_dir(cfg, of) / S.CHECKPOINT)
+def _student_after(cfg: C.OALConfig) -> tuple[str, ...]:
+    """The trained networks the student reads: the teacher (a KD term), the base student (student.init=base)."""
+    return (("teacher",) if cfg.loss.uses_teacher else ()) + (("base",) if cfg.student.init == "base" else ())
+
+
+def _outlier_files(cfg: C.OALConfig) -> list[Any]:
+    """The outlier files the student's terms read (filled in from the k-NN and latents stages by their inputs)."""
+    L, O = cfg.loss, cfg.outliers
+    used = [(L.uses_knn, O.knn_path), (L.uses_latent, O.latent_path), (L.uses_pixel, O.pixel_path)]
+    return [S.file_id(path) for use, path in used if use]
+
+
+def _diffusion_given(cfg: C.OALConfig) -> str | None:
+    """A diffusion model not trained here (a diffusers folder, a hub id, builtin-tiny) is its name; builtin-ldm's
+    weights given by diffusion.checkpoint are that file."""
+    if not S.trained_diffusion(cfg):
+        return cfg.diffusion.model
+    return S.file_id(cfg.diffusion.checkpoint)
+
+
+def _pretrained_sha(cfg: C.OALConfig) -> list[Any]:
+    from oal.pretrained import card_of
+
+    card = card_of(cfg)  # a pretrained model's weights are an input: another file, another model
+    return [card.get("sha256")] if card else []
 
 
 def evaluation(of: str, checkpoint: str | None = None, out_dir: Path | None = None) -> Stage:
     """The evaluation of the `of` stage's checkpoint (student or base; `checkpoint` instead, when given) into its
     folder (`out_dir` instead, when given): sharded over the data sets it scores. Its result's `report` is the
-    EvalReport (when computed)."""
+    EvalReport (when computed). It depends on the checkpoint through that file's identity (`S.file_id`)."""
     name = S.EVAL_DIRS[of]
 
-    def target(cfg: C.OALConfig) -> tuple[Path, str]:
-        _, _, d, fp = S.eval_target(cfg, checkpoint or _eval_checkpoint(cfg, of), out_dir, of)
-        return d, fp
+    def scored(cfg: C.OALConfig) -> str:
+        return str(checkpoint or S.eval_checkpoint(cfg, of))
 
     def work(cfg: C.OALConfig, fp: str, bench: Benchmark | None) -> ShardedWork:
-        ckpt = checkpoint or _eval_checkpoint(cfg, of)
-        target = (Path(ckpt), name, out_dir or S.stage_dir(cfg, name), fp)  # what S.eval_target gives
-        return (functools.partial(S.eval_shard, cfg, ckpt, bench, of),
+        target = (Path(scored(cfg)), name, out_dir or S.stage_dir(cfg, name), fp)
+        return (functools.partial(S.eval_shard, cfg, scored(cfg), bench, of),
                 functools.partial(S.finish_evaluation, cfg, target))
 
     needed = (lambda cfg: cfg.eval.baseline) if of == "base" else (lambda cfg: True)
-    return Stage(name, "sharded", target, needed, work)
+    return Stage(name, "sharded", reads=("data", "eval", "weights"), also=lambda cfg: [S.file_id(scored(cfg))],
+                 needed=needed, work=work, folder=(lambda cfg: out_dir) if out_dir else None)
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("base", "training", _trained("base"), S.needs_base),
-    Stage("teacher", "training", _trained("teacher")),
-    Stage("diffusion", "training", _trained("diffusion"), S.needs_diffusion),
-    Stage("embeddings", "sharded", _at("embeddings", S.embeddings_fp),
-          _needs_outliers, _embeddings),
-    Stage("anchors", "whole", _at("anchors", S.anchors_fp), _needs_outliers,
-          _anchors),
-    Stage("knn", "sharded", _at("knn", S.knn_fp), _needs_outliers, _knn),
-    Stage("latents", "actors", _at("latents", S.latents_fp),
-          lambda cfg: S.outlier_stages(cfg)[1]),
-    Stage("student", "training", _trained("student"), inputs=S.with_outlier_files),
+    Stage("base", "training", reads=("data", "model", "base", "seed"), needed=S.needs_base,
+          given=lambda cfg: S.file_id(cfg.base.checkpoint)),
+    Stage("teacher", "training", reads=("data", "teacher", "seed"), given=lambda cfg: S.file_id(cfg.teacher.checkpoint)),
+    Stage("diffusion", "training", reads=("data", "ldm", "diffusion.prompt", "seed"), also=_pretrained_sha,
+          given=_diffusion_given, needed=S.needs_diffusion),
+    Stage("embeddings", "sharded", reads=("embeddings", "weights"), after=("teacher",), needed=_needs_outliers,
+          work=_embeddings),
+    Stage("anchors", "whole", reads=("anchors", "diffusion.prompt", "seed"), after=("embeddings", "diffusion"),
+          needed=_needs_outliers, work=_anchors),
+    # version 2: each class draws from its own seeded generator (outputs differ from version 1's)
+    Stage("knn", "sharded", reads=("knn", "seed"), after=("anchors",), version=2, needed=_needs_outliers, work=_knn),
+    Stage("latents", "actors", reads=("diffusion", "seed"), after=("knn",), needed=lambda cfg: S.outlier_stages(cfg)[1]),
+    Stage("student", "training", reads=("data", "model", "student", "loss", "seed", "weights"), after=_student_after,
+          also=_outlier_files, inputs=S.with_outlier_files),
     evaluation("base"),
     evaluation("student"),
-    Stage("detector", "whole", S.detector_target, work=_detector),
+    Stage("detector", "whole", reads=("detector",), also=lambda cfg: [S.evaluated(cfg)["fingerprint"]],
+          work=_detector),
 )
 
 
@@ -213,7 +283,7 @@ def run_stage(name: str, cfg: C.OALConfig, bench: Benchmark | None = None, on_ep
 def evaluate(cfg: C.OALConfig, checkpoint: str | None = None, bench: Benchmark | None = None,
              out_dir: Path | None = None, force: bool = False, of: str = "student") -> tuple[S.StageResult, Any]:
     """Score a checkpoint (default: the `of` stage's, student or base) on the ID test set and every near/far OOD
-    test set, with the weights `eval.checkpoint` selects (last epoch, or best ID validation accuracy), in this
+    test set, with the weights `weights` selects (last epoch, or best ID validation accuracy), in this
     process: (result, its EvalReport, or None when skipped)."""
     res = run(evaluation(of, checkpoint, out_dir), cfg, Local(bench), force)
     return res, res.report

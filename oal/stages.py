@@ -165,32 +165,15 @@ def _resume_ok(ckpt: Path, fp: str, force: bool = False) -> bool:
 OWN_DATA = ("folder", "imglist")  # benchmarks read from the user's files
 
 
-# ---- fingerprints: what each stage's output depends on ---------------------------------------------
+# ---- what a stage's fingerprint reads beside the config (the fingerprints themselves: oal.registry) ----------
 
-def data_parts(cfg: C.OALConfig) -> list[Any]:
+def data_id(cfg: C.OALConfig) -> Any:
     """The data section, and for a folder or imglist dataset what its files are (their names and versions)."""
     if cfg.data.benchmark in OWN_DATA:
         from oal.data.folder import content_id
 
-        return [cfg.data, content_id(cfg.data)]
-    return [cfg.data]
-
-
-def teacher_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("teacher", *data_parts(cfg), cfg.model.teacher, cfg.model.teacher_pretrained,
-                         cfg.model.teacher_image_size, cfg.teacher, cfg.seed)
-
-
-def base_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("base", *data_parts(cfg), cfg.model.student, cfg.base, cfg.seed)
-
-
-def diffusion_fp(cfg: C.OALConfig) -> str:
-    from oal.pretrained import card_of
-
-    card = card_of(cfg)  # a pretrained model's weights are an input: another file, another model
-    return C.fingerprint("diffusion", *data_parts(cfg), cfg.ldm, cfg.diffusion.prompt, cfg.seed,
-                         *([card.get("sha256")] if card else []))
+        return [C.inputs_of(cfg, "data"), content_id(cfg.data)]
+    return C.inputs_of(cfg, "data")
 
 
 def trained_diffusion(cfg: C.OALConfig) -> bool:
@@ -206,13 +189,6 @@ def diffusion_config(cfg: C.OALConfig) -> C.DiffusionConfig:
     if trained_diffusion(cfg) and cfg.diffusion.checkpoint is None:
         return replace(cfg.diffusion, checkpoint=str((stage_dir(cfg, "diffusion") / CHECKPOINT).resolve()))
     return cfg.diffusion
-
-
-def _diffusion_id(cfg: C.OALConfig) -> str | None:
-    """What the diffusion model's weights depend on: the diffusion stage's inputs, or a given checkpoint's bytes."""
-    if not trained_diffusion(cfg):
-        return None
-    return _file_id(cfg.diffusion.checkpoint) if cfg.diffusion.checkpoint else diffusion_fp(cfg)
 
 
 def needs_diffusion(cfg: C.OALConfig) -> bool:
@@ -243,42 +219,7 @@ def with_outlier_files(cfg: C.OALConfig, results: dict[str, StageResult]) -> C.O
     return replace(cfg, outliers=O)
 
 
-def embeddings_fp(cfg: C.OALConfig) -> str:
-    return C.fingerprint("embeddings", teacher_fp(cfg), cfg.eval.checkpoint, cfg.knn.per_class_cap)
-
-
-def anchors_fp(cfg: C.OALConfig) -> str:
-    d = cfg.diffusion
-    return C.fingerprint("anchors", embeddings_fp(cfg), d.model, d.prompt, d.anchor_norm, d.projection_steps, cfg.seed,
-                         *((_diffusion_id(cfg),) if trained_diffusion(cfg) else ()))
-
-
-def knn_fp(cfg: C.OALConfig) -> str:
-    # "per-class-streams": since each class draws from its own seeded generator (outputs differ from before)
-    return C.fingerprint("knn", anchors_fp(cfg), cfg.knn, cfg.seed, "per-class-streams")
-
-
-def latents_fp(cfg: C.OALConfig) -> str:
-    from dataclasses import replace
-
-    d = replace(cfg.diffusion, grid_samples=0, batch_size=0, checkpoint=None)  # none changes what is sampled
-    return C.fingerprint("latents", knn_fp(cfg), d, cfg.seed)
-
-
-def student_fp(cfg: C.OALConfig) -> str:
-    teacher = (_file_id(cfg.model.teacher_checkpoint) if cfg.model.teacher_checkpoint else teacher_fp(cfg),
-               cfg.eval.checkpoint)
-    init = None
-    if cfg.model.student_init == "base":
-        init = (_file_id(cfg.model.base_checkpoint) if cfg.model.base_checkpoint else base_fp(cfg), cfg.eval.checkpoint)
-    return C.fingerprint("student", *data_parts(cfg), cfg.model.student, cfg.model.teacher_image_size, cfg.student,
-                         cfg.loss, cfg.seed, init, teacher if cfg.loss.uses_teacher else None,
-                         _file_id(cfg.outliers.knn_path) if cfg.loss.uses_knn else None,
-                         _file_id(cfg.outliers.latent_path) if cfg.loss.uses_latent else None,
-                         *((_file_id(cfg.outliers.pixel_path),) if cfg.loss.uses_pixel else ()))
-
-
-def _file_id(path: str | None) -> str | None:
+def file_id(path: str | None) -> str | None:
     """An outlier file is identified by its producing stage's fingerprint when it has one, else its bytes."""
     if path is None:
         return None
@@ -298,26 +239,23 @@ def _val_fn(cfg: C.OALConfig, bench: Benchmark, device: str) -> Callable:
 TRAINED = ("teacher", "base", "student", "diffusion")
 
 
-def training_fp(cfg: C.OALConfig, stage: str) -> str:
-    return {"teacher": teacher_fp, "base": base_fp, "student": student_fp, "diffusion": diffusion_fp}[stage](cfg)
-
-
 def training_config(cfg: C.OALConfig, stage: str) -> C.TrainConfig | C.LDMConfig:
     return cfg.ldm if stage == "diffusion" else {"teacher": cfg.teacher, "base": cfg.base, "student": cfg.student}[stage]
 
 
-def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, out_dir: Path | None = None,
+def train_stage(cfg: C.OALConfig, stage: str, fp: str, bench: Benchmark | None = None, out_dir: Path | None = None,
                 on_epoch_end: EpochHook | None = None, accelerator: Any = None, progress: bool = True,
                 force: bool = False) -> FitResult:
     """Train the teacher (cross-entropy), the base student (cross-entropy: the CE baseline, and the OAL student's
     starting point) or the OAL student (CE + KD from the frozen teacher + MICL against the outlier files,
-    starting from the base student's weights with `model.student_init=base`), or the built-in latent diffusion
+    starting from the base student's weights with `student.init=base`), or the built-in latent diffusion
     model (diffusion: autoencoder, then UNet, on the ID images; `oal.ldm`) into `out_dir` (default: the
     stage's folder), resuming from a checkpoint there that was written for the same inputs (`force`: from
-    scratch, the old checkpoint moved aside). Used as is by `oal student` and inside each Ray Train worker."""
+    scratch, the old checkpoint moved aside). `fp`: the stage's fingerprint (`oal.registry.fingerprint`), which
+    a checkpoint records and a resume checks. Used as is by `oal student` and inside each Ray Train worker."""
     if stage not in TRAINED:
         raise ValueError(f"stage must be one of {TRAINED}; got {stage!r}")
-    d, fp = out_dir or stage_dir(cfg, stage), training_fp(cfg, stage)
+    d = out_dir or stage_dir(cfg, stage)
     # The network and the loss's own nets (projectors, CLUB) are built here, before `fit` seeds its loop: seed
     # them too, or a Ray worker (random seed at start) trains another network than `oal student` does.
     torch.manual_seed(cfg.seed)
@@ -333,9 +271,9 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
                 resume=_resume_ok(d / CHECKPOINT, fp, force), progress=progress, accelerator=accelerator)
     hooks: dict[str, Any] = dict(eval_fn=_val_fn(cfg, bench, device), on_epoch_end=on_epoch_end)
     if stage == "teacher":
-        net = build_teacher(cfg.model, bench.num_classes, cfg.data.image_size)
+        net = build_teacher(cfg.teacher, bench.num_classes, cfg.data.image_size)
         return fit(net, bench.train, cfg.teacher, d, loop, **hooks,
-                   meta={"arch": cfg.model.teacher, "num_classes": bench.num_classes, "fingerprint": fp,
+                   meta={"arch": cfg.teacher.network, "num_classes": bench.num_classes, "fingerprint": fp,
                          "input_size": teacher_input_size(cfg)})
     if stage == "base":
         net = build_student(cfg.model.student, bench.num_classes)
@@ -352,7 +290,7 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
                              "decodes them) or give outliers.pixel_path")
         pix = load_pixel_outliers(cfg.outliers.pixel_path, cfg.data.image_size)
     net = build_student(cfg.model.student, bench.num_classes)
-    if cfg.model.student_init == "base" and not loop.resume:  # a resumed run loads its own checkpoint
+    if cfg.student.init == "base" and not loop.resume:  # a resumed run loads its own checkpoint
         load_base(cfg, net, bench.num_classes)
     loss = OALLoss(L, net.feature_dim, teacher.feature_dim if teacher is not None else None,
                    knn.shape[1] if knn is not None else None, lat.shape[1] if lat is not None else None)
@@ -361,13 +299,13 @@ def train_stage(cfg: C.OALConfig, stage: str, bench: Benchmark | None = None, ou
                meta={"arch": cfg.model.student, "num_classes": bench.num_classes, "fingerprint": fp})
 
 
-def finish_training(cfg: C.OALConfig, stage: str, checkpoint: Path, history: list[dict[str, float]],
+def finish_training(cfg: C.OALConfig, stage: str, fp: str, checkpoint: Path, history: list[dict[str, float]],
                     resumed_from_epoch: int = 0) -> StageResult:
     """Record a trained stage: its checkpoint in the stage folder (copied there if trained elsewhere), config,
     manifest last."""
     import shutil
 
-    d, fp = stage_dir(cfg, stage), training_fp(cfg, stage)
+    d = stage_dir(cfg, stage)
     target = d / CHECKPOINT
     if Path(checkpoint).resolve() != target.resolve():
         from oal.storage import atomic_path
@@ -375,11 +313,11 @@ def finish_training(cfg: C.OALConfig, stage: str, checkpoint: Path, history: lis
         with atomic_path(target) as tmp:
             shutil.copyfile(checkpoint, tmp)
     if stage == "diffusion":
-        return finish_diffusion(cfg, target, history, resumed_from_epoch)
+        return finish_diffusion(cfg, fp, target, history, resumed_from_epoch)
     return finish_stage(stage, d, fp, cfg, {"checkpoint": target}, history=history, resumed_from_epoch=resumed_from_epoch)
 
 
-def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str, float]],
+def finish_diffusion(cfg: C.OALConfig, fp: str, checkpoint: Path, history: list[dict[str, float]],
                      resumed_from_epoch: int, **extra: Any) -> StageResult:
     """Measure the trained diffusion model before anything uses it: the fine-tuned teacher names the class of
     `ldm.eval_samples` samples of each class's prompt (the class-conditional accuracy), beside the teacher's own
@@ -388,7 +326,7 @@ def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str,
 
     from oal.diffusion import class_conditional_accuracy, load_model
 
-    d, fp = stage_dir(cfg, "diffusion"), diffusion_fp(cfg)
+    d = stage_dir(cfg, "diffusion")
     bench = build_benchmark(cfg.data)
     dcfg = replace(cfg.diffusion, checkpoint=str(checkpoint))
     model = load_model(dcfg, resolve_device(cfg.device), cfg.seed)
@@ -398,8 +336,8 @@ def finish_diffusion(cfg: C.OALConfig, checkpoint: Path, history: list[dict[str,
                                                      cfg.data.image_size)
     teacher_real = accuracy(collect(teacher, bench.val, cfg.data.eval_batch_size, resolve_device(cfg.device)))
     quality = {**quality, "samples_per_class": n, "teacher_val_accuracy": teacher_real,
-               "teacher_fingerprint": teacher_fp(cfg), "guidance_scale": dcfg.guidance_scale, "steps": dcfg.steps,
-               "scheduler": dcfg.scheduler}
+               "teacher_fingerprint": file_id(str(teacher_checkpoint(cfg))), "guidance_scale": dcfg.guidance_scale,
+               "steps": dcfg.steps, "scheduler": dcfg.scheduler}
     log.info("diffusion: class-conditional accuracy %.3f (%d samples per class, judged by the teacher, whose accuracy "
              "on real ID validation images is %.3f); per class: %s", quality["accuracy"], n, teacher_real,
              ", ".join(f"{k} {v:.2f}" for k, v in quality["per_class"].items()))
@@ -447,7 +385,7 @@ def adopt_pretrained_diffusion(cfg: C.OALConfig, fp: str, force: bool = False) -
     pretrained.to_checkpoint(weights, card, fp, target)  # written atomically, as a trained one
     log.info("diffusion: pretrained model %s (sha256 %s, card: %s, %s epochs) used instead of training",
              weights, card["sha256"][:12], card.get("benchmark"), card["training"].get("epochs_done"))
-    return finish_diffusion(cfg, target, [], 0, pretrained={"weights": str(weights), "sha256": card["sha256"]})
+    return finish_diffusion(cfg, fp, target, [], 0, pretrained={"weights": str(weights), "sha256": card["sha256"]})
 
 
 def compute_training(cfg: C.OALConfig, stage: str, fp: str, bench: Benchmark | None, on_epoch_end: EpochHook | None,
@@ -459,8 +397,8 @@ def compute_training(cfg: C.OALConfig, stage: str, fp: str, bench: Benchmark | N
         adopted = adopt_pretrained_diffusion(cfg, fp, force)
         if adopted is not None:
             return adopted
-    res = train_stage(cfg, stage, bench, None, on_epoch_end, accelerator, progress, force=force)
-    return finish_training(cfg, stage, res.checkpoint, res.history, res.resumed_from_epoch)
+    res = train_stage(cfg, stage, fp, bench, None, on_epoch_end, accelerator, progress, force=force)
+    return finish_training(cfg, stage, fp, res.checkpoint, res.history, res.resumed_from_epoch)
 
 
 def check_inputs(cfg: C.OALConfig, stage: str) -> None:
@@ -470,36 +408,40 @@ def check_inputs(cfg: C.OALConfig, stage: str) -> None:
         if not trained_diffusion(cfg):
             raise ValueError(f"the diffusion stage trains the built-in model: set diffusion.model=builtin-ldm (it is "
                              f"{cfg.diffusion.model!r}, which is used as it is)")
-        path = Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
+        path = teacher_checkpoint(cfg)
         if not storage.exists(path):
             raise FileNotFoundError(f"the diffusion stage is judged by the fine-tuned teacher, and its checkpoint "
                                     f"'{path}' does not exist: run the teacher stage first (`oal teacher`), or give "
-                                    f"model.teacher_checkpoint")
+                                    f"teacher.checkpoint")
 
 
 def base_checkpoint(cfg: C.OALConfig) -> Path:
-    return Path(cfg.model.base_checkpoint or stage_dir(cfg, "base") / CHECKPOINT)
+    return Path(cfg.base.checkpoint or stage_dir(cfg, "base") / CHECKPOINT)
+
+
+def teacher_checkpoint(cfg: C.OALConfig) -> Path:
+    return Path(cfg.teacher.checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
 
 
 def load_base(cfg: C.OALConfig, net: Classifier, num_classes: int) -> None:
-    """Start the OAL student from the base stage's weights (the epoch `eval.checkpoint` selects)."""
+    """Start the OAL student from the base stage's weights (the epoch `weights` selects)."""
     path = base_checkpoint(cfg)
     if not storage.exists(path):
-        raise FileNotFoundError(f"base checkpoint '{path}' does not exist (model.student_init=base); run the base "
-                                f"stage first (`oal base`), give model.base_checkpoint, or set "
-                                f"model.student_init=scratch")
+        raise FileNotFoundError(f"base checkpoint '{path}' does not exist (student.init=base); run the base "
+                                f"stage first (`oal base`), give base.checkpoint, or set "
+                                f"student.init=scratch")
     state = load_torch(path, "base checkpoint")
     meta = state.get("meta", {})
     arch, classes = meta.get("arch"), meta.get("num_classes")
     if arch != cfg.model.student or classes != num_classes:
-        raise ValueError(f"base checkpoint '{path}' (model.base_checkpoint) holds a {arch} with {classes} classes; "
+        raise ValueError(f"base checkpoint '{path}' (base.checkpoint) holds a {arch} with {classes} classes; "
                          f"expected model.student={cfg.model.student} with {num_classes} classes")
-    loaded = load_checkpoint_net(path, net, cfg.eval.checkpoint, state)
-    log.info("student starts from the base checkpoint %s (epoch %s, %s)", path, loaded["epoch"], cfg.eval.checkpoint)
+    loaded = load_checkpoint_net(path, net, cfg.weights, state)
+    log.info("student starts from the base checkpoint %s (epoch %s, %s)", path, loaded["epoch"], cfg.weights)
 
 
 def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -> Classifier:
-    path = path or Path(cfg.model.teacher_checkpoint or stage_dir(cfg, "teacher") / CHECKPOINT)
+    path = path or teacher_checkpoint(cfg)
     if not storage.exists(path):
         raise FileNotFoundError(f"teacher checkpoint '{path}' does not exist; run `oal teacher` first, or set "
                                 f"loss.w_logit_kd=0 loss.w_feat_kd=0 to train without a teacher")
@@ -507,14 +449,14 @@ def load_teacher(cfg: C.OALConfig, num_classes: int, path: Path | None = None) -
     meta = state.get("meta", {})
     if meta.get("input_size", teacher_input_size(cfg)) != teacher_input_size(cfg):
         raise ValueError(f"teacher checkpoint '{path}' was trained at {meta['input_size']} px; this config builds the "
-                         f"teacher at {teacher_input_size(cfg)} px (model.teacher_image_size)")
-    net = build_teacher(cfg.model, num_classes, cfg.data.image_size)
-    load_checkpoint_net(path, net, cfg.eval.checkpoint, state)  # the reference distils from the teacher's best.ckpt
+                         f"teacher at {teacher_input_size(cfg)} px (teacher.image_size)")
+    net = build_teacher(cfg.teacher, num_classes, cfg.data.image_size)
+    load_checkpoint_net(path, net, cfg.weights, state)  # the reference distils from the teacher's best.ckpt
     return net.eval()
 
 
 def teacher_input_size(cfg: C.OALConfig) -> int:
-    return cfg.model.teacher_image_size or cfg.data.image_size
+    return cfg.teacher.image_size or cfg.data.image_size
 
 
 def embeddings_shard(cfg: C.OALConfig, bench: Benchmark | None = None, shard: Shard = (0, 1)) -> dict[str, Any]:
@@ -533,7 +475,7 @@ def finish_embeddings(cfg: C.OALConfig, fp: str, parts: list[dict[str, Any]]) ->
 
     d = stage_dir(cfg, "embeddings")
     names = parts[0]["class_names"]
-    emb = per_class_sample(merge([p["outputs"] for p in parts]), len(names), cfg.knn.per_class_cap, cfg.seed)
+    emb = per_class_sample(merge([p["outputs"] for p in parts]), len(names), cfg.embeddings.per_class_cap, cfg.seed)
     save_torch({"embeddings": emb, "class_names": names}, d / "id_embeddings.pt")
     return finish_stage("embeddings", d, fp, cfg, {"embeddings": d / "id_embeddings.pt"}, shape=list(emb.shape),
                    shards=[p["by"] for p in parts])
@@ -547,15 +489,15 @@ def compute_anchors(cfg: C.OALConfig, fp: str) -> StageResult:
     emb = load_torch(output_of(cfg, "embeddings", "embeddings"), "ID embeddings")
     model = load_model(diffusion_config(cfg), resolve_device(cfg.device), cfg.seed)
     anchors = class_anchors(model, emb["class_names"], cfg.diffusion.prompt)  # (C, E)
-    scales = (token_embedding_norms(model, emb["class_names"]) if cfg.diffusion.anchor_norm == "token_embedding"
+    scales = (token_embedding_norms(model, emb["class_names"]) if cfg.anchors.norm == "token_embedding"
               else anchors.norm(dim=-1))  # (C,): the k-NN outliers' norm
-    proj, acc = fit_projection(emb["embeddings"], anchors, cfg.diffusion.projection_steps, cfg.seed)
+    proj, acc = fit_projection(emb["embeddings"], anchors, cfg.anchors.projection_steps, cfg.seed)
     log.info("anchors: %s; projection %d -> %d, nearest-anchor accuracy %.3f", model.model_id, proj.in_dim,
              proj.out_dim, acc)
     save_torch({"anchors": anchors, "scales": scales, "class_names": emb["class_names"], "projection": proj.state_dict(),
                 "in_dim": proj.in_dim, "out_dim": proj.out_dim, "model_id": model.model_id}, d / "anchors.pt")
     return finish_stage("anchors", d, fp, cfg, {"anchors": d / "anchors.pt"}, model_id=model.model_id,
-                   projection_accuracy=acc, anchor_norm=cfg.diffusion.anchor_norm, outlier_norms=scales.tolist())
+                   projection_accuracy=acc, anchor_norm=cfg.anchors.norm, outlier_norms=scales.tolist())
 
 
 def knn_shard(cfg: C.OALConfig, shard: Shard = (0, 1)) -> dict[str, Any]:
@@ -632,12 +574,9 @@ EVAL_DIRS = {"student": "eval", "base": "eval_base"}  # the stage folder of each
 EvalTarget = tuple[Path, str, Path, str]  # (checkpoint, stage name, output folder, fingerprint) of an evaluation
 
 
-def eval_target(cfg: C.OALConfig, checkpoint: str | None = None, out_dir: Path | None = None,
-                of: str = "student") -> EvalTarget:
-    """What an evaluation scores and where it writes; computed once, before its shards run."""
-    ckpt = Path(checkpoint) if checkpoint else stage_dir(cfg, of) / CHECKPOINT
-    name = EVAL_DIRS[of]
-    return ckpt, name, out_dir or stage_dir(cfg, name), C.fingerprint("eval", _file_id(str(ckpt)), cfg.eval, *data_parts(cfg))
+def eval_checkpoint(cfg: C.OALConfig, of: str) -> Path:
+    """The checkpoint the evaluation of `of` (student or base) scores by default."""
+    return base_checkpoint(cfg) if of == "base" else stage_dir(cfg, of) / CHECKPOINT
 
 
 def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None, of: str = "student",
@@ -646,7 +585,7 @@ def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None
     bench = bench or build_benchmark(cfg.data)
     state = load_torch(checkpoint, f"{of} checkpoint")
     net = build_student(state.get("meta", {}).get("arch", cfg.model.student), bench.num_classes)
-    loaded = load_checkpoint_net(Path(checkpoint), net, cfg.eval.checkpoint, state)
+    loaded = load_checkpoint_net(Path(checkpoint), net, cfg.weights, state)
     device = resolve_device(cfg.device)
     net = net.to(device).eval()
     outs = {key: collect(net, data_shard(ds, *shard), cfg.data.eval_batch_size, device, cfg.data.num_workers)
@@ -668,7 +607,7 @@ def finish_evaluation(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str
              "chosen on validation" if report.chosen else "eval.primary: no validation OOD set",
              report.results[head].near["auroc"], report.results[head].far["auroc"])
     result = finish_stage(name, d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
-                   checkpoint=str(ckpt), epoch=first["epoch"], selected=cfg.eval.checkpoint,
+                   checkpoint=str(ckpt), epoch=first["epoch"], selected=cfg.weights,
                    plots=[str(f) for f in files if f.suffix == ".png"], postprocessor=head,
                    chosen_on_validation=report.chosen is not None, knn_k=report.knn_k,
                    id_accuracy=report.id_accuracy, near_auroc=report.results[head].near["auroc"],
@@ -678,13 +617,13 @@ def finish_evaluation(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str
     return result
 
 
-def detector_target(cfg: C.OALConfig) -> tuple[Path, str]:
-    """The detector's folder and fingerprint: the evaluation's (whose student it packages) and cfg.detector."""
+def evaluated(cfg: C.OALConfig) -> dict[str, Any]:
+    """The OAL student's evaluation manifest (the detector packages what it scored), or one error saying to run it."""
     ev = read_manifest(stage_dir(cfg, "eval"))
     if ev is None:
         raise FileNotFoundError(f"the detector packages the evaluated student, and '{stage_dir(cfg, 'eval')}' holds "
                                 f"no finished evaluation: run the eval stage first (`oal eval`)")
-    return stage_dir(cfg, "detector"), C.fingerprint("detector", ev["fingerprint"], cfg.detector)
+    return ev
 
 
 def compute_detector(cfg: C.OALConfig, fp: str, bench: Benchmark | None = None) -> StageResult:
@@ -697,8 +636,7 @@ def compute_detector(cfg: C.OALConfig, fp: str, bench: Benchmark | None = None) 
     from oal.detector import Detector, DetectorSpec, confidence, threshold_at
     from oal.evaluate import KNNScore
 
-    d, ev = stage_dir(cfg, "detector"), read_manifest(stage_dir(cfg, "eval"))
-    assert ev is not None, "detector_target checked that the evaluation is done"
+    d, ev = stage_dir(cfg, "detector"), evaluated(cfg)
     results = json.loads(storage.pull(storage.local(ev["outputs"]["results"])).read_text())
     score = results.get("chosen") or cfg.eval.primary
     bench = bench or build_benchmark(cfg.data)
@@ -708,7 +646,7 @@ def compute_detector(cfg: C.OALConfig, fp: str, bench: Benchmark | None = None) 
     ckpt = ev["checkpoint"]
     state = load_torch(ckpt, "student checkpoint")
     net = build_student(state.get("meta", {}).get("arch", cfg.model.student), bench.num_classes)
-    load_checkpoint_net(Path(ckpt), net, cfg.eval.checkpoint, state)  # the weights the evaluation scored
+    load_checkpoint_net(Path(ckpt), net, cfg.weights, state)  # the weights the evaluation scored
     device = resolve_device(cfg.device)
     # ID validation always; the training set only for a score that needs it (KNN's bank)
     sets = {**eval_sets(bench, dataclasses.replace(cfg.eval, postprocessors=[score])), "val_id": bench.val}
@@ -773,5 +711,5 @@ def check_data(cfg: C.OALConfig) -> None:
 
 def needs_base(cfg: C.OALConfig) -> bool:
     """The base stage trains when the student starts from it or it is the CE baseline row (`eval.baseline`),
-    unless `model.base_checkpoint` gives a CE-trained student already (that one is then evaluated)."""
-    return cfg.model.base_checkpoint is None and (cfg.model.student_init == "base" or cfg.eval.baseline)
+    unless `base.checkpoint` gives a CE-trained student already (that one is then evaluated)."""
+    return cfg.base.checkpoint is None and (cfg.student.init == "base" or cfg.eval.baseline)

@@ -125,7 +125,7 @@ class Tracker:
         self.check_server()
         mlflow.set_tracking_uri(str(self.uri))
         tags = {"oal.kind": kind, "git_commit": git_commit(), "dataset": cfg.data.benchmark,
-                "student": cfg.model.student, "teacher": cfg.model.teacher, "diffusion_model": cfg.diffusion.model,
+                "student": cfg.model.student, "teacher": cfg.teacher.network, "diffusion_model": cfg.diffusion.model,
                 "diffusion_untrained": str(cfg.diffusion.model == "builtin-tiny").lower()}
         with self._permission_named():
             mlflow.set_experiment(self.experiment)
@@ -347,7 +347,7 @@ class Tracker:
         state = storage.load_torch(checkpoint, "student checkpoint")
         meta = state.get("meta", {})
         net = build_student(meta.get("arch", cfg.model.student), meta["num_classes"]).eval()
-        load_checkpoint_net(checkpoint, net, cfg.eval.checkpoint, state)  # the weights the evaluation scored
+        load_checkpoint_net(checkpoint, net, cfg.weights, state)  # the weights the evaluation scored
         x = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size)
         served = LogitsOnly(net).eval()
         with torch.no_grad():

@@ -488,7 +488,7 @@ def load_checkpoint_net(path: str | Path, net: nn.Module, which: str = "last",
     if not isinstance(state, dict) or "modules" not in state:
         raise ValueError(f"checkpoint '{path}' is not an OAL checkpoint (no 'modules' entry)")
     if which not in ("last", "best"):
-        raise ValueError(f"which checkpoint: 'last' or 'best' (eval.checkpoint); got {which!r}")
+        raise ValueError(f"which checkpoint: 'last' or 'best' (weights); got {which!r}")
     best = state.get("best") if which == "best" else None
     if best is not None:
         weights, epoch = best["net"], best["epoch"]

@@ -293,7 +293,7 @@ def make_sd_folder(path: Path, cross_attention_dim: int = 32, seed: int = 0, fp1
 # ---- the scale rehearsal: a paper preset at full shape, shrunk only in sizes and epochs -------------------
 
 def teacher_weights(path: Path, image_size: int = 224, seed: int = 0) -> Path:
-    """A backbone file for `model.teacher_pretrained`: a 2-block, 64-wide timm ViT (8 px patches) at
+    """A backbone file for `teacher.pretrained`: a 2-block, 64-wide timm ViT (8 px patches) at
     `image_size`, saved as a plain state dict, as ViT-B/16 weights would be."""
     import timm
     import torch
@@ -321,14 +321,14 @@ def rehearsal(root: Path, preset: str, seed: int = 0) -> list[str]:
                              test_images=REHEARSAL_EVAL_IMAGES)
     return [
         f"data.openood_root={tree['root']}",
-        f"model.teacher_pretrained={teacher_weights(root / 'vit_tiny.pth')}",
+        f"teacher.pretrained={teacher_weights(root / 'vit_tiny.pth')}",
         f"diffusion.model={make_sd_folder(root / 'sd', seed=seed)}",
-        "model.teacher=vit_tiny",  # a 2-block, 64-wide ViT instead of ViT-B/16: same timm code, a smaller size
+        "teacher.network=vit_tiny",  # a 2-block, 64-wide ViT instead of ViT-B/16: same timm code, a smaller size
         "data.num_workers=0",
         "teacher.epochs=1", "base.epochs=1", "student.epochs=1",
-        "knn.per_class_cap=2", "knn.k=1", "knn.select=2", "knn.pic_nums=2", "knn.rounds=1", "knn.candidates=20",
+        "embeddings.per_class_cap=2", "knn.k=1", "knn.select=2", "knn.pic_nums=2", "knn.rounds=1", "knn.candidates=20",
         "diffusion.resolution=16", "diffusion.steps=2", "diffusion.num_outliers=6", "diffusion.shard_size=3",
-        "diffusion.projection_steps=20", "diffusion.grid_samples=3",
+        "anchors.projection_steps=20", "diffusion.grid_samples=3",
         "eval.plots=false",
         "cluster.cpus_per_worker=2",  # both cores of a 2-core CI machine for each training stage's one worker
     ]

@@ -26,11 +26,8 @@ def _work(cfg: C.OALConfig, fp: str, bench: Any) -> functools.partial:
     return functools.partial(_stats, cfg, fp)
 
 
-def _target(cfg: C.OALConfig) -> tuple[Any, str]:
-    return S.stage_dir(cfg, "feature_stats"), C.fingerprint("feature_stats", "v1", S.embeddings_fp(cfg))
-
-
-STAGE = registry.Stage("feature_stats", "whole", _target, needed=lambda cfg: any(S.outlier_stages(cfg)), work=_work)
+STAGE = registry.Stage("feature_stats", "whole", after=("embeddings",), needed=lambda cfg: any(S.outlier_stages(cfg)),
+                       work=_work)
 
 
 def with_stage(stages: tuple[registry.Stage, ...]) -> tuple[registry.Stage, ...]:

@@ -190,7 +190,7 @@ def test_oal_stage_on_a_bad_image_prints_one_line_naming_it(tree, tmp_path):
     through the DataLoader (exit code 1: the config was fine, the data is not)."""
     r = run("-m", "oal", "teacher", "--no-progress", f"output_dir={tmp_path}", "data.benchmark=cifar10",
             f"data.openood_root={tree['root']}", "data.num_workers=2", "data.batch_size=4", "teacher.epochs=1",
-            "model.teacher=resnet_tiny", "teacher.precise_bn=0", cwd=tmp_path)
+            "teacher.network=resnet_tiny", "teacher.precise_bn=0", cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and "Original" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("oal teacher: error:")]
@@ -208,7 +208,7 @@ def test_ray_job_on_a_bad_image_ends_with_one_line_naming_it(stack, tree, tmp_pa
     env = {**os.environ, **stack.env, "PYTHONPATH": str(REPO), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
     r = subprocess.run([sys.executable, "-m", "jobs.train", "--stage", "teacher", "--no-progress",
                         f"output_dir={tmp_path}", "data.benchmark=cifar10", f"data.openood_root={tree['root']}",
-                        "data.batch_size=4", "teacher.epochs=1", "model.teacher=resnet_tiny", "teacher.precise_bn=0",
+                        "data.batch_size=4", "teacher.epochs=1", "teacher.network=resnet_tiny", "teacher.precise_bn=0",
                         "cluster.max_failures=0", "cluster.cpus_per_worker=1"],
                        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]

@@ -11,7 +11,7 @@ def test_defaults_and_preset_merge():
     assert cfg.loss.w_logit_kd == 4.0  # the reference's default survives
 
 
-PATHS = ["data.openood_root=/data/openood", "model.teacher_pretrained=/w/vit.pth", "diffusion.model=/w/sd14"]
+PATHS = ["data.openood_root=/data/openood", "teacher.pretrained=/w/vit.pth", "diffusion.model=/w/sd14"]
 
 
 @pytest.mark.parametrize("path", sorted(PRESETS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -26,6 +26,20 @@ def test_unknown_key_names_key_and_lists_valid_ones():
         load_config("digits", ["student.epoks=3"])
     msg = str(e.value)
     assert "student.epoks" in msg and "student.epochs" in msg and "student.lr" in msg
+
+
+@pytest.mark.parametrize("old", sorted(__import__("oal.config").config.RENAMED))
+def test_a_renamed_key_is_one_error_naming_its_new_name_on_the_command_line_and_in_a_preset(old, tmp_path):
+    from oal.config import KEY_FIELDS, RENAMED
+
+    new = RENAMED[old]
+    assert new in KEY_FIELDS and old not in KEY_FIELDS
+    with pytest.raises(ConfigError, match=rf"^'{old}' \(from command line\) is now '{new}': give {new}=\.\.\."):
+        load_config("digits", [f"{old}=1"])
+    section, key = old.split(".")
+    (tmp_path / "old.yaml").write_text(f"extends: digits\n{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=rf"'{old}' \(from .*old.yaml\) is now '{new}'"):
+        load_config(str(tmp_path / "old.yaml"))
 
 
 def test_unknown_top_level_key():
@@ -85,11 +99,11 @@ def test_absolute_paths_for_ray_workers_and_missing_inputs_named(tmp_path):
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "teacher.pt").write_bytes(b"x")
     (tmp_path / "sd").mkdir()
-    cfg = load_config("digits", ["output_dir=out", "model.teacher_checkpoint=w/teacher.pt", "diffusion.model=sd",
+    cfg = load_config("digits", ["output_dir=out", "teacher.checkpoint=w/teacher.pt", "diffusion.model=sd",
                                  "cluster.storage_path=s3://bucket/ray"])
     done = absolute_paths(cfg, tmp_path)
     assert done.output_dir == str(tmp_path / "out")  # an output: need not exist yet
-    assert done.model.teacher_checkpoint == str(tmp_path / "w" / "teacher.pt")
+    assert done.teacher.checkpoint == str(tmp_path / "w" / "teacher.pt")
     assert done.diffusion.model == str(tmp_path / "sd") and done.cluster.storage_path == "s3://bucket/ray"
     assert absolute_paths(load_config("digits", ["diffusion.model=builtin-ldm"]), tmp_path).diffusion.model == \
         "builtin-ldm"
@@ -171,7 +185,7 @@ def test_epochs_must_be_at_least_one(section):
     ("ldm.cond_dropout=1.5", "'ldm.cond_dropout' is 1.5; expected a number in [0, 1)"),
     ("diffusion.max_nonfinite_fraction=2", "'diffusion.max_nonfinite_fraction' is 2.0; expected a number in [0, 1]"),
     ("seed=-1", "'seed' is -1; expected an integer in [0, 2147483647]"),
-    ("model.teacher_image_size=0", "'model.teacher_image_size' is 0; expected an integer >= 1 or null"),
+    ("teacher.image_size=0", "'teacher.image_size' is 0; expected an integer >= 1 or null"),
     ("cluster.cpus_per_worker=0", "'cluster.cpus_per_worker' is 0.0; expected a number > 0"),
     ("data.on_bad_image=ignore", "'data.on_bad_image' is 'ignore'; expected one of error, skip"),
 ])
@@ -183,7 +197,7 @@ def test_listed_bad_values_are_refused_at_load(override, message):
 
 @pytest.mark.parametrize("override,message", [
     ("student.momentum=0", "'student.momentum' is 0 with student.nesterov=true; Nesterov SGD needs a momentum > 0"),
-    ("knn.k=100", "'knn.k' is 100; expected smaller than knn.per_class_cap (100)"),
+    ("knn.k=100", "'knn.k' is 100; expected smaller than embeddings.per_class_cap (100)"),
     ("knn.pic_nums=21", "'knn.pic_nums' is 21; expected at most knn.select (20)"),
     ("knn.keep_per_point=301", "'knn.keep_per_point' is 301; expected at most knn.candidates (300)"),
 ])
@@ -251,6 +265,9 @@ def test_help_keys_lists_every_key_with_type_default_range_and_hint():
     assert all(line.split("): ", 1)[1].strip() for line in lines.values() if "): " in line)
     assert all("): " in line for line in lines.values()), "every key has a hint from its field's comment"
     assert "[ldm] The built-in latent diffusion model" in text
+    # a field of a section that extends TrainConfig: its own comment, and the inherited fields' comments
+    assert "registry name: vit_b16 | vit_tiny" in lines["teacher.network"]
+    assert "learning rate" in lines["teacher.lr"] and "(reference 0.005)" in lines["student.lr"]
 
 
 def test_a_preset_extends_another_and_holds_only_its_differences(tmp_path):

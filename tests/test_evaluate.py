@@ -241,7 +241,7 @@ def test_collect_loads_in_worker_processes_with_the_same_outputs():
 
 def test_evaluation_and_embedding_shards_use_data_num_workers(tmp_path, monkeypatch):
     """data.num_workers reaches every pass over the data, not only training (image decoding at 224 px)."""
-    from oal import stages
+    from oal import registry, stages
     from oal.config import QUICK_OVERRIDES, load_config
 
     cfg = load_config("digits", [*QUICK_OVERRIDES, f"output_dir={tmp_path}", "base.epochs=1", "teacher.epochs=1",
@@ -251,8 +251,8 @@ def test_evaluation_and_embedding_shards_use_data_num_workers(tmp_path, monkeypa
     monkeypatch.setattr(stages, "collect", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("num_workers"))
                         or real(*a, **k))
     for stage in ("base", "teacher"):
-        res = stages.train_stage(cfg, stage, progress=False)
-        stages.finish_training(cfg, stage, res.checkpoint, res.history)
+        res = registry.train_stage(cfg, stage, progress=False)
+        stages.finish_training(cfg, stage, registry.fingerprint(stage, cfg), res.checkpoint, res.history)
     seen.clear()
     part = stages.eval_shard(cfg, str(stages.base_checkpoint(cfg)), of="base")
     assert len(seen) == len(part["outputs"]) and set(seen) == {2}

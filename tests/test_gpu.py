@@ -165,7 +165,7 @@ def test_faiss_without_gpu_support_falls_back_to_the_cpu():
 def test_cluster_use_gpu_trains_in_process_on_the_gpu(tmp_path):
     """What a Ray Train worker runs with cluster.use_gpu=true (jobs.train.train_loop): an Accelerator on "cuda",
     then the stage's own training loop, in this process."""
-    from oal import stages
+    from oal import registry, stages
     from oal.train import make_accelerator
 
     cfg = load_config("digits", [*QUICK, f"output_dir={tmp_path}", "cluster.use_gpu=true", "base.epochs=1",
@@ -173,7 +173,7 @@ def test_cluster_use_gpu_trains_in_process_on_the_gpu(tmp_path):
     assert cfg.cluster.use_gpu
     acc = make_accelerator(cfg.device if not cfg.cluster.use_gpu else "cuda", stages.training_config(cfg, "base"))
     assert acc.device.type == "cuda"
-    res = stages.train_stage(cfg, "base", out_dir=tmp_path / "work", accelerator=acc, progress=False)
+    res = registry.train_stage(cfg, "base", out_dir=tmp_path / "work", accelerator=acc, progress=False)
     assert len(res.history) == 1 and np.isfinite(res.history[0]["loss/ce"])
     assert "val/id_accuracy" in res.history[0]
     assert res.checkpoint.is_file() and res.checkpoint.parent == tmp_path / "work"

@@ -105,7 +105,7 @@ def test_every_bad_setting_has_its_own_message():
     data = _clusters(n=20)
     ok = dict(k=5, select=4, rounds=1, pic_nums=2, candidates=4, keep_per_point=2, sigma=0.1)
     cases = [(dict(k=20), r"knn.k=20 must be smaller than the ID points per class \(20\); lower knn.k or raise "
-                          r"knn.per_class_cap"),
+                          r"embeddings.per_class_cap"),
              (dict(select=21), r"knn.select=21 exceeds the ID points per class \(20\)"),
              (dict(pic_nums=5), r"knn.pic_nums=5 exceeds knn.select=4"),
              (dict(keep_per_point=5), r"knn.keep_per_point=5 exceeds knn.candidates=4"),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from oal.config import ModelConfig
+from oal.config import TeacherConfig
 from oal.models import STUDENTS, TEACHERS, build_student, build_teacher, classifier_head, load_backbone
 
 
@@ -16,7 +16,7 @@ def test_students(name, size, dim):
 @pytest.mark.parametrize("name,size,dim", [("vit_tiny", 32, 64), ("resnet_tiny", 32, 64), ("vit_b16", 32, 768)])
 def test_teachers(name, size, dim):
     assert name in TEACHERS
-    net = build_teacher(ModelConfig(teacher=name), 5, size).eval()
+    net = build_teacher(TeacherConfig(network=name), 5, size).eval()
     logits, feat = net(torch.randn(2, 3, size, size))
     assert logits.shape == (2, 5) and feat.shape == (2, dim) and net.feature_dim == dim
     # the logits are the classifier head applied to the features we return, for every kind of teacher
@@ -33,18 +33,18 @@ def test_teachers(name, size, dim):
 def test_unknown_names():
     with pytest.raises(ValueError, match="model.student"):
         build_student("resnet50", 3)
-    with pytest.raises(ValueError, match="model.teacher"):
-        build_teacher(ModelConfig(teacher="clip"), 3, 32)
+    with pytest.raises(ValueError, match="teacher.network"):
+        build_teacher(TeacherConfig(network="clip"), 3, 32)
 
 
 def test_teacher_pretrained_file(tmp_path):
-    src = build_teacher(ModelConfig(teacher="vit_tiny"), 3, 32)
+    src = build_teacher(TeacherConfig(network="vit_tiny"), 3, 32)
     path = tmp_path / "backbone.pt"
     torch.save(src.model.state_dict(), path)
-    dst = build_teacher(ModelConfig(teacher="vit_tiny", teacher_pretrained=str(path)), 9, 32)
+    dst = build_teacher(TeacherConfig(network="vit_tiny", pretrained=str(path)), 9, 32)
     assert torch.equal(dst.model.blocks[0].attn.qkv.weight, src.model.blocks[0].attn.qkv.weight)
     assert dst.model.head.out_features == 9  # the head is not taken from the file
-    with pytest.raises(FileNotFoundError, match="model.teacher_pretrained"):
+    with pytest.raises(FileNotFoundError, match="teacher.pretrained"):
         load_backbone(dst.model, str(tmp_path / "none.pt"))
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="wrong.pt"):

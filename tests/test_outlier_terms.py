@@ -163,17 +163,17 @@ def test_pixel_mode_writes_every_outlier_decoded(tmp_path):
 def test_student_trains_with_both_terms_on_decoded_outliers(tmp_path):
     """The student stage end to end with logit energy on both outlier sets and pixel OE on 16 px decoded outliers
     (resized to the digits preset's side): every term reported, and each term changes the result by itself."""
-    from oal import stages
+    from oal import registry
 
     torch.save({"outliers": torch.randn(40, 12)}, tmp_path / "knn.pt")
     torch.save({"outliers": torch.randn(40, 8)}, tmp_path / "lat.pt")
     torch.save({"images": torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8)}, tmp_path / "px.pt")
     common = [*QUICK, f"output_dir={tmp_path}", "loss.w_logit_kd=0", "loss.w_feat_kd=0", "loss.w_micl_knn=0",
-              "loss.w_micl_lat=0", "model.student_init=scratch", "student.epochs=1", "student.precise_bn=0",
+              "loss.w_micl_lat=0", "student.init=scratch", "student.epochs=1", "student.precise_bn=0",
               f"outliers.knn_path={tmp_path / 'knn.pt'}", f"outliers.latent_path={tmp_path / 'lat.pt'}"]
     cfg = load_config("digits", [*common, "name=on", "loss.w_logit_energy_knn=0.1", "loss.w_logit_energy_lat=0.1",
                                  "loss.w_pixel_oe=0.5", f"outliers.pixel_path={tmp_path / 'px.pt'}"])
-    res = stages.train_stage(cfg, "student", progress=False)
+    res = registry.train_stage(cfg, "student", progress=False)
     h = res.history[0]
     assert {"loss/logit_energy_knn", "loss/logit_energy_lat", "loss/pixel_oe"} <= set(h)
     k = len(build_benchmark(cfg.data).class_names)
@@ -181,11 +181,11 @@ def test_student_trains_with_both_terms_on_decoded_outliers(tmp_path):
     # each term changes the training by itself: the same run (same batches, same outlier draws) with only the pixel
     # OE weight changed, then with only the logit-energy weights changed (a term left out would change nothing;
     # leaving a term out altogether would also change the outlier draws, which follow one stream)
-    px = stages.train_stage(load_config("digits", [*common, "name=px", "loss.w_logit_energy_knn=0.1",
+    px = registry.train_stage(load_config("digits", [*common, "name=px", "loss.w_logit_energy_knn=0.1",
                                                    "loss.w_logit_energy_lat=0.1", "loss.w_pixel_oe=2.0",
                                                    f"outliers.pixel_path={tmp_path / 'px.pt'}"]), "student",
                             progress=False).history[0]
-    le = stages.train_stage(load_config("digits", [*common, "name=le", "loss.w_logit_energy_knn=0.5",
+    le = registry.train_stage(load_config("digits", [*common, "name=le", "loss.w_logit_energy_knn=0.5",
                                                    "loss.w_logit_energy_lat=0.5", "loss.w_pixel_oe=0.5",
                                                    f"outliers.pixel_path={tmp_path / 'px.pt'}"]), "student",
                             progress=False).history[0]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from oal import registry, stages, storage
+from oal import registry, storage
 from oal.config import DataConfig, KNNConfig, load_config
 from oal.data import DataError, build_benchmark
 from oal.data.folder import check_knn, content_id, export, scan, upload_tree
@@ -167,9 +167,9 @@ def test_the_digits_smoke_pipeline_runs_from_an_exported_folder_and_reruns_when_
     manifest = json.loads((out / "digits" / "eval" / "stage.json").read_text())
     assert manifest["data"]["root"] == str(d) and manifest["data"]["mean"] == [0.5, 0.5, 0.5]
     cfg = load_config("digits", args[:-1])
-    before = content_id(cfg.data), stages.teacher_fp(cfg)
+    before = content_id(cfg.data), registry.fingerprint("teacher", cfg)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "train" / "one" / "9999.png")  # one more training image
-    assert content_id(cfg.data) != before[0] and stages.teacher_fp(cfg) != before[1]
+    assert content_id(cfg.data) != before[0] and registry.fingerprint("teacher", cfg) != before[1]
 
 
 def _small(src: Path, dst: Path, per_folder: int = 6) -> Path:

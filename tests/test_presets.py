@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from oal.config import PRESETS_DIR, ConfigError, load_config
 
-PATHS = ["data.openood_root=/data/openood", "model.teacher_pretrained=/w/vit_b16.pth", "diffusion.model=/w/sd-v1-4"]
+PATHS = ["data.openood_root=/data/openood", "teacher.pretrained=/w/vit_b16.pth", "diffusion.model=/w/sd-v1-4"]
 CIFAR = ("cifar100_oal", "cifar10_oal", "cifar100_32", "cifar10_32")
 ALL = (*CIFAR, "imagenet200_oal")
 
@@ -29,7 +29,7 @@ REFERENCE = [
     (ALL, "student.dt_lr", 0.01, "openood/trainers/oal_trainer.py"),
     (ALL, "student.club_lr", 1e-4, "openood/trainers/oal_trainer.py"),
     (ALL, "student.precise_bn", 0, "openood/trainers/oal_trainer.py (no BatchNorm recalibration)"),
-    (ALL, "model.student_init", "base", "configs/pipelines/train/oal_pipeline.yml (pretrained: True)"),
+    (ALL, "student.init", "base", "configs/pipelines/train/oal_pipeline.yml (pretrained: True)"),
     (ALL, "loss.w_logit_kd", 4.0, "openood/trainers/oal_trainer.py"),
     (ALL, "loss.w_feat_kd", 8.0, "openood/trainers/oal_trainer.py"),
     (ALL, "loss.w_micl_knn", 0.1, "openood/trainers/oal_trainer.py"),
@@ -46,8 +46,8 @@ REFERENCE = [
      "configs/datasets/cifar100/cifar100_224x224.yml"),
     (("cifar100_oal", "cifar10_oal", "imagenet200_oal"), "model.student", "resnet18_224",
      "configs/networks/resnet18_224x224.yml"),
-    (ALL, "model.teacher", "vit_b16", "openood/trainers/oal_trainer.py (timm VisionTransformer)"),
-    (ALL, "model.teacher_image_size", 224, "openood/trainers/oal_trainer.py"),
+    (ALL, "teacher.network", "vit_b16", "openood/trainers/oal_trainer.py (timm VisionTransformer)"),
+    (ALL, "teacher.image_size", 224, "openood/trainers/oal_trainer.py"),
     # the base (CE) student: configs/pipelines/train/baseline.yml
     (CIFAR, "base.epochs", 100, "configs/pipelines/train/baseline.yml"),
     (("imagenet200_oal",), "base.epochs", 90, "scripts/ood/ebo/imagenet200_test_ood_ebo.sh (base_e90)"),
@@ -69,13 +69,13 @@ REFERENCE = [
     (ALL, "knn.pic_nums", 50, "scripts/get_embed_cifar100.py"),
     (ALL, "knn.candidates", 1500, "scripts/get_embed_cifar100.py"),
     (ALL, "knn.keep_per_point", 2, "scripts/get_embed_cifar100.py (ID_points_num)"),
-    (ALL, "knn.per_class_cap", 500, "scripts/get_id_features_cifar100.py"),
+    (ALL, "embeddings.per_class_cap", 500, "scripts/get_id_features_cifar100.py"),
     (("cifar100_oal", "cifar100_32"), "knn.rounds", 100, "scripts/get_embed_cifar100.py"),
     (("cifar10_oal", "cifar10_32"), "knn.rounds", 10, "scripts/get_embed_cifar10.py"),
     (("imagenet200_oal",), "knn.rounds", 25, "scripts/get_embed_in1k.py"),
-    (("cifar100_oal", "cifar100_32"), "diffusion.anchor_norm", "token_embedding", "token_embed_c100.npy"),
-    (("cifar10_oal", "cifar10_32"), "diffusion.anchor_norm", "encoder_mean", "token_embed_c10.npy"),
-    (("imagenet200_oal",), "diffusion.anchor_norm", "encoder_mean", "outlier_generation/scripts/get_token_embed.py"),
+    (("cifar100_oal", "cifar100_32"), "anchors.norm", "token_embedding", "token_embed_c100.npy"),
+    (("cifar10_oal", "cifar10_32"), "anchors.norm", "encoder_mean", "token_embed_c10.npy"),
+    (("imagenet200_oal",), "anchors.norm", "encoder_mean", "outlier_generation/scripts/get_token_embed.py"),
     # Stable Diffusion sampling: outlier_generation/outlier_generate.py, generate_outliers_in_pixel_space.sh
     (ALL, "diffusion.prompt", "A high-quality image of the {}", "outlier_generation/outlier_generate.py"),
     (ALL, "diffusion.scheduler", "pndm", "outlier_generation/generate_outliers_in_pixel_space.sh (--plms)"),
@@ -87,7 +87,7 @@ REFERENCE = [
     (ALL, "diffusion.reduction", "channel_row_mean", "outlier_generation/outlier_generate.py + oal_trainer.py"),
     (ALL, "diffusion.mode", "latent", "openood/trainers/oal_trainer.py"),
     # evaluation: openood/recorders/base_recorder.py, configs/postprocessors/ebo.yml
-    (ALL, "eval.checkpoint", "best", "openood/recorders/base_recorder.py (best.ckpt)"),
+    (ALL, "weights", "best", "openood/recorders/base_recorder.py (best.ckpt)"),
     (ALL, "eval.primary", "ebo", "scripts/ood/ebo/cifar100_test_ood_ebo.sh"),
     (ALL, "eval.ebo_temperature", 1.0, "configs/postprocessors/ebo.yml"),
 ]
@@ -122,7 +122,7 @@ def test_preset_without_paths_names_each_missing_key(preset):
     with pytest.raises(ConfigError) as e:
         load_config(preset)
     msg = str(e.value)
-    for key in ("data.openood_root", "model.teacher_pretrained", "diffusion.model"):
+    for key in ("data.openood_root", "teacher.pretrained", "diffusion.model"):
         assert f"'{key}'" in msg and f"{key}=..." in msg
     with pytest.raises(ConfigError, match="needs 'diffusion.model'") as e:
         load_config(preset, PATHS[:2])
@@ -131,5 +131,5 @@ def test_preset_without_paths_names_each_missing_key(preset):
 
 def test_user_gives_only_paths_and_cluster():
     cfg = load_config("cifar100_32", [*PATHS, "cluster.num_workers=8", "seed=2"])
-    assert (cfg.data.image_size, cfg.model.student, cfg.model.teacher_image_size) == (32, "resnet18_32", 224)
+    assert (cfg.data.image_size, cfg.model.student, cfg.teacher.image_size) == (32, "resnet18_32", 224)
     assert cfg.cluster.num_workers == 8 and cfg.seed == 2 and cfg.cluster.use_gpu

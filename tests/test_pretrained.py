@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from oal import ldm, pretrained, registry, stages
+from oal import ldm, pretrained, registry
 from oal.config import load_config, to_yaml
 from oal.data import build_benchmark
 from tests.conftest import QUICK
@@ -156,15 +156,14 @@ def test_diffusion_stage_uses_a_fitting_model_and_trains_on_a_mismatch(folder, t
     assert [h["epoch"] for h in state["history"]] == [1, 2] and "pretrained" not in state["meta"]
 
 
-def test_fingerprint_without_a_pretrained_model_is_unchanged(tmp_path):
-    """Adding the key did not invalidate diffusion stages trained before it (null leaves the fingerprint as it was)."""
-    from oal import config as C
-
-    cfg = _cfg(tmp_path)
-    old = C.fingerprint("diffusion", cfg.data, {k: v for k, v in C.to_dict(cfg.ldm).items() if k != "pretrained"},
-                        cfg.diffusion.prompt, cfg.seed)
-    assert stages.diffusion_fp(cfg) == old
-    assert stages.diffusion_fp(_cfg(tmp_path, "ldm.pretrained=fashion-ldm")) != old
+def test_the_diffusion_fingerprint_follows_the_pretrained_model(tmp_path, folder):
+    """ldm.pretrained and its card's sha256 are inputs of the diffusion stage: none, this folder and the shipped model
+    are three fingerprints; the card read is the one of the folder named."""
+    fps = {registry.fingerprint("diffusion", _cfg(tmp_path, *extra))
+           for extra in ([], [f"ldm.pretrained={folder}"], ["ldm.pretrained=fashion-ldm"])}
+    assert len(fps) == 3
+    assert registry.named("diffusion").also(_cfg(tmp_path, f"ldm.pretrained={folder}")) == [
+        pretrained.read_card(folder / "README.md")["sha256"]]
 
 
 @pytest.mark.ray

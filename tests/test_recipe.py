@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from oal import registry, stages
-from oal.config import LossConfig, ModelConfig, TrainConfig, load_config
+from oal.config import LossConfig, TeacherConfig, TrainConfig, load_config
 from oal.losses import EnergyRegularizer, OALLoss
 from oal.models import build_student, build_teacher
 from oal.train import CHECKPOINT, Loop, OALTerms, _param_groups, fit, load_checkpoint_net
@@ -27,7 +27,7 @@ def _data(n=48, k=3, size=8):
 # ---- the teacher at its own input size ---------------------------------------------------------------
 
 def test_teacher_sees_its_own_size_whatever_the_student_trains_at():
-    teacher = build_teacher(ModelConfig(teacher="vit_tiny", teacher_image_size=64), 6, image_size=32)
+    teacher = build_teacher(TeacherConfig(network="vit_tiny", image_size=64), 6, image_size=32)
     seen = []
     teacher.model.patch_embed.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
     logits, feat = teacher(torch.randn(2, 3, 32, 32))  # the student's 32 px batch
@@ -37,10 +37,10 @@ def test_teacher_sees_its_own_size_whatever_the_student_trains_at():
 
 def test_reference_teacher_gets_224_in_the_student_loop(monkeypatch, tmp_path):
     """cifar100_32: a 32 px student, and the ViT-B/16 teacher's patch embedding receives 224 px input."""
-    cfg = load_config("cifar100_32", ["data.openood_root=/d", "model.teacher_pretrained=/w", "diffusion.model=/s"])
+    cfg = load_config("cifar100_32", ["data.openood_root=/d", "teacher.pretrained=/w", "diffusion.model=/s"])
     from dataclasses import replace
 
-    teacher = build_teacher(replace(cfg.model, teacher_pretrained=None), 100, cfg.data.image_size)  # random weights
+    teacher = build_teacher(replace(cfg.teacher, pretrained=None), 100, cfg.data.image_size)  # random weights
     seen = []
     teacher.model.patch_embed.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
     net = build_student(cfg.model.student, 100)
@@ -77,32 +77,34 @@ def test_oal_student_starts_from_the_base_checkpoint(base_run, monkeypatch):
 
     no_teacher = replace(cfg.loss, w_logit_kd=0.0, w_feat_kd=0.0, w_micl_knn=0.0, w_micl_lat=0.0)
     with pytest.raises(SystemExit):
-        stages.train_stage(replace(cfg, loss=no_teacher, model=replace(cfg.model, student_init="base")), "student")
+        registry.train_stage(replace(cfg, loss=no_teacher, student=replace(cfg.student, init="base")), "student")
     base = build_student(cfg.model.student, 6)
     load_checkpoint_net(res.outputs["checkpoint"], base)
     assert started and all(torch.equal(started[k], v) for k, v in base.state_dict().items())
     started.clear()
     with pytest.raises(SystemExit):
-        stages.train_stage(replace(cfg, loss=no_teacher), "student")  # student_init=scratch
+        registry.train_stage(replace(cfg, loss=no_teacher), "student")  # student.init=scratch
     assert not torch.equal(started["fc.weight"], base.state_dict()["fc.weight"])
     # the student's fingerprint follows the base stage's when it starts from it
-    a = stages.student_fp(replace(cfg, model=replace(cfg.model, student_init="base")))
-    b = stages.student_fp(replace(cfg, base=replace(cfg.base, lr=0.3), model=replace(cfg.model, student_init="base")))
-    assert a != b and stages.student_fp(cfg) == stages.student_fp(replace(cfg, base=replace(cfg.base, lr=0.3)))
+    from_base = replace(cfg, student=replace(cfg.student, init="base"))
+    a = registry.fingerprint("student", from_base)
+    b = registry.fingerprint("student", replace(from_base, base=replace(cfg.base, lr=0.3)))
+    fp = registry.fingerprint
+    assert a != b and fp("student", cfg) == fp("student", replace(cfg, base=replace(cfg.base, lr=0.3)))
 
 
 def test_base_checkpoint_of_another_network_is_one_clear_error(base_run):
     from dataclasses import replace
 
     cfg, res = base_run
-    other_arch = replace(cfg, model=replace(cfg.model, student="resnet18_32", student_init="base",
-                                             base_checkpoint=res.outputs["checkpoint"]))
+    other_arch = replace(cfg, model=replace(cfg.model, student="resnet18_32"), student=replace(cfg.student, init="base"),
+                         base=replace(cfg.base, checkpoint=res.outputs["checkpoint"]))
     with pytest.raises(ValueError, match=r"holds a resnet_tiny with 6 classes; expected model.student=resnet18_32"):
         stages.load_base(other_arch, build_student("resnet18_32", 6), 6)
     with pytest.raises(ValueError, match=r"holds a resnet_tiny with 6 classes; .* with 10 classes"):
         stages.load_base(replace(other_arch, model=replace(other_arch.model, student="resnet_tiny")),
                          build_student("resnet_tiny", 10), 10)
-    with pytest.raises(FileNotFoundError, match="student_init=scratch"):
+    with pytest.raises(FileNotFoundError, match="student.init=scratch"):
         stages.load_base(replace(cfg, output_dir="/nonexistent"), build_student("resnet_tiny", 6), 6)
 
 
@@ -135,7 +137,7 @@ def test_best_epoch_weights_are_kept_and_selectable(tmp_path):
 # ---- optimizer groups --------------------------------------------------------------------------------------
 
 def test_teacher_head_has_its_own_learning_rate():
-    teacher = build_teacher(ModelConfig(teacher="vit_tiny"), 5, 32)
+    teacher = build_teacher(TeacherConfig(network="vit_tiny"), 5, 32)
     groups = _param_groups(teacher, None, TrainConfig(optimizer="adam", lr=1e-6, head_lr=1e-4))
     by_name = {g["name"]: g for g in groups}
     head = list(teacher.model.get_classifier().parameters())
@@ -204,10 +206,10 @@ def test_energy_weights_in_the_total_and_need_their_outliers():
 def test_tune_trials_and_baseline_share_the_search_base_and_teacher(tmp_path):
     from jobs.tune import baseline_config, trial_config
 
-    cfg = load_config("digits", [f"output_dir={tmp_path}", "model.student_init=base"])
+    cfg = load_config("digits", [f"output_dir={tmp_path}", "student.init=base"])
     shared_base = str(tmp_path / "digits" / "base" / CHECKPOINT)
     for run in (trial_config(cfg, {w: 0.3 for w in cfg.search.weights}, "t1"), baseline_config(cfg)):
         assert run.name != cfg.name  # its own run folder...
-        assert run.model.base_checkpoint == shared_base  # ...but the search's base student and teacher
-        assert run.model.teacher_checkpoint == str(tmp_path / "digits" / "teacher" / CHECKPOINT)
+        assert run.base.checkpoint == shared_base  # ...but the search's base student and teacher
+        assert run.teacher.checkpoint == str(tmp_path / "digits" / "teacher" / CHECKPOINT)
         assert not stages.needs_base(run)  # no second base training inside a trial

@@ -28,6 +28,8 @@ ALL = ["teacher", "embeddings", "anchors", "knn", "latents", "student", "eval", 
     ("cluster.shards=3", []),  # how Ray would split the work: read by no stage's outputs
     ("diffusion.grid_samples=3", []),  # the latents' look-only grid: not what is sampled
     ("detector.id_tpr=0.9", ["detector"]),
+    ("diffusion.steps=3", ["latents", "student", "eval", "detector"]),  # the sampler: not the anchors, the k-NN
+    ("weights=best", ["embeddings", "anchors", "knn", "latents", "student", "eval", "detector"]),  # not the teacher
     ("eval.ebo_temperature=2", ["eval", "detector"]),
     ("knn.select=4", ["knn", "latents", "student", "eval", "detector"]),
     ("teacher.lr=0.02", ["teacher", "embeddings", "anchors", "knn", "latents", "student", "eval", "detector"]),
@@ -78,18 +80,43 @@ def test_a_stage_reads_another_through_its_manifest_and_names_it_when_missing(tm
         registry.run_stage("embed", cfg)
 
 
+def test_a_fingerprint_is_derived_from_what_the_stage_declares():
+    """Sections read (less NOT_AN_INPUT fields), the stages read after (their identity: a given file in their
+    place, else their fingerprint), and the version; nothing else."""
+    cfg = load_config("digits", QUICK)
+    stage = registry.Stage("x", "training", reads=("knn", "seed"), after=("teacher",))
+
+    def fp(*overrides, of=stage):
+        return registry.fingerprint(of, load_config("digits", [*QUICK, *overrides]))
+
+    assert fp() == registry.fingerprint(stage, cfg)
+    assert fp("knn.k=4") != fp() and fp("seed=1") != fp() and fp("teacher.epochs=9") != fp()
+    assert fp("diffusion.steps=9") == fp() and fp("eval.knn_k=3") == fp()
+    assert fp(of=registry.Stage("x", "training", reads=("knn", "seed"), after=("teacher",), version=2)) != fp()
+    # a file given in the teacher's place: the teacher's settings no longer count, that file does
+    ckpt = f"teacher.checkpoint={__file__}"
+    assert fp(ckpt) != fp() and fp(ckpt, "teacher.epochs=9") == fp(ckpt)
+    latents = registry.named("latents")
+    assert fp("diffusion.grid_samples=1", of=latents) == fp(of=latents)  # declared NOT_AN_INPUT
+    assert fp("diffusion.batch_size=1", of=latents) == fp(of=latents)
+    assert fp("diffusion.steps=1", of=latents) != fp(of=latents)
+
+
 def test_a_stage_declares_how_it_runs_and_its_work():
     with pytest.raises(ValueError, match="stage x: runs='batch'; expected one of training, sharded, whole, actors"):
-        registry.Stage("x", "batch", lambda cfg: ("d", "fp"))
+        registry.Stage("x", "batch")
     with pytest.raises(ValueError, match=r"stage x runs sharded and declares no work: give work=.*\(shard function"):
-        registry.Stage("x", "sharded", lambda cfg: ("d", "fp"))
+        registry.Stage("x", "sharded")
+    with pytest.raises(ValueError, match=r"stage x reads 'teachers', which is no config section or key; expected "
+                                         r"one of name, .*, teacher, "):
+        registry.Stage("x", "training", reads=("data", "teachers"))
 
 
 def test_plan_runs_what_the_config_needs_in_order():
     cfg = load_config("digits", QUICK)
     assert [s.name for s in registry.plan(cfg)] == ALL
     plain = load_config("digits", [*QUICK, "loss.w_micl_knn=0", "loss.w_micl_lat=0", "eval.baseline=true",
-                                   "model.student_init=base"])
+                                   "student.init=base"])
     assert [s.name for s in registry.plan(plain)] == ["base", "teacher", "student", "eval_base", "eval", "detector"]
     assert [s.name for s in registry.plan(cfg, first="student")] == ["student", "eval", "detector"]
     assert [s.name for s in registry.plan(cfg, last="latents")] == ALL[:5]

@@ -145,7 +145,7 @@ def test_a_stage_whose_s3_server_stops_mid_write_is_not_complete_and_resumes(s3,
     assert torch.load(tmp_path / "stored.pt", map_location="cpu", weights_only=True)["epoch"] == 1
     local = stages.stage_dir(cfg, "teacher") / "checkpoint.pt"
     assert torch.load(local, map_location="cpu", weights_only=True)["epoch"] == 2  # renamed, never stored
-    assert not stages.is_done(stages.stage_dir(cfg, "teacher"), stages.teacher_fp(cfg))
+    assert not stages.is_done(stages.stage_dir(cfg, "teacher"), registry.fingerprint("teacher", cfg))
 
     # Run again on this node: the store's version wins over the mirror's; resumes from epoch 1 and completes.
     caplog.set_level(logging.INFO, logger="oal")
@@ -153,7 +153,7 @@ def test_a_stage_whose_s3_server_stops_mid_write_is_not_complete_and_resumes(s3,
     assert "(epoch 1)" in caplog.text and "resuming from" in caplog.text
     m = _manifest("stop/digits/teacher/stage.json")
     assert m["resumed_from_epoch"] == 1 and [int(h["epoch"]) for h in m["history"]] == [1, 2, 3]
-    assert not res.skipped and stages.is_done(stages.stage_dir(cfg, "teacher"), stages.teacher_fp(cfg))
+    assert not res.skipped and stages.is_done(stages.stage_dir(cfg, "teacher"), registry.fingerprint("teacher", cfg))
 
 
 def test_a_mirror_file_is_the_stores_version_or_nothing(s3, tmp_path):
@@ -248,16 +248,16 @@ def test_a_trials_checkpoints_and_a_best_config_are_found_in_the_store(s3, tmp_p
         resolve(cfg, None, "zzz")
 
     shutil.rmtree(storage.cache_root())
-    got = absolute_paths(load_config("digits", [f"model.teacher_checkpoint={path}"]))
-    assert got.model.teacher_checkpoint == str(path) and not path.exists()
-    with pytest.raises(ConfigError, match="model.teacher_checkpoint' is .* which does not exist"):
-        absolute_paths(load_config("digits", [f"model.teacher_checkpoint={path.parent.parent}/checkpoint_9/x.pt"]))
+    got = absolute_paths(load_config("digits", [f"teacher.checkpoint={path}"]))
+    assert got.teacher.checkpoint == str(path) and not path.exists()
+    with pytest.raises(ConfigError, match="teacher.checkpoint' is .* which does not exist"):
+        absolute_paths(load_config("digits", [f"teacher.checkpoint={path.parent.parent}/checkpoint_9/x.pt"]))
     # a mirror copy of an object that is gone does not count
     storage.pull(path)
     storage.client().delete_object(Bucket="runs", Key=f"{run}/checkpoint_000002/checkpoint.pt")
     assert path.is_file()
-    with pytest.raises(ConfigError, match="model.teacher_checkpoint' is .* which does not exist"):
-        absolute_paths(load_config("digits", [f"model.teacher_checkpoint={path}"]))
+    with pytest.raises(ConfigError, match="teacher.checkpoint' is .* which does not exist"):
+        absolute_paths(load_config("digits", [f"teacher.checkpoint={path}"]))
 
 
 def test_metrics_buffered_on_a_worker_reach_the_store(s3, tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def test_every_computing_stage_ran_in_a_ray_worker_and_equals_the_single_process
         assert len(shards) == 2 and all(s["pid"] != os.getpid() for s in shards), (name, shards)
     # the same stages in this process, from the Ray run's teacher, diffusion model and students
     cfg = load_config("digits", [*QUICK, *ONE_EPOCH, f"output_dir={tmp_path}", "name=local", "eval.plots=false",
-                                 "eval.baseline=true", *LDM, f"model.teacher_checkpoint={run / 'teacher/checkpoint.pt'}",
+                                 "eval.baseline=true", *LDM, f"teacher.checkpoint={run / 'teacher/checkpoint.pt'}",
                                  f"diffusion.checkpoint={run / 'diffusion/checkpoint.pt'}"])
     for stage, file, key in (("embeddings", "id_embeddings.pt", "embeddings"), ("anchors", "anchors.pt", "anchors"),
                              ("knn", "knn_outliers.pt", "outliers")):

@@ -123,7 +123,7 @@ def test_mismatched_checkpoint(tmp_path):
 
 def test_train_stage_does_not_depend_on_the_process_seed(tmp_path):
     """Ray workers start with a random torch seed: the stage must seed its network and loss nets itself."""
-    from oal import stages
+    from oal import registry
     from oal.config import load_config
 
     cfg = load_config("digits", ["student.epochs=1", "loss.w_logit_kd=0", "loss.w_feat_kd=0", "loss.w_micl_knn=0",
@@ -131,7 +131,7 @@ def test_train_stage_does_not_depend_on_the_process_seed(tmp_path):
     weights = []
     for process_seed in (1, 2):
         torch.manual_seed(process_seed)
-        res = stages.train_stage(cfg, "student", out_dir=tmp_path / f"s{process_seed}", progress=False)
+        res = registry.train_stage(cfg, "student", out_dir=tmp_path / f"s{process_seed}", progress=False)
         weights.append(torch.load(res.checkpoint, weights_only=True)["modules"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

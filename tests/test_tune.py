@@ -45,7 +45,7 @@ def test_space_and_trial_config():
     t = trial_config(cfg, params, "abc")
     assert (t.loss.w_logit_kd, t.loss.w_feat_kd, t.loss.w_micl_knn, t.loss.w_micl_lat) == (2.0, 0.0, 0.5, 0.3)
     assert t.student.lr == 0.02 and t.name == "digits-trial-abc"
-    assert t.model.teacher_checkpoint.endswith("digits/teacher/checkpoint.pt")
+    assert t.teacher.checkpoint.endswith("digits/teacher/checkpoint.pt")
     grid = param_space(load_config("digits", ["search.algorithm=grid", "search.allow_zero=false"]).search)
     assert grid["w_micl_knn"] == {"grid_search": [pytest.approx(0.01), 0.1, pytest.approx(1.0)]}
 
