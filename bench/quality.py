@@ -116,11 +116,12 @@ def variants_for(preset_cfg: C.OALConfig, rows: str = "ladder") -> tuple[Variant
 
 
 def _outliers(cfg: C.OALConfig, bench) -> C.OutlierConfig:
-    """Run one chain's outlier stages (embeddings -> anchors -> k-NN -> latents); return its outlier files."""
-    registry.run_stage("embeddings", cfg, bench)
-    registry.run_stage("anchors", cfg)
-    knn = registry.run_stage("knn", cfg)
-    lat = registry.run_stage("latents", cfg, progress=False)
+    """Run one chain's outlier stages (the registry's, from the embeddings to the latents); return its outlier
+    files."""
+    local = registry.Local(bench, progress=False)
+    done: dict[str, stages.StageResult] = {}
+    registry.run_all(cfg, registry.plan(cfg, "embeddings", "latents"), done, lambda stage, c: registry.run(stage, c, local))
+    knn, lat = done["knn"], done["latents"]
     # with diffusion.mode=pixel the latents stage also wrote the decoded outliers (pixel OE reads them)
     return replace(cfg.outliers, knn_path=knn.outputs["outliers"], latent_path=lat.outputs["vectors"],
                    pixel_path=lat.outputs.get("images", cfg.outliers.pixel_path))

@@ -58,9 +58,7 @@ def run_stages(cfg: C.OALConfig, tracker: Tracker, results: dict[str, stages.Sta
     def tracked(stage: registry.Stage, cfg: C.OALConfig) -> stages.StageResult:
         with tracker.stage(stage.name, cfg) as sr:
             res = registry.run(stage, cfg, RayExecutor(progress, sr))
-            # the student's evaluation logs the student as an MLflow model
-            tracker.record_stage(res, report=res.report, student=results.get("student") if stage.name == "eval" else None,
-                                 cfg=cfg, live_metrics=stage.runs == "training")
+            tracker.record_stage(res, report=res.report, cfg=cfg, live_metrics=stage.runs == "training")
         return res
 
     return registry.run_all(cfg, todo, results, tracked)

@@ -220,7 +220,8 @@ def with_outlier_files(cfg: C.OALConfig, results: dict[str, StageResult]) -> C.O
 
 
 def file_id(path: str | None) -> str | None:
-    """An outlier file is identified by its producing stage's fingerprint when it has one, else its bytes."""
+    """A file a stage reads (a checkpoint, an outlier file), as a fingerprint sees it: the fingerprint of the stage
+    that wrote it when it lies in a finished stage's folder, else its size and modification time."""
     if path is None:
         return None
     m = read_manifest(Path(path).parent)
@@ -347,7 +348,8 @@ def finish_diffusion(cfg: C.OALConfig, fp: str, checkpoint: Path, history: list[
         outputs["grid"] = save_grid(images[:, : cfg.ldm.grid_per_class].flatten(0, 1), d / "grid.png",
                                     nrow=cfg.ldm.grid_per_class)
     return finish_stage("diffusion", d, fp, cfg, outputs, history=history, resumed_from_epoch=resumed_from_epoch,
-                   class_accuracy=quality["accuracy"], teacher_val_accuracy=teacher_real, **extra)
+                   metrics={"class_conditional_accuracy": quality["accuracy"], "teacher_val_accuracy": teacher_real},
+                   **extra)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int, min_cell: int = 64) -> Path:
@@ -607,7 +609,8 @@ def finish_evaluation(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str
              "chosen on validation" if report.chosen else "eval.primary: no validation OOD set",
              report.results[head].near["auroc"], report.results[head].far["auroc"])
     result = finish_stage(name, d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
-                   checkpoint=str(ckpt), epoch=first["epoch"], selected=cfg.weights,
+                   checkpoint=str(ckpt), of=next(k for k, v in EVAL_DIRS.items() if v == name), epoch=first["epoch"],
+                   selected=cfg.weights,
                    plots=[str(f) for f in files if f.suffix == ".png"], postprocessor=head,
                    chosen_on_validation=report.chosen is not None, knn_k=report.knn_k,
                    id_accuracy=report.id_accuracy, near_auroc=report.results[head].near["auroc"],

@@ -27,6 +27,7 @@ from oal import config as C
 from oal import storage
 
 log = logging.getLogger("oal.tracking")
+VIEWED = (".json", ".md", ".png", ".yaml", ".txt")  # a stage's outputs one looks at in MLflow (not weights, tensors)
 
 # Bounded retries: a dead server must cost seconds, not MLflow's default minutes of back-off.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -223,56 +224,49 @@ class Tracker:
             self.failed_metric_writes += sr.metrics.failed
             mlflow.end_run(status=status)
 
-    def record_stage(self, result: Any, report: Any = None, student: Any = None, cfg: C.OALConfig | None = None,
+    def record_stage(self, result: Any, report: Any = None, cfg: C.OALConfig | None = None,
                      live_metrics: bool = False) -> None:
-        """Log a finished stage's manifest, files and (when not already streamed) per-epoch metrics."""
+        """Log a finished stage on its run: its manifest, config and the outputs one looks at (VIEWED), its per-epoch
+        history (unless streamed live), the figures it recorded as `metrics`; an evaluation's report (`report`)
+        and the student it scored as a model; a detector (an output `spec`) registered. What is logged follows from
+        the result and its manifest, never from the stage's name: a new stage is tracked as it is."""
         if not self.enabled:
             return
         with self._writes_fail_clearly(f"record the {result.name} stage's files"):
-            self._record_stage(result, report, student, cfg, live_metrics)
+            self._record_stage(result, report, cfg, live_metrics)
 
-    def _record_stage(self, result: Any, report: Any, student: Any, cfg: C.OALConfig | None,
-                      live_metrics: bool) -> None:
+    def _record_stage(self, result: Any, report: Any, cfg: C.OALConfig | None, live_metrics: bool) -> None:
         import mlflow
 
         mlflow.set_tag("oal.skipped", str(result.skipped).lower())
         mlflow.log_param("fingerprint", result.fingerprint)
         d = Path(result.dir)
-        # With an s3:// output_dir: the files logged below, from the store onto this node's mirror (not the shards)
-        for name in ("stage.json", "config.yaml", "manifest.json", "quality.json", "grid.png", "results.md",
-                     "results.json"):
-            storage.pull(d / name)
-        storage.pull_dir(d / "plots")
-        for name in ("stage.json", "config.yaml", "manifest.json"):
-            if (d / name).exists():
-                mlflow.log_artifact(str(d / name))
+        mlflow.set_tag("oal.folder", storage.uri(d.resolve()))  # its files stay there: referenced, not copied
+        storage.pull(d / "stage.json")  # with an s3:// output_dir: from the store onto this node's mirror
         manifest = json.loads((d / "stage.json").read_text())
-        if result.name in ("teacher", "base", "student", "diffusion") and not live_metrics:
+        outputs = manifest.get("outputs", {})
+        viewed = [storage.local(u) for u in outputs.values() if Path(str(u)).suffix in VIEWED]
+        for path in (d / "stage.json", d / "config.yaml", *viewed):
+            storage.pull(path)
+            if Path(path).exists():
+                mlflow.log_artifact(str(path))
+        if not live_metrics:
             for row in manifest.get("history", []):
-                step = int(row.get("epoch", 0))
                 mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in row.items()
-                                    if isinstance(v, (int, float)) and k != "epoch"}, step=step)
-        if result.name == "diffusion":
-            for name in ("quality.json", "grid.png"):
-                if (d / name).exists():
-                    mlflow.log_artifact(str(d / name))
-            if "class_accuracy" in manifest:
-                mlflow.log_metrics({"class_conditional_accuracy": manifest["class_accuracy"],
-                                    "teacher_val_accuracy": manifest["teacher_val_accuracy"]})
-        if result.name == "latents":
-            mlflow.set_tag("latents_uri", storage.uri(d.resolve()))  # shards stay where they are: referenced, not copied
-            if (d / "grid.png").exists():
-                mlflow.log_artifact(str(d / "grid.png"))
-        if result.name == "detector":
+                                    if isinstance(v, (int, float)) and k != "epoch"}, step=int(row.get("epoch", 0)))
+        if manifest.get("metrics"):
+            mlflow.log_metrics(manifest["metrics"])
+        if "spec" in outputs:
             self._detector(cfg, d, manifest, register=not result.skipped)
-        if result.name in ("eval", "eval_base") and report is not None:
+        if report is not None:
             # The model first, so that the metrics below are logged against it (the logged model's page shows
             # them). Logged after them, MLflow links them itself by reading each metric's history back: one
             # request per metric, some 200 for digits.
+            of = manifest.get("of", "student")
             model_id = None
-            if self.log_model and student is not None and cfg is not None:
-                model_id = self._model(cfg, Path(student.outputs["checkpoint"]))
-            self._eval(report, d, cfg, prefix="base_" if result.name == "eval_base" else "", model_id=model_id)
+            if self.log_model and of == "student" and cfg is not None:
+                model_id = self._model(cfg, Path(storage.local(manifest["checkpoint"])))
+            self._eval(report, d, cfg, prefix="" if of == "student" else f"{of}_", model_id=model_id)
 
     def log_comparison(self, path: Path) -> None:
         """The CE-baseline-vs-OAL table, on the pipeline's own run."""
@@ -309,8 +303,7 @@ class Tracker:
             for k, v in {"id_accuracy": report.id_accuracy, "near_auroc": head.near["auroc"],
                          "far_auroc": head.far["auroc"]}.items():
                 MlflowClient().log_metric(self.parent_id, prefix + k, v)
-        for name in ("results.md", "results.json"):
-            mlflow.log_artifact(str(d / name))
+        storage.pull_dir(d / "plots")
         if (d / "plots").is_dir():
             mlflow.log_artifacts(str(d / "plots"), "plots")
 
@@ -319,8 +312,6 @@ class Tracker:
         version under the alias `candidate`) when the stage computed it: a skipped stage's is registered already."""
         import mlflow
 
-        storage.pull(d / "detector_report.json")
-        mlflow.log_artifact(str(d / "detector_report.json"))
         mlflow.set_tags({"oal.score": manifest["score"], "oal.threshold": f"{manifest['threshold']:.6g}",
                          "oal.id_tpr": str(manifest["id_tpr"])})
         mlflow.log_metrics({"threshold": manifest["threshold"],

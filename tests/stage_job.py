@@ -11,15 +11,19 @@ from typing import Any
 from oal import config as C
 from oal import registry
 from oal import stages as S
-from oal.storage import load_torch, save_torch
+from oal.storage import load_torch, save_torch, write_json
 
 
 def _stats(cfg: C.OALConfig, fp: str) -> S.StageResult:
-    """Per-class mean norm of the teacher's ID features, read through the embeddings stage's manifest."""
+    """Per-class mean norm of the teacher's ID features, read through the embeddings stage's manifest; a summary
+    to look at (JSON) and one figure (`metrics`), which tracking logs as it logs every stage's."""
     emb = load_torch(S.output_of(cfg, "embeddings", "embeddings"), "ID embeddings")["embeddings"]  # (C, N, D)
     d = S.stage_dir(cfg, "feature_stats")
-    save_torch({"mean_norm": emb.float().norm(dim=-1).mean(dim=1)}, d / "stats.pt")
-    return S.finish_stage("feature_stats", d, fp, cfg, {"stats": d / "stats.pt"}, classes=int(emb.shape[0]))
+    norms = emb.float().norm(dim=-1).mean(dim=1)
+    save_torch({"mean_norm": norms}, d / "stats.pt")
+    write_json({"mean_norm": norms.tolist()}, d / "summary.json")
+    return S.finish_stage("feature_stats", d, fp, cfg, {"stats": d / "stats.pt", "summary": d / "summary.json"},
+                          classes=int(emb.shape[0]), metrics={"mean_feature_norm": float(norms.mean())})
 
 
 def _work(cfg: C.OALConfig, fp: str, bench: Any) -> functools.partial:

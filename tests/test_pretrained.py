@@ -130,7 +130,7 @@ def test_diffusion_stage_uses_a_fitting_model_and_trains_on_a_mismatch(folder, t
     res = registry.run_stage("diffusion", cfg, progress=False)
     manifest = json.loads((res.dir / "stage.json").read_text())
     assert manifest["pretrained"]["sha256"] == pretrained.read_card(folder / "README.md")["sha256"]
-    assert 0 <= manifest["class_accuracy"] <= 1 and (res.dir / "quality.json").exists()
+    assert 0 <= manifest["metrics"]["class_conditional_accuracy"] <= 1 and (res.dir / "quality.json").exists()
     state = torch.load(res.dir / "checkpoint.pt", weights_only=True)
     assert state["history"] == [] and state["meta"]["fingerprint"] == res.fingerprint
     # the checkpoint holds the shipped weights (fp16 -> fp32), read by the stages that sample
