@@ -843,7 +843,7 @@ def help_keys() -> str:
             doc = (cls.__doc__ or "").strip()
             doc = "" if doc.startswith(cls.__name__ + "(") else " ".join(doc.split())
             lines += ["", f"[{top or 'top level'}]" + (f" {doc}" if doc else "")]
-        rule = allowed(f)
+        rule = "; ".join(x for x in (allowed(f), "" if f.metadata.get("input", True) else "not in fingerprints") if x)
         hint = next((hints[f"{c.__name__}.{f.name}"] for c in _owner(f).__mro__ if f"{c.__name__}.{f.name}" in hints), "")
         lines.append(f"  {key} ({f.type}; default {json.dumps(default)}" + (f"; {rule}" if rule else "") + ")"
                      + (f": {hint}" if hint else ""))

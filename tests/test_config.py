@@ -268,6 +268,8 @@ def test_help_keys_lists_every_key_with_type_default_range_and_hint():
     # a field of a section that extends TrainConfig: its own comment, and the inherited fields' comments
     assert "registry name: vit_b16 | vit_tiny" in lines["teacher.network"]
     assert "learning rate" in lines["teacher.lr"] and "(reference 0.005)" in lines["student.lr"]
+    assert "an integer >= 0; not in fingerprints)" in lines["diffusion.grid_samples"]  # NOT_AN_INPUT, said
+    assert "not in fingerprints" not in lines["diffusion.steps"]
 
 
 def test_a_preset_extends_another_and_holds_only_its_differences(tmp_path):
