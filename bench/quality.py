@@ -34,7 +34,7 @@ import numpy as np
 from oal import config as C
 from oal import registry, stages
 from oal.data import build_benchmark
-from oal.diffusion import BUILTIN, TRAINED
+from oal.diffusion import BUILTIN, BUILTIN_LDM
 from oal.evaluate import load_report
 from oal.storage import load_torch
 
@@ -112,7 +112,7 @@ def variants_for(preset_cfg: C.OALConfig, rows: str = "ladder") -> tuple[Variant
     OAL removed). The untrained-model row only makes sense when the main chain uses the trained model."""
     if rows == "ablation":
         return ABLATION
-    return tuple(v for v in VARIANTS if v.chain != "untrained" or preset_cfg.diffusion.model == TRAINED)
+    return tuple(v for v in VARIANTS if v.chain != "untrained" or preset_cfg.diffusion.model == BUILTIN_LDM)
 
 
 def _outliers(cfg: C.OALConfig, bench) -> C.OutlierConfig:
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - t0
     bench = build_benchmark(probe.data)
     model = {BUILTIN: "the built-in UNTRAINED tiny model (random weights): latent terms here exercise the machinery",
-             TRAINED: "the built-in model trained on the ID images by the diffusion stage"}.get(
+             BUILTIN_LDM: "the built-in model trained on the ID images by the diffusion stage"}.get(
                  probe.diffusion.model, probe.diffusion.model)
     quality = [f"seed {s}: {100 * info[s]['accuracy']:.1f}% (teacher on real ID validation images: "
                f"{100 * info[s]['teacher_val_accuracy']:.1f}%)" for s in info if "accuracy" in info[s]]

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs import common
 
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=stages.TRAINED, default="student", help="which network to train")
+    p.add_argument("--stage", choices=stages.TRAINING_STAGES, default="student", help="which network to train")
     args = p.parse_args(argv)
     cfg = common.load(args)
     common.connect(args.address)

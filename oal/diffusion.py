@@ -28,7 +28,7 @@ from oal.text_encoder import WordTokenizer, tiny_text_encoder
 
 log = logging.getLogger("oal.diffusion")
 BUILTIN = "builtin-tiny"  # untrained, random weights: exercises the machinery
-TRAINED = "builtin-ldm"  # the built-in model trained on the ID data by the diffusion stage (oal.ldm)
+BUILTIN_LDM = "builtin-ldm"  # the built-in model trained on the ID data by the diffusion stage (oal.ldm)
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -99,8 +99,8 @@ def model_id(cfg: DiffusionConfig, seed: int) -> str:
     """How the model is named in every log, manifest and run: the built-in one says it is untrained."""
     if cfg.model == BUILTIN:
         return f"{BUILTIN} (untrained, random weights, seed {seed})"
-    if cfg.model == TRAINED:
-        return f"{TRAINED} (trained on the ID training images by the diffusion stage: {cfg.checkpoint})"
+    if cfg.model == BUILTIN_LDM:
+        return f"{BUILTIN_LDM} (trained on the ID training images by the diffusion stage: {cfg.checkpoint})"
     return cfg.model
 
 
@@ -111,11 +111,11 @@ def load_model(cfg: DiffusionConfig, device: str | torch.device = "cpu", seed: i
     if cfg.model == BUILTIN:
         unet, vae, text, tok, sched = build_tiny(seed)
         log.warning("diffusion model: %s - its latents exercise the pipeline only", model_id(cfg, seed))
-    elif cfg.model == TRAINED:
+    elif cfg.model == BUILTIN_LDM:
         from oal import ldm
 
         if cfg.checkpoint is None:
-            raise ValueError(f"diffusion.model={TRAINED} needs the diffusion stage's checkpoint (diffusion.checkpoint; "
+            raise ValueError(f"diffusion.model={BUILTIN_LDM} needs the diffusion stage's checkpoint (diffusion.checkpoint; "
                              f"the pipeline fills it in)")
         unet, vae, text, tok, sched = ldm.load_trained(cfg.checkpoint)
     else:

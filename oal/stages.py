@@ -177,9 +177,9 @@ def data_id(cfg: C.OALConfig) -> Any:
 
 
 def trained_diffusion(cfg: C.OALConfig) -> bool:
-    from oal.diffusion import TRAINED as LDM
+    from oal.diffusion import BUILTIN_LDM
 
-    return cfg.diffusion.model == LDM
+    return cfg.diffusion.model == BUILTIN_LDM
 
 
 def diffusion_config(cfg: C.OALConfig) -> C.DiffusionConfig:
@@ -237,7 +237,7 @@ def _val_fn(cfg: C.OALConfig, bench: Benchmark, device: str) -> Callable:
     return lambda net: validation_metrics(net, bench, cfg.eval, device, cfg.data.eval_batch_size, cfg.data.num_workers)
 
 
-TRAINED = ("teacher", "base", "student", "diffusion")
+TRAINING_STAGES = ("teacher", "base", "student", "diffusion")  # the stages that train a network (Stage.runs="training")
 
 
 def training_config(cfg: C.OALConfig, stage: str) -> C.TrainConfig | C.LDMConfig:
@@ -254,8 +254,8 @@ def train_stage(cfg: C.OALConfig, stage: str, fp: str, bench: Benchmark | None =
     stage's folder), resuming from a checkpoint there that was written for the same inputs (`force`: from
     scratch, the old checkpoint moved aside). `fp`: the stage's fingerprint (`oal.registry.fingerprint`), which
     a checkpoint records and a resume checks. Used as is by `oal student` and inside each Ray Train worker."""
-    if stage not in TRAINED:
-        raise ValueError(f"stage must be one of {TRAINED}; got {stage!r}")
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"stage must be one of {TRAINING_STAGES}; got {stage!r}")
     d = out_dir or stage_dir(cfg, stage)
     # The network and the loss's own nets (projectors, CLUB) are built here, before `fit` seeds its loop: seed
     # them too, or a Ray worker (random seed at start) trains another network than `oal student` does.

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from oal import ldm
 from oal.config import DiffusionConfig, LDMConfig
-from oal.diffusion import TRAINED, class_conditional_accuracy, load_model, sample_latents
+from oal.diffusion import BUILTIN_LDM, class_conditional_accuracy, load_model, sample_latents
 
 NAMES = ["dark", "bright"]
 PROMPT = "A high-quality image of the {}"
@@ -44,7 +44,7 @@ def test_trains_both_phases_into_one_loadable_checkpoint(tmp_path):
     state = torch.load(res.checkpoint, weights_only=True)
     assert state["meta"]["kind"] == ldm.NAME and state["meta"]["image_size"] == 16
     assert state["scaling_factor"] > 0
-    model = load_model(DiffusionConfig(model=TRAINED, checkpoint=str(res.checkpoint)), "cpu")
+    model = load_model(DiffusionConfig(model=BUILTIN_LDM, checkpoint=str(res.checkpoint)), "cpu")
     assert model.vae.config.scaling_factor == pytest.approx(state["scaling_factor"])
     assert model.latent_size(None) == 4 and not model.untrained and "trained on the ID" in model.model_id
     cond = torch.zeros(2, model.tokenizer.model_max_length, model.cond_dim)
@@ -100,8 +100,8 @@ class _Always(nn.Module):
 def test_class_conditional_accuracy_counts_what_the_judge_says(tmp_path):
     res = ldm.fit_ldm(_images(), NAMES, PROMPT, 16, replace(CFG, epochs=1), tmp_path, seed=0, device="cpu",
                       progress=False)
-    model = load_model(DiffusionConfig(model=TRAINED, checkpoint=str(res.checkpoint)), "cpu")
-    dcfg = DiffusionConfig(model=TRAINED, steps=2, batch_size=2)
+    model = load_model(DiffusionConfig(model=BUILTIN_LDM, checkpoint=str(res.checkpoint)), "cpu")
+    dcfg = DiffusionConfig(model=BUILTIN_LDM, steps=2, batch_size=2)
     quality, images = class_conditional_accuracy(model, _Always(1, 2), NAMES, dcfg, 3, seed=0, image_size=16)
     assert quality["per_class"] == {"dark": 0.0, "bright": 1.0} and quality["accuracy"] == pytest.approx(0.5)
     assert images.shape == (2, 3, 3, 16, 16) and 0 <= float(images.min()) and float(images.max()) <= 1
@@ -126,7 +126,7 @@ def test_diffusion_stage_without_its_judge_fails_before_training(tmp_path):
     from oal import registry, stages
     from oal.config import load_config
 
-    cfg = load_config("digits", [f"output_dir={tmp_path}", f"diffusion.model={TRAINED}", "ldm.epochs=1"])
+    cfg = load_config("digits", [f"output_dir={tmp_path}", f"diffusion.model={BUILTIN_LDM}", "ldm.epochs=1"])
     with pytest.raises(FileNotFoundError, match="judged by the fine-tuned teacher.*oal teacher"):
         registry.run_stage("diffusion", cfg, progress=False)
     assert not (stages.stage_dir(cfg, "diffusion") / "checkpoint.pt").exists()

@@ -102,6 +102,12 @@ def test_a_fingerprint_is_derived_from_what_the_stage_declares():
     assert fp("diffusion.steps=1", of=latents) != fp(of=latents)
 
 
+def test_the_training_stages_are_the_registrys():
+    from oal.stages import TRAINING_STAGES
+
+    assert sorted(TRAINING_STAGES) == sorted(s.name for s in registry.STAGES if s.runs == "training")
+
+
 def test_a_stage_declares_how_it_runs_and_its_work():
     with pytest.raises(ValueError, match="stage x: runs='batch'; expected one of training, sharded, whole, actors"):
         registry.Stage("x", "batch")
