@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oal import config as C
-from oal import pretrained, registry, stages, storage
+from oal import pretrained, stages, storage
 from oal.storage import load_torch, save_torch
 from oal.train import CHECKPOINT
 
@@ -130,15 +130,15 @@ def with_objective(metrics: dict[str, float], objective: dict | None) -> dict[st
     return {**metrics, "objective": metrics.get(objective["metric"], 0.0) - (0.0 if ok else 1.0)}
 
 
-def make_trainer(cfg: C.OALConfig, stage: str, progress: bool = True, mlflow_run_id: str | None = None,
+def make_trainer(cfg: C.OALConfig, stage: str, fp: str, progress: bool = True, mlflow_run_id: str | None = None,
                  callbacks: list | None = None, objective: dict | None = None, run_name: str | None = None) -> Any:
+    """The Ray Train run of `stage`, whose fingerprint is `fp` (`oal.registry.fingerprint`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.common import placement
 
     k = cfg.cluster
-    fp = registry.fingerprint(stage, cfg)
     return TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": C.to_dict(cfg), "stage": stage, "fp": fp, "use_gpu": k.use_gpu, "progress": progress,
@@ -202,7 +202,7 @@ class Trainer:
             import time
 
             trainer_options["run_name"] = f"{cfg.name}-{stage}-{fp}-redo-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = fit_placed(cfg, stage, self.progress, self.mlflow_run_id, **trainer_options)
+        result = fit_placed(cfg, stage, fp, self.progress, self.mlflow_run_id, **trainer_options)
         failed = int((result.metrics or {}).get(FAILED_WRITES, 0))
         if failed:
             log.warning("%s: %d metric writes to MLflow failed in the training worker (buffered in its "
@@ -212,11 +212,11 @@ class Trainer:
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run for stage {stage} ended without a checkpoint (error: {result.error})")
         # On a worker: the diffusion stage measures its model there (sampling, the teacher as judge, a decoded grid).
-        return on_worker(cfg.cluster, f"recording the {stage} stage", finish_from_checkpoint, cfg, stage,
+        return on_worker(cfg.cluster, f"recording the {stage} stage", finish_from_checkpoint, cfg, stage, fp,
                          result.checkpoint)
 
 
-def fit_placed(cfg: C.OALConfig, stage: str, progress: bool, mlflow_run_id: str | None,
+def fit_placed(cfg: C.OALConfig, stage: str, fp: str, progress: bool, mlflow_run_id: str | None,
                **trainer_options: Any) -> Any:
     """The Ray Train run of `stage` on the nodes cluster.label_selector names. When it fails and no alive node
     carries those labels any more (its nodes were lost), it goes on on any node (`jobs.common.selector_now`), from
@@ -225,23 +225,22 @@ def fit_placed(cfg: C.OALConfig, stage: str, progress: bool, mlflow_run_id: str 
     from jobs.common import labels_lost, selector_now
 
     try:
-        return make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
+        return make_trainer(cfg, stage, fp, progress, mlflow_run_id, **trainer_options).fit()
     except Exception as e:
         if not labels_lost(selector_now(cfg.cluster), stage, "it goes on on any node, from its last checkpoint "
                            f"(training failed: {str(e).splitlines()[0][:200]})", wait_s=NODE_LOSS_WAIT_S):
             raise
-    return make_trainer(cfg, stage, progress, mlflow_run_id, **trainer_options).fit()
+    return make_trainer(cfg, stage, fp, progress, mlflow_run_id, **trainer_options).fit()
 
 
-def finish_from_checkpoint(cfg: C.OALConfig, stage: str, checkpoint: Any) -> stages.StageResult:
+def finish_from_checkpoint(cfg: C.OALConfig, stage: str, fp: str, checkpoint: Any) -> stages.StageResult:
     """Record a stage from its last Ray Train checkpoint (local or in `cluster.storage_path`)."""
     with checkpoint.as_directory() as ckdir:
         # The checkpoint carries every epoch's metrics, across worker restarts (Ray's own result keeps
         # only the metrics of the checkpoints it kept).
         ckpt = Path(ckdir) / CHECKPOINT
         state = load_torch(ckpt, "checkpoint")
-        return stages.finish_training(cfg, stage, registry.fingerprint(stage, cfg), ckpt, state.get("history", []),
-                                      state.get("resumed_from_epoch", 0))
+        return stages.finish_training(cfg, stage, fp, ckpt, state.get("history", []), state.get("resumed_from_epoch", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

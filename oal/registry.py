@@ -194,7 +194,7 @@ def evaluation(of: str, checkpoint: str | None = None, out_dir: Path | None = No
         return str(checkpoint or S.eval_checkpoint(cfg, of))
 
     def work(cfg: C.OALConfig, fp: str, bench: Benchmark | None) -> ShardedWork:
-        target = (Path(scored(cfg)), name, out_dir or S.stage_dir(cfg, name), fp)
+        target = (Path(scored(cfg)), of, out_dir or S.stage_dir(cfg, name), fp)
         return (functools.partial(S.eval_shard, cfg, scored(cfg), bench, of),
                 functools.partial(S.finish_evaluation, cfg, target))
 

@@ -573,7 +573,7 @@ def write_grid(cfg: C.OALConfig, shard_dir: Path, path: Path) -> Path:
 EVAL_DIRS = {"student": "eval", "base": "eval_base"}  # the stage folder of each trained network's evaluation
 
 
-EvalTarget = tuple[Path, str, Path, str]  # (checkpoint, stage name, output folder, fingerprint) of an evaluation
+EvalTarget = tuple[Path, str, Path, str]  # (checkpoint, whose: student or base, output folder, fingerprint)
 
 
 def eval_checkpoint(cfg: C.OALConfig, of: str) -> Path:
@@ -599,8 +599,8 @@ def eval_shard(cfg: C.OALConfig, checkpoint: str, bench: Benchmark | None = None
 def finish_evaluation(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str, Any]]) -> StageResult:
     """The report from the shards' outputs (merged in shard order); written, then the manifest. The result
     carries the report (`report`)."""
-    ckpt, name, d, fp = target
-    first = parts[0]
+    ckpt, of, d, fp = target
+    name, first = EVAL_DIRS[of], parts[0]
     outs = {key: merge([p["outputs"][key] for p in parts]) for key in first["outputs"]}
     report = report_from_outputs(outs, first["benchmark"], first["near"], first["far"], cfg.eval)
     files = write_report(report, d, cfg.eval.primary, cfg.eval.plots)
@@ -609,8 +609,7 @@ def finish_evaluation(cfg: C.OALConfig, target: EvalTarget, parts: list[dict[str
              "chosen on validation" if report.chosen else "eval.primary: no validation OOD set",
              report.results[head].near["auroc"], report.results[head].far["auroc"])
     result = finish_stage(name, d, fp, cfg, {"results": d / "results.json", "table": d / "results.md"},
-                   checkpoint=str(ckpt), of=next(k for k, v in EVAL_DIRS.items() if v == name), epoch=first["epoch"],
-                   selected=cfg.weights,
+                   checkpoint=str(ckpt), of=of, epoch=first["epoch"], selected=cfg.weights,
                    plots=[str(f) for f in files if f.suffix == ".png"], postprocessor=head,
                    chosen_on_validation=report.chosen is not None, knn_k=report.knn_k,
                    id_accuracy=report.id_accuracy, near_auroc=report.results[head].near["auroc"],
