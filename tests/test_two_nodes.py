@@ -40,18 +40,24 @@ PLACED = ("teacher", "embeddings", "anchors", "knn", "latents", "student", "eval
 class WorkerNode:
     node_id: str
     pid: int  # the node's `ray start --block`
-    ray_tmp: Path  # its Ray temp dir, named on the command line of each of its processes (raylet, agents, workers)
+    ray_tmp: Path  # its Ray temp dir, named on the command line of its raylet and agents (a worker renames itself)
     mirror: Path  # the jobs' object cache path (OAL_OBJECT_CACHE), the same on both nodes; the head's folder
     disk: Path  # what the worker node finds at that path: its own disk
     log: Path
 
     def lose(self) -> int:
-        """SIGKILL every process of the node at once, as when its machine goes away; returns how many."""
+        """SIGKILL every process of the node at once, as when its machine goes away; returns how many. The node's
+        workers and actors are its raylet's children: their command line (`ray::LatentActor`) names no temp dir, and
+        left alive they could return a result or two before noticing their raylet is gone (seen on a fast host)."""
         import psutil
 
-        doomed = [p for p in psutil.process_iter(["pid", "cmdline"])
-                  if p.info["pid"] == self.pid or str(self.ray_tmp) in " ".join(p.info["cmdline"] or [])]
-        for p in doomed:
+        named = [p for p in psutil.process_iter(["pid", "cmdline"])
+                 if p.info["pid"] == self.pid or str(self.ray_tmp) in " ".join(p.info["cmdline"] or [])]
+        doomed = {p.pid: p for p in named}
+        for p in named:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                doomed.update((c.pid, c) for c in p.children(recursive=True))
+        for p in doomed.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         return len(doomed)
