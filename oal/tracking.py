@@ -203,7 +203,7 @@ class Tracker:
         except Exception as e:
             endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL", "the one configured on the MLflow server")
             raise RuntimeError(f"cannot {what} through MLflow at {self.uri} (S3 endpoint: {endpoint}): "
-                               f"{str(e).splitlines()[0][:300]}") from None
+                               f"{_gist(e)}") from None
 
     @contextmanager
     def stage(self, name: str, cfg: C.OALConfig) -> Iterator[StageRun]:
@@ -382,3 +382,14 @@ def log_detector(folder: Path, name: str) -> str:
                                    signature=signature(), pip_requirements=model_requirements(DETECTOR_PACKAGES),
                                    registered_model_name=name)
     return str(info.registered_model_version)
+
+
+def _gist(e: Exception, limit: int = 300) -> str:
+    """A failed write's error in a line: its first line cut to `limit` characters, and what urllib3 names as the cause
+    when the cut hides it (a request's long URL comes first: 'too many 500 error responses', 'Connection refused')."""
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    gist = first[:limit]
+    cause = re.search(r"\(Caused by (.*)\)\s*$", first)
+    if cause and len(first) > limit:
+        gist += f" ... (caused by {cause.group(1)[:limit]})"
+    return gist

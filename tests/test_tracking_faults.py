@@ -71,6 +71,7 @@ def test_s3_down_fails_the_stage_and_the_pipeline_run(dead_s3, tmp_path):
         pipeline.run(cfg, progress=False, tracker=Tracker(uri, "s3-faults", system_metrics=False))
     elapsed = time.monotonic() - t0
     assert endpoint in str(err.value)
+    assert "(caused by ResponseError('too many 500 error responses'))" in str(err.value)  # past the request's URL
     assert elapsed < 30, f"took {elapsed:.0f} s to give up on a dead S3 endpoint"
     assert not (tmp_path / "s3f" / "teacher").exists()  # no work was done
 
