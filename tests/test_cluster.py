@@ -189,6 +189,31 @@ def test_port_taken_by_something_else_is_named(tmp_path):
     assert not (tmp_path / "s3.pid").exists()
 
 
+def test_a_disk_too_full_for_the_s3_server_is_named_before_it_starts(tmp_path, monkeypatch):
+    """SeaweedFS stores nothing on a disk with under 1% free (its uploads then fail with HTTP 500 or hang): `up`
+    refuses to start it there, naming the folder, the room and the way out; `status` warns. The disk's usage is
+    made up (a real disk cannot be filled here); the room is real on the machine's disk otherwise."""
+    from collections import namedtuple
+
+    from cluster.services import s3
+
+    assert s3.disk_shortage(tmp_path / "s3") is None  # this machine's disk has room
+    usage = namedtuple("usage", "total used free")
+    gib = 2**30
+    monkeypatch.setattr(s3.shutil, "disk_usage", lambda _: usage(100 * gib, 99.5 * gib, gib // 2))
+    lines: list[str] = []
+    st = Stack(state_dir=tmp_path, s3_port=free_ports(1)[0], echo=lines.append)
+    with pytest.raises(StackError) as err:
+        st.up(["s3"])
+    msg = str(err.value)
+    assert f"{tmp_path / 's3'}" in msg and "512 MiB free of 102,400 MiB" in msg and "at least 1,280 MiB" in msg
+    assert "--state-dir or OAL_STACK_DIR" in msg
+    assert not (tmp_path / "s3.pid").exists()
+    assert st.describe()[-1] == f"warning: {msg}"
+    monkeypatch.setattr(s3.shutil, "disk_usage", lambda _: usage(100 * gib, 98 * gib, 2 * gib))
+    assert s3.disk_shortage(tmp_path / "s3") is None and not st.describe()[-1].startswith("warning")
+
+
 @pytest.mark.stack
 def test_s3_alone_up_down_idempotent(tmp_path):
     lines: list[str] = []

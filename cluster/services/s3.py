@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
-from cluster.procs import HOST, exe, http_get, port_free, private_dir, write_private
+from cluster.procs import HOST, StackError, exe, http_get, port_free, private_dir, write_private
 from cluster.services.base import Service, Stack
 from cluster.services.ray import RAY_WORKER_PORTS
 
 REGION = "us-east-1"
+# SeaweedFS's volume server marks every volume read-only when less than this share of its disk is free (the default of
+# `weed volume -minFreeSpace`, which `weed mini` keeps); a new volume takes up to VOLUME_MB (`-master.volumeSizeLimitMB`
+# of `weed mini`). Short of room, uploads get HTTP 500 or hang: seen on a nearly full disk (MLflow's "too many 500
+# error responses"), and as the S3 INTERNAL_FAILUREs of one CI run.
+MIN_FREE_SHARE = 0.01
+VOLUME_MB = 128
 S3_ACCESS_KEY = "oal-stack"  # the S3 server's access key id (its secret key is generated: secrets.json)
 # SeaweedFS's internal servers (`weed mini`), each on a port of its own; their gRPC ports too (the admin server's is
 # its HTTP port + 10000, which its maintenance worker assumes). Iceberg, Lance and WebDAV are off.
@@ -44,6 +51,10 @@ class S3(Service):
                 *(f"-{flag}={port}" for flag, port in ports.items()), "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
         return argv, {**st.base_env(), **s3_env}
+
+    def check(self, st: Stack) -> None:
+        if short := disk_shortage(st.state_dir / "s3"):
+            raise StackError(short)
 
     def probe(self, st: Stack) -> tuple[bool, str]:
         code, _ = http_get(f"http://{HOST}:{st.s3_port}/healthz")  # anonymous S3 requests get 403
@@ -83,6 +94,21 @@ class S3(Service):
             port = path.stem.rsplit("-", 1)[-1]
             if port.isdigit() and int(port) in ports and path.is_socket() and path.stat().st_uid == os.getuid():
                 path.unlink(missing_ok=True)
+
+
+def disk_shortage(data: Path) -> str | None:
+    """What is wrong when the disk under `data` (the S3 server's objects) lacks the room SeaweedFS needs to store
+    anything (MIN_FREE_SHARE of it, and two volumes), or None."""
+    where = next(p for p in (data, *data.parents) if p.exists())
+    disk = shutil.disk_usage(where)
+    need = disk.total * MIN_FREE_SHARE + 2 * VOLUME_MB * 2**20
+    if disk.free >= need:
+        return None
+    mib = 2**20
+    return (f"the S3 server's data folder {data} lies on a disk with {disk.free / mib:,.0f} MiB free of "
+            f"{disk.total / mib:,.0f} MiB; SeaweedFS stores nothing with less than {MIN_FREE_SHARE:.0%} of its disk "
+            f"free and needs room for new volumes ({VOLUME_MB} MiB each): at least {need / mib:,.0f} MiB free here. "
+            f"Free space on that disk, or give the stack a state dir on another one (--state-dir or OAL_STACK_DIR)")
 
 
 def unlocated_volumes(data: Path) -> list[int]:
