@@ -21,7 +21,6 @@ fine-tuned teacher which class it sees.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from oal.config import LDMConfig
-from oal.storage import load_torch, save_torch
-from oal.train import CHECKPOINT, FitResult, make_accelerator, restore, rng_state
-from oal.train import bar_off as _bar_off
+from oal.epochs import CHECKPOINT, Epochs, FitResult
+from oal.storage import load_torch
+from oal.train import make_accelerator
 
 NAME = "builtin-ldm"
 VAE_FACTOR = 4
@@ -209,9 +207,9 @@ def fit_ldm(
 
     unet_sched = torch.optim.lr_scheduler.LambdaLR(unet_opt, factor)
     total = cfg.vae_epochs + cfg.epochs
-    start, history = 0, []
+    epochs = Epochs(acc, ckpt_path, total, what="builtin-ldm", progress=progress, on_epoch_end=on_epoch_end)
     scaling: float | None = None  # set when the UNet phase starts
-    if resume and ckpt_path.exists():
+    if resume:
         def load(state: dict[str, Any]) -> None:
             for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
                 module.load_state_dict(state["modules"][name])
@@ -219,13 +217,12 @@ def fit_ldm(
             unet_opt.load_state_dict(state["unet_optimizer"])
             unet_sched.load_state_dict(state["unet_scheduler"])
 
-        state = restore(ckpt_path, "builtin-ldm", load)
-        start, history = state["epoch"], list(state["history"])[: state["epoch"]]
+        epochs.resume(load)
     vae_model, unet_model, vae_opt, unet_opt = acc.prepare(vae_step, unet_step, vae_opt, unet_opt)
     noise_sched: Any = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                 num_train_timesteps=1000, clip_sample=False)
     latent_mean = latent_std = None
-    for epoch in range(start, total):
+    for epoch in epochs:
         sampler.set_epoch(epoch)
         phase = "vae" if epoch < cfg.vae_epochs else "unet"
         if phase == "unet" and latent_mean is None:
@@ -236,13 +233,9 @@ def fit_ldm(
             scaling = float(1.0 / latent_mean.std())
             vae.register_to_config(scaling_factor=scaling)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + acc.process_index)
-        sums: dict[str, torch.Tensor] = {}
-        n, t0 = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{total}", disable=_bar_off(progress and acc.is_main_process),
-                   leave=False, dynamic_ncols=True)
         model = vae_model if phase == "vae" else unet_model
         model.train()
-        for batch_idx, (x, y, idx) in enumerate(bar):
+        for batch_idx, (x, y, idx) in enumerate(epochs.batches(loader, f"{phase} epoch {epoch + 1}/{total}")):
             if phase == "vae":
                 loss, terms = vae_model(x.to(acc.device))
                 opt = vae_opt
@@ -267,29 +260,14 @@ def fit_ldm(
             opt.zero_grad(set_to_none=True)
             if phase == "unet":
                 unet_sched.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            n += 1
-        metrics = {f"loss/{k}": float(v) / max(n, 1) for k, v in sums.items()}
-        metrics.update({"epoch": epoch + 1, "epoch_seconds": time.perf_counter() - t0,
-                        "lr": (vae_opt if phase == "vae" else unet_opt).param_groups[0]["lr"]})
-        history.append(metrics)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            save_torch({"modules": {"unet": acc.unwrap_model(unet_model).unet.state_dict(),
-                                    "vae": acc.unwrap_model(vae_model).vae.state_dict(),
-                                    "text_encoder": acc.unwrap_model(unet_model).text.state_dict()},
-                        "vae_optimizer": vae_opt.state_dict(), "unet_optimizer": unet_opt.state_dict(),
-                        "unet_scheduler": unet_sched.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
-                        "history": history, "resumed_from_epoch": start, "scaling_factor": scaling,
-                        "meta": {**(meta or {}), "kind": NAME, "image_size": image_size, "seed": seed,
-                                 "class_names": list(class_names), "prompt": prompt}}, ckpt_path)
-        acc.wait_for_everyone()
-        if acc.is_main_process and progress:
-            tqdm.write(f"{phase} epoch {epoch + 1}/{total}: "
-                       + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, metrics, ckpt_path)
-    return FitResult(checkpoint=ckpt_path, history=history, resumed_from_epoch=start)
-
-
+            epochs.add(terms)
+        metrics = epochs.metrics(epoch, (vae_opt if phase == "vae" else unet_opt).param_groups[0]["lr"])
+        epochs.end(metrics, lambda: {
+            "modules": {"unet": acc.unwrap_model(unet_model).unet.state_dict(),
+                        "vae": acc.unwrap_model(vae_model).vae.state_dict(),
+                        "text_encoder": acc.unwrap_model(unet_model).text.state_dict()},
+            "vae_optimizer": vae_opt.state_dict(), "unet_optimizer": unet_opt.state_dict(),
+            "unet_scheduler": unet_sched.state_dict(), "scaling_factor": scaling,
+            "meta": {**(meta or {}), "kind": NAME, "image_size": image_size, "seed": seed,
+                     "class_names": list(class_names), "prompt": prompt}}, label=f"{phase} epoch")
+    return epochs.result()

@@ -22,6 +22,7 @@ import torch
 from oal import config as C
 from oal import storage
 from oal.data import Benchmark, build_benchmark
+from oal.epochs import CHECKPOINT, FitResult
 from oal.evaluate import (
     accuracy,
     collect,
@@ -36,8 +37,6 @@ from oal.losses import OALLoss
 from oal.models import Classifier, build_student, build_teacher
 from oal.storage import load_torch, save_torch, write_json, write_text
 from oal.train import (
-    CHECKPOINT,
-    FitResult,
     Loop,
     OALTerms,
     fit,

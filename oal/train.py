@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import functools
 import math
-import random
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm.auto import tqdm
 
 from oal.config import LDMConfig, TrainConfig
+from oal.epochs import CHECKPOINT, Epochs, FitResult, rng_state, set_rng_state
 from oal.losses import OALLoss
 from oal.models import classifier_head
-from oal.storage import load_torch, save_torch
-
-CHECKPOINT = "checkpoint.pt"
+from oal.storage import load_torch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,12 +36,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is 'cuda' but no CUDA device is visible; use device=cpu or device=auto")
     return device
-
-
-def bar_off(wanted: bool) -> bool | None:
-    """tqdm's `disable`: off when not wanted; otherwise None, tqdm's own rule: a bar on a terminal only. A bar
-    in a Ray worker or a log file would print a line per update; the per-epoch summary lines stay."""
-    return True if not wanted else None
 
 
 def resolve_precision(mixed_precision: str, device: str) -> str:
@@ -212,41 +201,6 @@ class Step(nn.Module):
         return res.total, res.terms
 
 
-@dataclass
-class FitResult:
-    checkpoint: Path
-    history: list[dict[str, float]] = field(default_factory=list)
-    resumed_from_epoch: int = 0
-
-
-def rng_state() -> dict[str, Any]:
-    """The RNG streams as tensors and plain values: a checkpoint loads with `weights_only=True` (no numpy objects)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(s["python"])
-
-
-def restore(ckpt_path: Path, what: str, load: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Read a resumable checkpoint, hand it to `load` (weights, optimizer states; a mismatch is one clear error
-    naming `what`), restore the RNG streams, and return it."""
-    state = load_torch(ckpt_path, "checkpoint")
-    try:
-        load(state)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"checkpoint '{ckpt_path}' does not match this {what} configuration: "
-                         f"{str(e).splitlines()[0]}") from None
-    _set_rng_state(state["rng"])
-    return state
-
-
 def single_last_batch(n: int, batch_size: int) -> bool:
     """Whether `n` samples in batches of `batch_size` end in a batch of one: BatchNorm in training mode cannot
     normalise a single sample ("Expected more than 1 value per channel"), so such a batch is dropped (the drop is
@@ -275,7 +229,7 @@ def recompute_bn_stats(net: nn.Module, train_set: Dataset, images: int, batch_si
     if len(share) > 1:  # a rank with one image keeps its statistics (and still joins the average below)
         with acc.autocast():
             update_bn(loader, net, acc.device)
-    _set_rng_state(rng)
+    set_rng_state(rng)
     if acc.num_processes > 1:
         for m in bns:
             for buf in (m.running_mean, m.running_var):
@@ -387,36 +341,29 @@ def fit(
     # Cosine annealing to 0 over every optimizer step of the run (each group from its own lr).
     # Not passed to `prepare`: Accelerate would step it once per process.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.epochs)
-    start_epoch = 0
-    history: list[dict[str, float]] = []
+    epochs = Epochs(acc, ckpt_path, cfg.epochs, what="model/loss", progress=progress, on_epoch_end=on_epoch_end,
+                    checkpoint_every=cfg.checkpoint_every)
     best: dict[str, Any] | None = None  # the epoch with the best ID validation accuracy (OpenOOD's best.ckpt)
-    if resume and ckpt_path.exists():
+    if resume:
         def load(state: dict[str, Any]) -> None:
             modules.load_state_dict(state["modules"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
 
-        state = restore(ckpt_path, "model/loss", load)
-        start_epoch = state["epoch"]
-        history = list(state.get("history", []))[:start_epoch]  # the epochs before the interruption
-        best = state.get("best")
+        state = epochs.resume(load)
+        best = state.get("best") if state else None
     model, optimizer, teacher, last = place(modules, optimizer, teacher, acc, cfg)
     raw = acc.unwrap_model(model)
     knn = knn_outliers.to(acc.device) if knn_outliers is not None else None
     lat = latent_outliers.to(acc.device) if latent_outliers is not None else None
     pix = pixel_outliers.to(acc.device) if pixel_outliers is not None else None
     pix_mean, pix_std = (torch.tensor(v, device=acc.device).view(1, -1, 1, 1) * 255 for v in pixel_norm)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in epochs:
         model.train()
         sampler.set_epoch(epoch)
         # Outlier draws are seeded per (seed, epoch, rank) so that a resumed run draws the same ones.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + acc.process_index)
-        # Running sums stay on the device: one host sync per epoch for them, not one per term and step.
-        sums: dict[str, torch.Tensor] = {}
-        n_batches, t0 = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=bar_off(progress and acc.is_main_process),
-                   leave=False, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
+        for step, (x, y) in enumerate(epochs.batches(loader, f"epoch {epoch + 1}/{cfg.epochs}")):
             x, y = to_device(x, acc, last), y.to(acc.device, non_blocking=True)
             kb = lb = None
             n_out = min(outlier_batch_size, len(x))
@@ -431,39 +378,20 @@ def fit(
             total, parts = train_step(acc, model, optimizer, scheduler, teacher, x, y, kb, lb,
                                       check=functools.partial(_check_finite, acc, epoch=epoch, step=step,
                                                               ckpt=ckpt_path), pixel=pb)
-            for k, v in parts.items():
-                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-            sums["total"] = sums["total"] + total.detach().float() if "total" in sums else total.detach().float()
-            n_batches += 1
-            if step % 20 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{float(total.detach()):.3f}")
-        metrics = {f"loss/{k}": float(v) / max(n_batches, 1) for k, v in sums.items()}
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["epoch"] = epoch + 1
-        metrics["epoch_seconds"] = time.perf_counter() - t0
+            epochs.add({**parts, "total": total})
+            if step % 20 == 0 and not epochs.bar.disable:
+                epochs.bar.set_postfix(loss=f"{float(total.detach()):.3f}")
+        metrics = epochs.metrics(epoch, optimizer.param_groups[0]["lr"])
         recompute_bn_stats(raw.net, train_set, cfg.precise_bn, batch_size, acc, seed * 1_000_003 + epoch)
         if eval_fn is not None:
             metrics.update(eval_fn(raw.net))
-        done = epoch + 1
         val_acc = metrics.get("val/id_accuracy")
         if val_acc is not None and (best is None or val_acc >= best["val/id_accuracy"]):  # ties: the later epoch
-            best = {"epoch": done, "val/id_accuracy": val_acc,
+            best = {"epoch": epoch + 1, "val/id_accuracy": val_acc,
                     "net": {k: v.detach().cpu().clone() for k, v in raw.net.state_dict().items()}}
-        history.append(metrics)
-        if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_torch({"modules": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": done,
-                            "history": history, "resumed_from_epoch": start_epoch, "meta": meta or {},
-                            "best": best}, ckpt_path)
-            acc.wait_for_everyone()
-        if acc.is_main_process and progress:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
-            tqdm.write(f"epoch {done}/{cfg.epochs}: {shown}")
-        if on_epoch_end is not None:
-            on_epoch_end(done, metrics, ckpt_path)
-    return FitResult(checkpoint=ckpt_path, history=history, resumed_from_epoch=start_epoch)
+        epochs.end(metrics, lambda: {"modules": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "meta": meta or {}, "best": best})
+    return epochs.result()
 
 
 def _check_finite(acc: Accelerator, total: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int,
