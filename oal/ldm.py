@@ -112,7 +112,10 @@ class _UNetStep(nn.Module):
                 weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
             conds = self.text(self.prompt_ids)[0]  # (C + 1, L, E)
-        err = F.mse_loss(self.unet(noisy, t, encoder_hidden_states=conds[cls]).sample, noise,
+        # index_select, not conds[cls]: the backward of advanced indexing accumulates repeated rows with
+        # index_put_(accumulate=True), whose order on a CPU with several threads varies from run to run (PyTorch lists
+        # it among the nondeterministic ops); index_select's backward adds them in index order.
+        err = F.mse_loss(self.unet(noisy, t, encoder_hidden_states=conds.index_select(0, cls)).sample, noise,
                          reduction="none").mean(dim=(1, 2, 3))  # (B,)
         mse = err.mean()
         return (mse if weight is None else (err * weight).mean()), {"noise_mse": mse}
