@@ -125,9 +125,11 @@ NODE_ENV = "OAL_NODE_ID"  # set by the jobs in every Ray worker process: the Ray
 
 
 def process() -> dict[str, Any]:
-    """This process: where a stage (or a shard of one) was computed (and on Ray, on which node)."""
+    """This process: where a stage (or a shard of one) was computed (and on Ray, on which node), and the CPU kernels
+    PyTorch runs there (`AVX2`, `AVX512`, ...): they round differently, and a table's last digits follow them."""
     node = os.environ.get(NODE_ENV)
-    return {"host": socket.gethostname(), "pid": os.getpid(), **({"node": node} if node else {})}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "cpu": torch.backends.cpu.get_cpu_capability(),
+            **({"node": node} if node else {})}
 
 
 Shard = tuple[int, int]  # (index, count): the index-th of count contiguous slices of each dataset (see oal.evaluate.shard)

@@ -49,6 +49,7 @@ def test_manifest_records_sizes_and_digests_of_its_outputs(cfg):
     ckpt = res.dir / CHECKPOINT
     assert m["sizes"]["checkpoint"] == ckpt.stat().st_size
     assert m["sha256"]["checkpoint"] == _sha(ckpt)
+    assert m["written_by"]["cpu"] == torch.backends.cpu.get_cpu_capability() != ""  # AVX2 and AVX512 round otherwise
     again, epochs = _base(cfg)
     assert again.skipped and epochs == []
 
