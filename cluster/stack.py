@@ -53,7 +53,7 @@ if not __package__:  # run as a file (`python cluster/stack.py mlflow-user`: clu
 
 from cluster import procs
 from cluster.procs import HOST, StackError, private_dir, write_private
-from cluster.services import REGISTRY, Service, s3
+from cluster.services import REGISTRY, Service
 from cluster.services.mlflow import ensure_mlflow_user, user_command
 from cluster.services.mlflow import send as _send
 from cluster.services.ray import RAY_WORKER_PORTS, ray_token_path
@@ -249,9 +249,7 @@ class Stack:
             state = "up" if ok else ("unhealthy" if pid else "down")
             where = f"  pid {pid}  {self._url(name)}" if pid else ""
             lines.append(f"{name:<7}{state:<10}{where}")
-        if short := s3.disk_shortage(self.state_dir / "s3"):
-            lines.append(f"warning: {short}")
-        return lines
+        return lines + [f"warning: {w}" for service in REGISTRY.values() if (w := service.warning(self))]
 
     def env_text(self) -> str:
         head = f"# Client environment of the local stack in {self.state_dir}. Use: . {self.state_dir / 'env'}\n"

@@ -192,7 +192,7 @@ def test_port_taken_by_something_else_is_named(tmp_path):
 def test_a_disk_too_full_for_the_s3_server_is_named_before_it_starts(tmp_path, monkeypatch):
     """SeaweedFS stores nothing on a disk with under 1% free (its uploads then fail with HTTP 500 or hang): `up`
     refuses to start it there, naming the folder, the room and the way out; `status` warns. The disk's usage is
-    made up (a real disk cannot be filled here); the room is real on the machine's disk otherwise."""
+    made up (filling a real one takes a mount, root only); the room is real on the machine's disk otherwise."""
     from collections import namedtuple
 
     from cluster.services import s3

@@ -55,6 +55,10 @@ class Service:
     def check(self, st: Stack) -> None:
         """Raise StackError when the settings cannot work (before anything starts)."""
 
+    def warning(self, st: Stack) -> str | None:
+        """What `status` says is wrong around it (a running service may still fail on it), or None."""
+        return None
+
     def prepare(self, st: Stack) -> str | None:
         """Set-up before it starts; returns a line to show, or None."""
         return None

@@ -53,8 +53,11 @@ class S3(Service):
         return argv, {**st.base_env(), **s3_env}
 
     def check(self, st: Stack) -> None:
-        if short := disk_shortage(st.state_dir / "s3"):
+        if short := self.warning(st):
             raise StackError(short)
+
+    def warning(self, st: Stack) -> str | None:
+        return disk_shortage(st.state_dir / "s3")
 
     def probe(self, st: Stack) -> tuple[bool, str]:
         code, _ = http_get(f"http://{HOST}:{st.s3_port}/healthz")  # anonymous S3 requests get 403
@@ -100,11 +103,10 @@ def disk_shortage(data: Path) -> str | None:
     """What is wrong when the disk under `data` (the S3 server's objects) lacks the room SeaweedFS needs to store
     anything (MIN_FREE_SHARE of it, and two volumes), or None."""
     where = next(p for p in (data, *data.parents) if p.exists())
-    disk = shutil.disk_usage(where)
-    need = disk.total * MIN_FREE_SHARE + 2 * VOLUME_MB * 2**20
+    disk, mib = shutil.disk_usage(where), 2**20
+    need = disk.total * MIN_FREE_SHARE + 2 * VOLUME_MB * mib
     if disk.free >= need:
         return None
-    mib = 2**20
     return (f"the S3 server's data folder {data} lies on a disk with {disk.free / mib:,.0f} MiB free of "
             f"{disk.total / mib:,.0f} MiB; SeaweedFS stores nothing with less than {MIN_FREE_SHARE:.0%} of its disk "
             f"free and needs room for new volumes ({VOLUME_MB} MiB each): at least {need / mib:,.0f} MiB free here. "
