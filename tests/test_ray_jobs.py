@@ -40,29 +40,28 @@ def _cfg(tmp_path, *extra):
 def _kill_when(predicate, class_name: str, timeout: float = 240, busy_in: str | None = None) -> threading.Thread:
     """In the background: once `predicate()` holds, SIGKILL one live actor of `class_name`; with `busy_in`, one that
     is running that method (Ray's process title `ray::<class>.<method>`), waiting for one if none is: an actor
-    still in its constructor is ALIVE too (a slow model load), and killing it exercises another path."""
+    still in its constructor is ALIVE too (a slow model load), and killing it exercises another path. The busy
+    actor is found by its process title, not through Ray's state API: a list_actors call took long enough under
+    load for a fast pool to finish its last shards first (seen: no actor killed)."""
     import psutil
     from ray.util.state import list_actors
 
     result: dict = {}
 
-    def running(pid: int) -> bool:
-        try:
-            return busy_in is None or f"{class_name}.{busy_in}" in " ".join(psutil.Process(pid).cmdline())
-        except psutil.NoSuchProcess:
-            return False
+    def candidates() -> list[int]:
+        if busy_in is None:
+            return [a["pid"] for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
+        title = f"ray::{class_name}.{busy_in}"
+        return [p.pid for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])]
 
     def run():
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if predicate():
-                actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-                chosen = [a["pid"] for a in actors if running(a["pid"])]
-                if chosen:
-                    os.kill(chosen[0], signal.SIGKILL)
-                    result["pid"] = chosen[0]
-                    return
-            time.sleep(0.2)
+            if predicate() and (chosen := candidates()):
+                os.kill(chosen[0], signal.SIGKILL)
+                result["pid"] = chosen[0]
+                return
+            time.sleep(0.05 if busy_in else 0.2)
 
     t = threading.Thread(target=run, daemon=True)
     t.result = result  # type: ignore[attr-defined]
@@ -128,7 +127,7 @@ def test_killed_synthesis_actor_loses_and_duplicates_nothing(ray_driver, tmp_pat
     from jobs.synthesize import run_pool
     from oal.synthesize import LatentSynthesizer, plan_shards
 
-    cfg = _cfg(tmp_path, "diffusion.num_outliers=24", "diffusion.shard_size=3", "diffusion.steps=4",
+    cfg = _cfg(tmp_path, "diffusion.num_outliers=24", "diffusion.shard_size=3", "diffusion.steps=8",
                "cluster.synth_actors=2")
     names = ["zero", "one", "two"]
     outliers = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
